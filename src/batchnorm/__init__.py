@@ -1,0 +1,22 @@
+"""batchnorm: Batch Normalization for PyTorch, written from scratch.
+
+Drop-in `BatchNorm1d/2d/3d` (subclasses of torch's, with our own forward and hand-derived
+backward), the pure functions behind them in `batchnorm.functional`, and the tools BN users keep
+rewriting: `freeze`/`unfreeze` and `convert`.
+"""
+from . import functional
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .tools import convert, freeze, is_frozen, unfreeze
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "functional",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "convert",
+    "freeze",
+    "unfreeze",
+    "is_frozen",
+]

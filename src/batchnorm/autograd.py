@@ -1,0 +1,99 @@
+"""Batch norm's autograd Functions: forward and hand-derived backward side by side.
+
+The derivation, with these names, is in docs/derivation.md. Per channel, with n elements,
+
+    xhat = (x - mean) * invstd,            invstd = 1 / sqrt(var + eps)
+    y    = weight * xhat + bias
+
+    dbias   = sum_dy      = sum(dy)
+    dweight = sum_dy_xhat = sum(dy * xhat)
+    dx (batch statistics)   = weight * invstd * (dy - sum_dy / n - xhat * sum_dy_xhat / n)
+    dx (given statistics)   = weight * invstd * dy
+
+Second-order gradients: when backward runs with create_graph=True, it recomputes the statistics
+from x in differentiable torch ops and evaluates the same formulas through the reference kernels,
+so autograd differentiates the hand-derived first-order backward (gradgradcheck tests it).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import kernels
+from .kernels import reference
+
+__all__ = ["BatchNormTrain", "BatchNormEval"]
+
+
+def _count(x: Tensor) -> int:
+    """Elements per channel: N * prod(spatial)."""
+    return x.numel() // x.shape[1] if x.shape[1] else 0
+
+
+def _param_grads(weight, bias, sum_dy, sum_dy_xhat, need_weight: bool, need_bias: bool):
+    """dweight = sum_dy_xhat, dbias = sum_dy, each only where asked for, in the parameter's dtype."""
+    dweight = sum_dy_xhat.to(weight.dtype) if weight is not None and need_weight else None
+    dbias = sum_dy.to(bias.dtype) if bias is not None and need_bias else None
+    return dweight, dbias
+
+
+class BatchNormTrain(torch.autograd.Function):
+    """Normalize with the batch's own statistics: (x, weight, bias, eps) -> (y, mean, var).
+
+    mean and the biased var (C,) are returned, not differentiable, for the running-statistics update.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
+        impl = kernels.implementation(x)
+        mean, var = impl.batch_stats(x)  # (N, C, *) -> (C,), (C,)
+        invstd = torch.rsqrt(var + eps)
+        y = impl.normalize(x, mean, invstd, weight, bias)
+        ctx.save_for_backward(x, weight, bias, mean, invstd)
+        ctx.eps = eps
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, dy: Tensor, _dmean, _dvar):
+        x, weight, bias, mean, invstd = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True: the statistics must depend on x in the graph for double backward.
+            impl = reference
+            mean, var = impl.batch_stats(x)
+            invstd = torch.rsqrt(var + ctx.eps)
+        else:
+            impl = kernels.implementation(x)
+        sum_dy, sum_dy_xhat = impl.backward_reduce(dy, x, mean, invstd)  # (N, C, *) -> (C,), (C,)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            n = max(_count(x), 1)  # an empty batch has empty dx; avoid 0/0 in the means
+            dx = impl.backward_elemt(dy, x, mean, invstd, weight, sum_dy / n, sum_dy_xhat / n)
+        dweight, dbias = _param_grads(weight, bias, sum_dy, sum_dy_xhat, *ctx.needs_input_grad[1:3])
+        return dx, dweight, dbias, None
+
+
+class BatchNormEval(torch.autograd.Function):
+    """Normalize with given statistics (the running ones): (x, mean, var, weight, bias, eps) -> y.
+
+    The statistics are constants here: no gradient flows to them, as in torch.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
+        impl = kernels.implementation(x)
+        invstd = torch.rsqrt(var.to(reference.compute_dtype(x)) + eps)
+        y = impl.normalize(x, mean, invstd, weight, bias)
+        ctx.save_for_backward(x, weight, bias, mean, invstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x, weight, bias, mean, invstd = ctx.saved_tensors
+        impl = reference if torch.is_grad_enabled() else kernels.implementation(x)
+        dx = impl.normalize(dy, None, invstd, weight, None) if ctx.needs_input_grad[0] else None
+        dweight = dbias = None
+        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+            sum_dy, sum_dy_xhat = impl.backward_reduce(dy, x, mean, invstd)  # (N, C, *) -> (C,), (C,)
+            dweight, dbias = _param_grads(weight, bias, sum_dy, sum_dy_xhat, *ctx.needs_input_grad[3:5])
+        return dx, None, None, dweight, dbias, None

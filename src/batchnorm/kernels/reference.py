@@ -1,0 +1,138 @@
+"""The reference kernels: plain PyTorch, the oracle every fast kernel is tested against.
+
+Batch norm splits into two reductions and two elementwise passes, the split torch itself uses for
+SyncBatchNorm (`batch_norm_stats` / `batch_norm_elemt` / `batch_norm_backward_reduce` /
+`batch_norm_backward_elemt`). A synchronized BN all-reduces the outputs of the two reductions and
+reuses the rest unchanged.
+
+    batch_stats(x)                                          -> mean, var            (C,), (C,)
+    normalize(x, mean, invstd, weight, bias)                -> y                    like x
+    backward_reduce(dy, x, mean, invstd)                    -> sum_dy, sum_dy_xhat  (C,), (C,)
+    backward_elemt(dy, x, mean, invstd, weight,
+                   mean_dy, mean_dy_xhat)                   -> dx                   like x
+
+Every function here is written in differentiable torch ops, so the double-backward path of
+`batchnorm.autograd` can run through them with autograd recording.
+
+Numerics, decided once here:
+  * Statistics are accumulated in float64 (torch's CPU Welford in `var_mean` keeps double
+    accumulators for float32 input; half and bfloat16 inputs are widened to float32 first and
+    the statistics returned in float32, as torch's mixed-precision BN does).
+  * `normalize` subtracts the mean before scaling. torch folds BN into `x * scale + shift`, which
+    cancels catastrophically when |mean| >> std (x = 1000 + noise in float32 loses ~4 digits);
+    `(x - mean) * scale + bias` does not.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "compute_dtype",
+    "reduce_dims",
+    "channel_view",
+    "output_memory_format",
+    "batch_stats",
+    "normalize",
+    "backward_reduce",
+    "backward_elemt",
+]
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype statistics and per-channel vectors live in: float32 for half inputs, else x's."""
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+def reduce_dims(x: Tensor) -> list[int]:
+    """Every dim but the channel dim 1: (N, C, *) -> [0, 2, 3, ...]."""
+    return [0, *range(2, x.dim())]
+
+
+def channel_view(v: Tensor, x: Tensor) -> Tensor:
+    """A per-channel vector (C,) shaped to broadcast against x: (C,) -> (1, C, 1, ..., 1)."""
+    return v.view(1, -1, *([1] * (x.dim() - 2)))
+
+
+def output_memory_format(x: Tensor) -> torch.memory_format:
+    """The layout torch's batch norm gives its output: channels_last stays channels_last, anything
+    else (including non-contiguous views) comes out contiguous."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel batch mean and biased variance.
+
+    (N, C, *) -> mean (C,), var (C,) in `compute_dtype(x)`. An empty batch gives mean 0 and var 0
+    (finite, so that gradients of an empty batch are zeros as in torch, not NaN).
+    """
+    dtype = compute_dtype(x)
+    if x.numel() == 0:
+        zeros = torch.zeros(x.shape[1], dtype=dtype, device=x.device)
+        return zeros, zeros.clone()
+    # Welford with float64 accumulators on the CPU: stable when |mean| >> std, unlike E[x^2]-E[x]^2.
+    var, mean = torch.var_mean(x.to(dtype), dim=reduce_dims(x), correction=0)  # (N, C, *) -> (C,)
+    return mean, var
+
+
+def normalize(
+    x: Tensor,
+    mean: Tensor | None,
+    invstd: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+) -> Tensor:
+    """y = (x - mean) * invstd * weight + bias, per channel; `mean=None` means zero.
+
+    (N, C, *) -> like x, in x's dtype and in the memory format torch would give
+    (`output_memory_format`). Computed in `compute_dtype(x)`.
+    """
+    dtype = compute_dtype(x)
+    scale = invstd if weight is None else invstd * weight  # (C,)
+    xc = x.to(dtype)
+    if mean is not None:
+        xc = xc - channel_view(mean.to(dtype), x)
+    y = xc * channel_view(scale.to(dtype), x)
+    if bias is not None:
+        y = y + channel_view(bias.to(dtype), x)
+    return y.to(x.dtype).contiguous(memory_format=output_memory_format(x))
+
+
+def backward_reduce(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor) -> tuple[Tensor, Tensor]:
+    """sum_dy = sum(dy), sum_dy_xhat = sum(dy * xhat) over every dim but 1, xhat = (x - mean) * invstd.
+
+    (N, C, *) -> (C,), (C,) in `compute_dtype(x)`, accumulated in float64.
+    """
+    dtype = compute_dtype(x)
+    dims = reduce_dims(x)
+    dyc = dy.to(dtype)
+    xmu = x.to(dtype) - channel_view(mean.to(dtype), x)
+    sum_dy = dyc.sum(dims, dtype=torch.float64).to(dtype)  # (N, C, *) -> (C,)
+    sum_dy_xmu = (dyc * xmu).sum(dims, dtype=torch.float64).to(dtype)  # (N, C, *) -> (C,)
+    return sum_dy, sum_dy_xmu * invstd.to(dtype)
+
+
+def backward_elemt(
+    dy: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    mean_dy: Tensor,
+    mean_dy_xhat: Tensor,
+) -> Tensor:
+    """dx = weight * invstd * (dy - mean_dy - xhat * mean_dy_xhat), xhat = (x - mean) * invstd.
+
+    mean_dy and mean_dy_xhat are the sums of `backward_reduce` divided by the element count per
+    channel (the global count, for a synchronized BN). (N, C, *) -> like x, in x's dtype.
+    """
+    dtype = compute_dtype(x)
+    k = invstd if weight is None else invstd * weight  # (C,)
+    xhat = (x.to(dtype) - channel_view(mean.to(dtype), x)) * channel_view(invstd.to(dtype), x)
+    dx = (dy.to(dtype) - channel_view(mean_dy.to(dtype), x) - xhat * channel_view(mean_dy_xhat.to(dtype), x))
+    dx = dx * channel_view(k.to(dtype), x)
+    return dx.to(x.dtype).contiguous(memory_format=output_memory_format(x))

@@ -1,0 +1,87 @@
+"""BatchNorm1d/2d/3d: bookkeeping around `batchnorm.functional.batch_norm`.
+
+Each class subclasses its torch counterpart, so constructor, parameters, buffers, `extra_repr`,
+`reset_*`, checkpoint loading (old checkpoints without `num_batches_tracked` included) and every
+`isinstance(m, torch.nn.BatchNorm2d)` check behave exactly as torch's; `forward` is ours. The
+classes differ only in the input check, as in torch.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import functional as F
+from ._format import shape_of
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+
+
+class _BatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+    """Shared forward. `momentum=None` is a cumulative average over `num_batches_tracked`."""
+
+    _ranks: tuple[int, ...] = ()
+    _layout: str = ""
+
+    def _check_input_dim(self, x: Tensor) -> None:
+        if x.dim() not in self._ranks:
+            expected = " or ".join(f"{r}D" for r in self._ranks)
+            raise ValueError(
+                f"expected {expected} input (got {x.dim()}D input): {type(self).__name__} takes "
+                f"{self._layout}, got input of shape {shape_of(x)}"
+            )
+        if x.shape[1] != self.num_features and self.weight is None and self.running_mean is None:
+            # With parameters or running statistics, batch_norm's own check names them as torch
+            # does; without either torch silently normalizes any channel count. We refuse.
+            raise RuntimeError(
+                f"expected input with {self.num_features} channels on dim 1 "
+                f"(got {x.shape[1]} channels, input of shape {shape_of(x)})"
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input_dim(x)
+        update = self.training and self.track_running_stats and self.num_batches_tracked is not None
+        if self.momentum is not None:
+            momentum = self.momentum
+        elif update:  # cumulative average: the k-th batch gets weight 1/k
+            momentum = 1.0 / (float(self.num_batches_tracked) + 1.0)
+        else:
+            momentum = 0.0
+        # Batch statistics in training, and in eval when there are no running statistics to use.
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        # Running statistics are updated only when tracked; in eval they are read, never written.
+        running = not self.training or self.track_running_stats
+        y = F.batch_norm(
+            x,
+            self.running_mean if running else None,
+            self.running_var if running else None,
+            self.weight,
+            self.bias,
+            training=use_batch_stats,
+            momentum=momentum,
+            eps=self.eps,
+            layer=self,
+        )
+        if update:  # counted after the forward succeeded, so a rejected input changes nothing
+            self.num_batches_tracked.add_(1)
+        return y
+
+
+class BatchNorm1d(_BatchNorm, torch.nn.BatchNorm1d):
+    """Batch norm over (N, C) or (N, C, L): statistics per feature C over N (and L)."""
+
+    _ranks = (2, 3)
+    _layout = "(N, C) or (N, C, L)"
+
+
+class BatchNorm2d(_BatchNorm, torch.nn.BatchNorm2d):
+    """Batch norm over (N, C, H, W): statistics per channel C over N, H, W."""
+
+    _ranks = (4,)
+    _layout = "(N, C, H, W)"
+
+
+class BatchNorm3d(_BatchNorm, torch.nn.BatchNorm3d):
+    """Batch norm over (N, C, D, H, W): statistics per channel C over N, D, H, W."""
+
+    _ranks = (5,)
+    _layout = "(N, C, D, H, W)"
