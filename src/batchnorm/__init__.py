@@ -7,6 +7,11 @@ rewriting: `freeze`/`unfreeze` and `convert`.
 from . import functional
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .tools import convert, freeze, is_frozen, unfreeze
+from .sync import SyncBatchNorm
+from .ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
+from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
+from .tools.fold import fold, fold_weights
+from .tools.recalibrate import recalibrate
 
 __version__ = "0.1.0"
 
@@ -19,4 +24,14 @@ __all__ = [
     "freeze",
     "unfreeze",
     "is_frozen",
+    "SyncBatchNorm",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "GhostBatchNorm3d",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "fold",
+    "fold_weights",
+    "recalibrate",
 ]
