@@ -154,13 +154,18 @@ class SyncBatchNormTrain(torch.autograd.Function):
         return dx, dweight, dbias, None, None, None
 
 
-class SyncBatchNorm(_BatchNorm, torch.nn.SyncBatchNorm):
+class SyncBatchNorm(_BatchNorm):
     """Batch norm whose training statistics are those of the global batch over a process group.
 
-    Same constructor, parameters, buffers and state_dict as `torch.nn.SyncBatchNorm` (it is one:
-    isinstance holds), but works with any torch.distributed backend (gloo on the CPU, nccl on the
-    GPU), with uneven per-rank batches and with ranks whose batch is empty. Input: (N, C, *) of
-    any rank >= 2, channels on dim 1.
+    The constructor, parameters, buffers, `process_group` attribute and state_dict of
+    `torch.nn.SyncBatchNorm`, but works with any torch.distributed backend (gloo on the CPU, nccl
+    on the GPU), with uneven per-rank batches and with ranks whose batch is empty. Input:
+    (N, C, *) of any rank >= 2, channels on dim 1.
+
+    Not a subclass of torch.nn.SyncBatchNorm (it is one of torch's `_BatchNorm`): torch's
+    DistributedDataParallel refuses any module containing an `isinstance(m, nn.SyncBatchNorm)`
+    layer on the CPU ("SyncBatchNorm layers only work with GPU modules"), which would rule out
+    exactly the CPU/gloo training this class exists for.
 
     Statistics are synchronized in training only, as in torch. Outside an initialized process
     group, with a group of one rank, or in eval, it computes exactly what `batchnorm.BatchNorm1d/
@@ -186,7 +191,8 @@ class SyncBatchNorm(_BatchNorm, torch.nn.SyncBatchNorm):
         device=None,
         dtype=None,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.process_group = process_group  # None: the default (world) group
 
     def _check_input_dim(self, x: Tensor) -> None:
         if x.dim() < 2:
