@@ -191,15 +191,17 @@ def _collect(module: nn.Module, prefix: str, report: FoldReport) -> list[tuple[s
     """Foldable (layer, bn) pairs under `module`, as names relative to the root."""
     if isinstance(module, (_BN, *FOLDABLE)):
         return []
-    try:
-        pairs = _pairs_from_graph(module, prefix, report)
-        return [(_join(prefix, a), _join(prefix, b)) for a, b in pairs]
-    except Exception as error:  # any tracing failure: data-dependent control flow, unsupported ops, ...
-        where = prefix or f"the model ({type(module).__name__})"
-        report.notes.append(
-            f"torch.fx could not trace {where} ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
-            f"folded only inside its nn.Sequential chains and traceable submodules"
-        )
+    if not isinstance(module, (nn.ModuleList, nn.ModuleDict)):  # containers have no forward to trace
+        try:
+            pairs = _pairs_from_graph(module, prefix, report)
+            return [(_join(prefix, a), _join(prefix, b)) for a, b in pairs]
+        except Exception as error:  # any tracing failure: data-dependent control flow, unsupported ops, ...
+            where = prefix or f"the model ({type(module).__name__})"
+            first_line = str(error).splitlines()[0] if str(error) else ""
+            report.notes.append(
+                f"torch.fx could not trace {where} ({type(error).__name__}: {first_line}); "
+                f"folded only inside its nn.Sequential chains and traceable submodules"
+            )
     pairs = []
     if isinstance(module, nn.Sequential):
         pairs += [(_join(prefix, a), _join(prefix, b)) for a, b in _pairs_from_sequential(module)]
