@@ -121,7 +121,10 @@ def fail(rank: int, world: int, mode: str) -> dict:
     if rank == 1:
         if mode == "exit":
             raise RuntimeError("rank 1 fails on purpose before the collective")
-        time.sleep(float(sys.argv[3]) + 15)  # alive but never joins: the others must time out
+        # Alive but never joins: rank 0 must time out. Stay until it has saved its result.
+        deadline = time.monotonic() + float(sys.argv[3]) + 30
+        while not (Path(sys.argv[2]) / "rank0.pt").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
         return {}
     start = time.monotonic()
     try:

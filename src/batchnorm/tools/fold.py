@@ -122,8 +122,8 @@ class FoldReport:
 
     def __str__(self) -> str:
         lines = [f"folded {len(self.folded)} BatchNorm layer(s), kept {len(self.kept)}"]
-        lines += [f"  folded {bn} into {layer}" for layer, bn in self.folded]
-        lines += [f"  kept {bn}: {why}" for bn, why in self.kept.items()]
+        lines += [f"  folded {bn!r} into {layer!r}" for layer, bn in self.folded]
+        lines += [f"  kept {bn!r}: {why}" for bn, why in self.kept.items()]
         lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
 
