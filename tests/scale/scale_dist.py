@@ -80,7 +80,15 @@ def free_port() -> int:
 
 def launch(scenario: str, world: int, outdir: Path, pg_timeout: float = 30.0, wait: float = 120.0) -> list[tuple[int, str]]:
     """Run `scenario` in `world` ranks; returns (returncode, stderr) per rank. A rank still running
-    after `wait` seconds is killed and reported with returncode None."""
+    after `wait` seconds is killed and reported with returncode None. If another test grabbed the
+    free port between our probe and rank 0's bind, retries once with a new port."""
+    results = _launch_once(scenario, world, outdir, pg_timeout, wait)
+    if any(code != 0 and "address already in use" in err.lower() for code, err in results):
+        results = _launch_once(scenario, world, outdir, pg_timeout, wait)
+    return results
+
+
+def _launch_once(scenario: str, world: int, outdir: Path, pg_timeout: float, wait: float) -> list[tuple[int, str]]:
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world)}
     env["PYTHONPATH"] = os.pathsep.join([str(SRC), str(HERE), env.get("PYTHONPATH", "")])
     env["OMP_NUM_THREADS"] = "1"  # ranks share 2 cores

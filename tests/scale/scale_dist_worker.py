@@ -90,6 +90,15 @@ def compare(rank: int, world: int, counter: CollectiveCounter) -> dict:
     layer(torch.randn(1, 3))
     out["one_per_rank_ok"] = True
 
+    # Double backward through a synchronized forward is refused, not silently wrong.
+    x = torch.randn(4, 3, requires_grad=True)
+    (grad,) = torch.autograd.grad((batchnorm.SyncBatchNorm(3)(x) ** 3).sum(), x, create_graph=True)
+    try:
+        grad.sum().backward()
+        out["double_backward_error"] = None
+    except RuntimeError as error:
+        out["double_backward_error"] = str(error)
+
     # A process group of one rank: exactly BatchNorm, no collective.
     sub = dist.new_group([0])
     if rank == 0:

@@ -163,3 +163,19 @@ def test_fold_a_model_without_bn_returns_an_equal_copy():
     assert folded is not model and report.folded == [] and report.kept == {}
     x = torch.randn(3, 2)
     torch.testing.assert_close(folded(x), model(x))
+
+
+class ScaledConv(nn.Conv2d):
+    def forward(self, x):
+        return super().forward(x) ** 2
+
+
+def test_layers_that_are_not_plain_conv_or_linear_stay():
+    lazy = nn.Sequential(nn.LazyConv2d(4, 1), nn.BatchNorm2d(4))
+    custom = nn.Sequential(ScaledConv(2, 4, 1), nn.BatchNorm2d(4))
+    _, report = batchnorm.fold(lazy)
+    assert report.folded == [] and "lazy" in report.kept["1"]
+    folded, report = batchnorm.fold(_randomize_stats(custom.double()))
+    assert report.folded == [] and "overrides forward" in report.kept["1"]
+    x = torch.randn(2, 2, 3, 3, dtype=torch.float64)
+    torch.testing.assert_close(folded(x), custom.eval()(x))

@@ -167,3 +167,27 @@ def test_layers_without_stats_are_skipped_and_unreached_ones_kept():
         batchnorm.recalibrate(net, [x])
     torch.testing.assert_close(model["used"].running_mean, x.mean(0))
     assert torch.equal(unused.running_mean, torch.full((2,), 4.0))
+
+
+def test_frozen_layers_keep_their_statistics():
+    model = _model()
+    batchnorm.freeze(model[5], affine=False)
+    model[5].running_mean.fill_(3.0)
+    batches = _batches()
+    batchnorm.recalibrate(model, batches)
+    assert torch.equal(model[5].running_mean, torch.full((2,), 3.0, dtype=torch.float64))
+    assert batchnorm.is_frozen(model[5])  # freeze's hooks are not ours to remove
+    # the others are recalibrated with the frozen layer normalizing by its running statistics
+    expected = _population_stats_with_frozen(model, batches)
+    torch.testing.assert_close(model[8].running_mean, expected, rtol=1e-10, atol=1e-12)
+
+
+def _population_stats_with_frozen(model, batches):
+    ref = copy.deepcopy(model).eval()
+    ref[1].train(), ref[8].train()  # ref[5] stays in eval: it is frozen
+    seen = []
+    ref[8].register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    with torch.no_grad():
+        for x in batches:
+            ref(x)
+    return torch.cat(seen).mean(0)

@@ -86,6 +86,8 @@ def _check_pooled(world: int, ranks: list[dict], m: Mismatches) -> None:
         if error is None or "Expected more than 1 value per channel when training" not in error:
             m.failures.append(f"rank {rank}: one value per channel over all ranks must raise, got {error!r}")
         m.equal(f"rank {rank}: one value per channel per rank", res["one_per_rank_ok"], True)
+        if "once_differentiable" not in (res["double_backward_error"] or ""):
+            m.failures.append(f"rank {rank}: double backward must raise, got {res['double_backward_error']!r}")
 
     # A group of one rank: BatchNorm exactly, without collectives.
     r0 = ranks[0]

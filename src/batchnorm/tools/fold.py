@@ -42,6 +42,7 @@ FOLDABLE = (
     nn.ConvTranspose3d,
     nn.Linear,
 )
+_FOLDABLE_FORWARDS = {cls.forward for cls in FOLDABLE}
 _BN = nn.modules.batchnorm._BatchNorm  # torch's BN classes, ours, SyncBatchNorm, ghost, renorm
 
 
@@ -95,6 +96,10 @@ def _why_not(layer: nn.Module, bn: nn.Module) -> str | None:
         return "the BN has no running statistics (track_running_stats=False): eval uses batch statistics"
     if bn.num_features != _out_channels(layer):
         return f"the BN has {bn.num_features} features but {type(layer).__name__} has {_out_channels(layer)} outputs"
+    if type(layer).forward not in _FOLDABLE_FORWARDS:
+        return f"{type(layer).__name__} overrides forward: its output is not known to be linear in its weight"
+    if isinstance(layer.weight, nn.parameter.UninitializedParameter):
+        return f"{type(layer).__name__} is lazy and not initialized yet (run one forward first)"
     if parametrize.is_parametrized(layer):
         return f"{type(layer).__name__} has parametrizations (its weight is computed, not stored)"
     return None

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from ..kernels import implementation
 from ..sync import combine_stats
+from .freeze import is_frozen
 
 __all__ = ["recalibrate"]
 
@@ -67,6 +68,8 @@ def recalibrate(model: nn.Module, batches: Iterable, num_batches: int | None = N
     inputs, or of (input, target, ...) tuples as a DataLoader yields, each passed as `model(input)`
     (move them to the model's device yourself); at most `num_batches` are used (None: all).
     BN layers without running statistics are skipped; a layer no batch reached keeps its own.
+    Layers fixed by `batchnorm.freeze` keep theirs too, and normalize with them during the pass,
+    as they do in training.
 
     Everything changed temporarily (each module's training flag, each BN's momentum and
     num_batches_tracked, the forward hooks) is restored in `finally`: if a batch raises, the model
@@ -74,7 +77,11 @@ def recalibrate(model: nn.Module, batches: Iterable, num_batches: int | None = N
     """
     if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1):
         raise ValueError(f"num_batches must be a positive int or None (got {num_batches!r})")
-    layers = [m for m in model.modules() if isinstance(m, _BN) and m.running_mean is not None and m.running_var is not None]
+    layers = [
+        m
+        for m in model.modules()
+        if isinstance(m, _BN) and m.running_mean is not None and m.running_var is not None and not is_frozen(m)
+    ]
     if not layers:
         return model
     accumulators = {m: _Accumulator(m.num_features, m.running_mean.device) for m in layers}
