@@ -131,13 +131,31 @@ def test_convert_back_uses_the_rank_of_the_last_input():
 
 
 def test_convert_back_without_record_changes_nothing():
-    model = nn.Sequential(nn.Linear(3, 3), batchnorm.SyncBatchNorm(3), nn.Sequential(nn.SyncBatchNorm(3)))
-    model[1](torch.randn(4, 3))  # recorded; model[2][0] (torch's) has no record
+    model = nn.Sequential(nn.Linear(3, 3), batchnorm.SyncBatchNorm(3), nn.Sequential(batchnorm.SyncBatchNorm(3)))
+    model[1](torch.randn(4, 3))  # recorded; model[2][0] has no record
     with pytest.raises(ValueError, match=r"SyncBatchNorm 2\.0 "):
         batchnorm.convert(model, to="batchnorm")
     assert type(model[1]) is batchnorm.SyncBatchNorm  # checked before anything was swapped
     batchnorm.convert(model, to="batchnorm", dims=1)
     assert type(model[1]) is batchnorm.BatchNorm1d and type(model[2][0]) is batchnorm.BatchNorm1d
+
+
+def test_torch_sync_batchnorm_goes_to_batchnorm_only_with_dims():
+    model = nn.Sequential(nn.SyncBatchNorm(3), nn.BatchNorm2d(3))
+    batchnorm.convert(model)  # as convert(model) always did: torch's SyncBatchNorm left alone
+    assert type(model[0]) is nn.SyncBatchNorm and type(model[1]) is batchnorm.BatchNorm2d
+    weight = model[0].weight
+    batchnorm.convert(model, to="batchnorm", dims=2)
+    assert type(model[0]) is batchnorm.BatchNorm2d and model[0].weight is weight
+
+
+def test_convert_to_sync_keeps_a_shared_layer_shared():
+    bn = nn.BatchNorm1d(4)
+    model = nn.Sequential(bn, nn.Linear(4, 4), bn)
+    batchnorm.convert(model, to="sync")
+    assert model[0] is model[2] and type(model[0]) is batchnorm.SyncBatchNorm
+    batchnorm.convert(model, to="batchnorm")
+    assert model[0] is model[2] and type(model[0]) is batchnorm.BatchNorm1d
 
 
 def test_convert_between_our_sync_and_torchs():

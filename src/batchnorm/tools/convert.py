@@ -1,17 +1,20 @@
-"""Swap BatchNorm classes in a model: torch's for ours and back.
+"""Swap BatchNorm classes in a model: torch's for ours and back, and to and from SyncBatchNorm.
 
 `convert(model)` replaces every `torch.nn.BatchNorm1d/2d/3d` with `batchnorm.BatchNorm1d/2d/3d`;
 `convert(model, to="torch")` goes back. `convert(model, to="sync")` replaces every BN (torch's or
-ours, and torch's SyncBatchNorm) with `batchnorm.SyncBatchNorm`; `to="batchnorm"` also turns a
-SyncBatchNorm back into BatchNorm1d/2d/3d (pytorch#41081).
+ours, and torch's SyncBatchNorm) with `batchnorm.SyncBatchNorm`, and `to="batchnorm"` turns our
+SyncBatchNorm back into BatchNorm1d/2d/3d (what torch lacks, pytorch#41081).
 
-Going back from SyncBatchNorm needs the input rank, which a SyncBatchNorm does not have: ours
-records it (`_batchnorm_dims`: from the BN class it was converted from, then from the rank of each
-input it sees); `dims=1|2|3` overrides it for every layer and is required for a layer without a
-record (torch's SyncBatchNorm, or ours never run). The new layer takes over the old one's state as is: the
-same Parameter and buffer objects (so an optimizer built before the swap keeps training them), the
-same device, dtype, training flag, hooks and attributes. Only exact torch classes are replaced:
-a user's own subclass of torch's BN may override forward, and is left alone.
+Going back needs the input rank, which a SyncBatchNorm does not know. Ours records it
+(`_batchnorm_dims`: the BN class it was converted from, then the rank of every input it sees);
+`dims=1|2|3` overrides the record for every layer, and is required for one of ours without a
+record. torch's own nn.SyncBatchNorm records nothing and is converted only when `dims=` is given
+(without it, `convert(model)` leaves it alone as it always has).
+
+The new layer takes over the old one's state as is: the same Parameter and buffer objects (so an
+optimizer built before the swap keeps training them), the same device, dtype, training flag, hooks
+and attributes. Only exact classes are replaced: a user's own subclass of torch's BN may override
+forward, and is left alone.
 """
 from __future__ import annotations
 
@@ -59,6 +62,8 @@ def _replacement(module: nn.Module, name: str, to: str, process_group, dims: int
     """The layer to put in `module`'s place, or None when `to` leaves it alone."""
     if to == "batchnorm" and type(module) in _SYNC:
         d = dims if dims is not None else module.__dict__.get("_batchnorm_dims")
+        if d is None and type(module) is nn.SyncBatchNorm:
+            return None  # torch's: converted only on an explicit dims=
         if d is None:
             raise ValueError(
                 f"convert: cannot tell whether SyncBatchNorm {name or '(the model)'} should become "
@@ -77,7 +82,7 @@ def _replacement(module: nn.Module, name: str, to: str, process_group, dims: int
         new.process_group = process_group
         if type(module) in _DIMS_OF_CLASS:
             new._batchnorm_dims = _DIMS_OF_CLASS[type(module)]
-    elif to == "torch" and cls is nn.SyncBatchNorm:
+    elif cls is nn.SyncBatchNorm:
         new.__dict__.pop("_batchnorm_dims", None)
     return new
 
@@ -85,16 +90,17 @@ def _replacement(module: nn.Module, name: str, to: str, process_group, dims: int
 def convert(model: nn.Module, to: str = "batchnorm", process_group=None, dims: int | None = None) -> nn.Module:
     """Replace BatchNorm layers by the classes of `to`.
 
-    to="batchnorm": torch's BatchNorm1d/2d/3d -> ours, and any SyncBatchNorm -> our BatchNorm{dims}d
+    to="batchnorm": torch's BatchNorm1d/2d/3d -> ours; our SyncBatchNorm -> BatchNorm{d}d, d its
+                    record or `dims`; torch's nn.SyncBatchNorm -> BatchNorm{dims}d if dims is given
     to="torch":     ours -> torch's (our SyncBatchNorm -> torch.nn.SyncBatchNorm)
     to="sync":      every BatchNorm1d/2d/3d (torch's or ours) and torch.nn.SyncBatchNorm ->
-                    batchnorm.SyncBatchNorm synchronized over `process_group` (None: the whole world)
-    dims:           1, 2 or 3, for SyncBatchNorm -> BatchNorm{dims}d; by default each layer's record
-                    (see the module docstring)
+                    batchnorm.SyncBatchNorm over `process_group` (None: the default, whole world)
 
     Parameters, buffers (the same objects), device, dtype, flags and hooks carry over. Mutates
     `model` in place (children are swapped inside their parents) and returns it; when `model`
-    itself is a BN layer, returns its replacement and leaves `model` untouched.
+    itself is a BN layer, returns its replacement and leaves `model` untouched. A layer registered
+    in several places stays one layer. Raises before swapping anything when a SyncBatchNorm
+    cannot tell its BatchNorm class.
     """
     if to not in TARGETS:
         raise ValueError(f"convert: expected to= one of {sorted(TARGETS)} (got {to!r})")
@@ -105,14 +111,17 @@ def convert(model: nn.Module, to: str = "batchnorm", process_group=None, dims: i
     new = _replacement(model, "", to, process_group, dims)
     if new is not None:
         return new
-    # Collect first, then swap: every replacement is checked before the model is touched, so a
-    # missing dims= raises with the model unchanged.
+    # Decide every replacement first, then swap: a missing dims= raises with the model unchanged.
+    replaced: dict[int, nn.Module | None] = {}  # a layer registered in two places stays one layer
     swaps = []
-    for parent_name, parent in model.named_modules():
-        for name, child in parent.named_children():
-            new = _replacement(child, f"{parent_name}.{name}".lstrip("."), to, process_group, dims)
-            if new is not None:
-                swaps.append((parent, name, new))
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent._modules.items()):  # named_children() skips repeats
+            if child is None:
+                continue
+            if id(child) not in replaced:
+                replaced[id(child)] = _replacement(child, f"{parent_name}.{name}".lstrip("."), to, process_group, dims)
+            if replaced[id(child)] is not None:
+                swaps.append((parent, name, replaced[id(child)]))
     for parent, name, new in swaps:
         setattr(parent, name, new)
     return model
