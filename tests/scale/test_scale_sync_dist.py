@@ -6,7 +6,6 @@ concatenated batch, reporting every mismatch at once.
 """
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
