@@ -2,11 +2,16 @@
 
 Drop-in `BatchNorm1d/2d/3d` (subclasses of torch's, with our own forward and hand-derived
 backward), the pure functions behind them in `batchnorm.functional`, and the tools BN users keep
-rewriting: `freeze`/`unfreeze` and `convert`.
+rewriting: `freeze`/`unfreeze` and `convert`. For scale and deployment (docs/scale.md):
+`SyncBatchNorm` on any torch.distributed backend, `fold` for inference, `recalibrate` for exact
+running statistics, and the small-batch layers `GhostBatchNorm*d` and `BatchRenorm*d`.
 """
 from . import functional
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
-from .tools import convert, freeze, is_frozen, unfreeze
+from .tools import convert, fold, fold_weights, freeze, is_frozen, recalibrate, unfreeze
+from .sync import SyncBatchNorm
+from .ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
+from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 
 __version__ = "0.1.0"
 
@@ -19,4 +24,14 @@ __all__ = [
     "freeze",
     "unfreeze",
     "is_frozen",
+    "SyncBatchNorm",
+    "GhostBatchNorm1d",
+    "GhostBatchNorm2d",
+    "GhostBatchNorm3d",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "fold",
+    "fold_weights",
+    "recalibrate",
 ]

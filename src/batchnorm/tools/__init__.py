@@ -1,5 +1,7 @@
 """Tools for models with BatchNorm layers: one tool a file, each a module walker."""
 from .convert import convert
+from .fold import fold, fold_weights
 from .freeze import freeze, is_frozen, unfreeze
+from .recalibrate import recalibrate
 
-__all__ = ["convert", "freeze", "unfreeze", "is_frozen"]
+__all__ = ["convert", "freeze", "unfreeze", "is_frozen", "fold", "fold_weights", "recalibrate"]
