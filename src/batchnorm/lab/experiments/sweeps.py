@@ -217,11 +217,18 @@ def _gap_figures(out: Path, config: RunConfig, data: Dataset, results) -> list[t
     return [("gap.png", plots.gap(out / "gap.png", bn, sorted(int(b) for b in config.grid)))]
 
 
-def _grid_check(name: str, integer: bool):
-    def cells(vary, config, data):
+def _sweep(vary: str, name: str, integer: bool):
+    """The `cells` function of a sweep whose grid sets `vary` ("lr", "depth" or "batch_size")."""
+    def cells(config: RunConfig, data: Dataset) -> list[Cell]:
         _check_grid(name, integer, config)
         return _sweep_cells(vary, config, data)
     return cells
+
+
+def _gap_cells_checked(config: RunConfig, data: Dataset) -> list[Cell]:
+    # a test batch of one has no variance to normalize with, hence sizes of at least 2
+    _check_grid("test batch sizes", True, config, least=1)
+    return _gap_cells(config, data)
 
 
 LR_SWEEP = Experiment(
@@ -231,7 +238,7 @@ LR_SWEEP = Experiment(
     defaults=dict(seeds=3, epochs=8, batch_size=64, data="digits", target=0.9,
                   grid=[0.01, 0.03, 0.1, 0.3, 1.0, 3.0], variants=["none", "bn"]),
     setting_name="learning rate",
-    cells=lambda config, data: _grid_check("learning rates", False, config)("lr", config, data),
+    cells=_sweep("lr", "learning rates", integer=False),
     claims=lr_claims,
     figures=partial(_sweep_figures, "learning rate", True),
 )
@@ -243,7 +250,7 @@ DEPTH_SWEEP = Experiment(
     defaults=dict(seeds=3, epochs=8, batch_size=64, data="digits", target=0.9,
                   grid=[2, 5, 10, 20], variants=["none", "bn"]),
     setting_name="hidden layers",
-    cells=lambda config, data: _grid_check("depths", True, config)("depth", config, data),
+    cells=_sweep("depth", "depths", integer=True),
     claims=depth_claims,
     figures=partial(_sweep_figures, "hidden layers", False),
 )
@@ -258,7 +265,7 @@ BATCH_SWEEP = Experiment(
     defaults=dict(seeds=3, epochs=4, data="digits", target=0.9,
                   grid=[2, 4, 8, 16, 32, 64, 128, 256], variants=["none", "bn"]),
     setting_name="batch size",
-    cells=lambda config, data: _grid_check("batch sizes", True, config)("batch_size", config, data),
+    cells=_sweep("batch_size", "batch sizes", integer=True),
     claims=batch_claims,
     figures=partial(_sweep_figures, "batch size", True),
 )
@@ -274,8 +281,7 @@ GAP_SWEEP = Experiment(
     defaults=dict(seeds=3, epochs=8, batch_size=64, data="digits", target=0.9,
                   grid=[2, 4, 8, 16, 64, 256], variants=["bn"]),
     setting_name="test batch size",
-    # a test batch of one has no variance to normalize with, hence sizes of at least 2
-    cells=lambda config, data: (_check_grid("test batch sizes", True, config, least=1), _gap_cells(config, data))[1],
+    cells=_gap_cells_checked,
     claims=gap_claims,
     figures=_gap_figures,
     after_cell=_gap_after,
