@@ -32,7 +32,14 @@ th, td { border: 1px solid #e3e3e3; padding: .35em .7em; text-align: right; } th
 td:first-child, th:first-child { text-align: left; }
 code, pre { background: #f0f0f0; border-radius: 4px; padding: .1em .3em; font-size: .92em; }
 details { margin: .6em 0; } summary { cursor: pointer; color: #1f5fbf; }
+.cards { display: flex; gap: 1em; flex-wrap: wrap; margin: 1.2em 0; }
+.card { background: #fff; border: 1px solid #e3e3e3; border-top: 5px solid #999; border-radius: 6px;
+        padding: .6em 1.2em; min-width: 14em; }
+.card .name { font-weight: 600; } .card .big { font-size: 2em; font-weight: 600; line-height: 1.2; }
+.card .small { color: #555; font-size: .9em; }
 """
+
+_CARD_COLORS = {"BN": "#1f5fbf", "NoBN": "#d1342f"}
 
 
 def _e(x: Any) -> str:
@@ -63,6 +70,8 @@ def _command(summary: dict) -> str:
     if summary["experiment"] in ("mlp", "cnn", "circles"):
         parts += ["--lr", f"{config['lr']:g}"]
     parts += ["--batch-size", str(config["batch_size"])]
+    if config.get("threads", 1) != 1:
+        parts += ["--threads", str(config["threads"])]
     if name != "circles":
         parts += ["--data", config["data"]]
     if config.get("data_dir"):
@@ -76,6 +85,25 @@ def _command(summary: dict) -> str:
     return " ".join(parts)
 
 
+def _cards(summary: dict) -> list[str]:
+    """The headline: one card per variant when there are few (the comparisons), none for sweeps."""
+    variants = summary["variants"]
+    if not 1 <= len(variants) <= 3:
+        return []
+    target = summary["target_accuracy"]
+    cards = ["<div class='cards'>"]
+    for name, v in variants.items():
+        epochs = "never" if v["epochs_to_target"] is None else f"{v['epochs_to_target']:.0f} epochs"
+        cards.append(
+            f"<div class='card' style='border-top-color: {_CARD_COLORS.get(name, '#999')}'>"
+            f"<div class='name'>{_e(name)}</div><div class='big'>{_pct(v['final_test_accuracy'])}</div>"
+            f"<div class='small'>final test accuracy ({len(v['seeds'])} seeds)<br>{_pct(target)} reached after {epochs}"
+            f"<br>final training loss {_num(v['final_train_loss'])}</div></div>"
+        )
+    cards.append("</div>")
+    return cards
+
+
 def render(summary: dict, folder: Path) -> str:
     """The HTML page for `summary` (as written to summary.json); PNGs are read from `folder`."""
     out = [
@@ -83,10 +111,14 @@ def render(summary: dict, folder: Path) -> str:
         f"<title>{_e(summary['title'])}</title><style>{_CSS}</style></head><body>",
         f"<h1>{_e(summary['title'])}</h1>",
         f"<p class='sub'>batchnorm lab · <code>{_e(summary['experiment'])}</code> · "
-        f"{_e(summary['environment']['started_utc'])} · {summary['wall_seconds']:.0f} s</p>",
+        f"{_e(summary['environment']['started_utc'])} · {summary['train_seconds']:.0f} s of training</p>",
         f"<p>{_e(summary['description'])}</p>",
-        "<h2>Claims</h2>",
     ]
+    out += _cards(summary)
+    out.append("<h2>Figures</h2>")
+    for f in summary["figures"]:
+        out.append(f"<figure>{_img(folder / f['file'])}<figcaption>{_e(f['caption'])}</figcaption></figure>")
+    out.append("<h2>Claims</h2>")
     if not summary["claims"]:
         out.append("<p>This run's settings do not allow a verdict (it needs both BN and no-BN variants, "
                    "and at least two values on the grid).</p>")
@@ -96,9 +128,6 @@ def render(summary: dict, folder: Path) -> str:
             f"<div class='claim {cls}'><span class='badge'>{_e(c['verdict'])}</span>"
             f"<span class='text'>{_e(c['claim'])}</span><div class='evidence'>{_e(c['evidence'])}</div></div>"
         )
-    out.append("<h2>Figures</h2>")
-    for f in summary["figures"]:
-        out.append(f"<figure>{_img(folder / f['file'])}<figcaption>{_e(f['caption'])}</figcaption></figure>")
 
     target = summary["target_accuracy"]
     out += [

@@ -181,8 +181,8 @@ def start(
 
 
 def _train_all(experiment, config, data, cells, out: Path, log, on_epoch) -> dict[str, Any]:
-    began = time.perf_counter()
     results: list[CellResult] = []
+    train_seconds = 0.0
     todo = [c for c in cells if not (out / "cells" / f"{c.key}.json").is_file()]
     bar = _progress(sum(c.settings.epochs for c in todo), desc=experiment.name)
     say = bar.write if not bar.disable else log
@@ -193,22 +193,27 @@ def _train_all(experiment, config, data, cells, out: Path, log, on_epoch) -> dic
                 record = io.read_json(record_path)
                 history = History([_nan(r) for r in record["rows"]], record["diverged"])
                 results.append(CellResult(cell, history, record["extras"]))
+                train_seconds += record.get("seconds", 0.0)
                 continue
             checkpoint = out / "checkpoints" / f"{cell.key}.pt"
+            cell_began = time.perf_counter()
             model, history = train(
                 cell.make_model, data, cell.settings, seed=cell.seed, checkpoint=checkpoint,
                 on_epoch=lambda row, cell=cell: _after_epoch(cell, row, config, experiment, bar, say, on_epoch),
             )
             extras = experiment.after_cell(cell, model, data, config) if experiment.after_cell else {}
-            io.write_json(record_path, _cell_record(cell, history, extras))
+            record = _cell_record(cell, history, extras)
+            record["seconds"] = round(time.perf_counter() - cell_began, 3)  # this session's share, if resumed
+            io.write_json(record_path, record)
             checkpoint.unlink(missing_ok=True)
             results.append(CellResult(cell, history, extras))
+            train_seconds += record["seconds"]
             io.write_csv(out / "metrics.csv", _metrics_rows(results), METRIC_COLUMNS)
     finally:
         bar.close()
 
     io.write_csv(out / "metrics.csv", _metrics_rows(results), METRIC_COLUMNS)
-    summary = _summarize(experiment, config, data, results, out, time.perf_counter() - began)
+    summary = _summarize(experiment, config, data, results, out, train_seconds)
     (out / "checkpoints").rmdir() if not any((out / "checkpoints").iterdir()) else None
     return summary
 
@@ -244,7 +249,7 @@ def _summarize(experiment, config: RunConfig, data, results: list[CellResult], o
         "variants": {g.name: g.summary(config.target) for g in groups(results)},
         "claims": [c.as_dict() for c in claims],
         "figures": [{"file": f, "caption": c} for f, c in figures],
-        "wall_seconds": round(seconds, 2),
+        "train_seconds": round(seconds, 2),  # summed over cells, across resumed sessions
     })
     io.write_json(out / "summary.json", summary)
     io.write_text(out / "report.html", report.render(summary, out))
