@@ -5,7 +5,8 @@
     mnist_cnn(norm)          seed 002: Conv(1,6,3,p=1)-BN-ReLU-Pool-Conv(6,16,5)-BN-ReLU-Pool-Linear(400,10)
     deep_mlp(depth, norm)    the depth and batch-size sweeps: `depth` hidden Linear(-BN)-ReLU blocks
 
-`norm` names a row of NORMS: "none" or "bn" today. The sweeps compare whatever names they are given,
+`norm` names a row of NORMS: "none", "bn", or "bn-seed002" (seed 002's own running-statistics rule,
+for comparison). The sweeps compare whatever names they are given,
 so a new variant (GhostBatchNorm, BatchRenorm, ...) joins them by adding one row here.
 
 BN layers draw no random numbers at construction (weight=1, bias=0), so with the same seed the
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 import batchnorm
 from batchnorm import functional as F
 
-__all__ = ["NORMS", "FunctionalBatchNorm", "circles_net", "mnist_mlp", "mnist_cnn", "deep_mlp", "check_norm"]
+__all__ = ["NORMS", "FunctionalBatchNorm", "Seed002BatchNorm", "circles_net", "mnist_mlp", "mnist_cnn", "deep_mlp", "check_norm"]
 
 
 class FunctionalBatchNorm(nn.Module):
@@ -53,14 +54,45 @@ class FunctionalBatchNorm(nn.Module):
         return f"{self.gamma.numel()}, momentum={self.momentum}, eps={self.eps}"
 
 
+class Seed002BatchNorm(nn.Module):
+    """BN with seed 002's running-statistics rule, kept only to show the difference. NOT the library's.
+
+    Seed 002's `batch_norm_1d` updates its moving averages with the opposite momentum convention,
+        moving = momentum * moving + (1 - momentum) * batch      (momentum=0.1: the batch weighs 0.9)
+    stores the *biased* batch variance, and starts both moving averages at zero. Training-time
+    normalization is the same as everywhere (batch mean, biased variance); only the statistics used
+    in eval mode differ. (N, C) -> (N, C).
+    """
+
+    def __init__(self, num_features: int, momentum: float = 0.1, eps: float = 1e-5):
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
+        self.gamma = nn.Parameter(torch.ones(num_features))
+        self.beta = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.zeros(num_features))  # seed 002 starts at 0, torch at 1
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.gamma, self.beta,
+                                training=False, eps=self.eps)
+        with torch.no_grad():
+            mean, var = F.batch_stats(x)  # (N, C) -> (C,), (C,); var is biased, as seed 002 keeps it
+            self.running_mean.mul_(self.momentum).add_((1 - self.momentum) * mean.to(self.running_mean.dtype))
+            self.running_var.mul_(self.momentum).add_((1 - self.momentum) * var.to(self.running_var.dtype))
+        return F.batch_norm(x, None, None, self.gamma, self.beta, training=True, eps=self.eps)
+
+
 # name -> (features -> layer) for fully connected nets. "none" is an identity, so the no-BN net is
 # the same Sequential with the BN rows removed from the parameter list.
 NORMS: dict[str, Callable[[int], nn.Module]] = {
     "none": lambda features: nn.Identity(),
     "bn": lambda features: batchnorm.BatchNorm1d(features),
+    "bn-seed002": Seed002BatchNorm,  # seed 002's running-statistics rule, for comparison only
 }
 
-LABELS = {"none": "NoBN", "bn": "BN"}  # how the plots and tables name a variant
+# how the plots and tables name a variant
+LABELS = {"none": "NoBN", "bn": "BN", "bn-seed002": "BN, seed 002's running-stats rule"}
 
 
 def label(norm: str) -> str:

@@ -182,7 +182,7 @@ def sweep(path: Path, groups, *, xlabel: str, logx: bool, target: float) -> str:
             + ("; x = seeds that diverged (loss became NaN/Inf), with their count." if any_diverged else "."))
 
 
-def gap(path: Path, results, sizes: list[int]) -> str:
+def gap(path: Path, results, sizes: list[int], seed002=()) -> str:
     """Accuracy with batch statistics vs running statistics: by test batch size, and per epoch."""
     fig, (ax_size, ax_epoch) = plt.subplots(1, 2, figsize=(11.5, 4.2))
     running = np.array([r.extras["running_stats_accuracy"] for r in results])
@@ -192,6 +192,10 @@ def gap(path: Path, results, sizes: list[int]) -> str:
     ax_size.plot(x, batch.mean(0), "o-", color=color("bn"), label="batch statistics (train mode)")
     ax_size.axhspan(running.min(), running.max(), color="#2a9d5c", alpha=0.15, linewidth=0)
     ax_size.axhline(running.mean(), color="#2a9d5c", linewidth=1.8, label="running statistics (eval mode)")
+    if seed002:
+        other = np.array([r.extras["running_stats_accuracy"] for r in seed002])
+        ax_size.axhline(other.mean(), color="#e08e0b", linewidth=1.6, linestyle="--",
+                        label="running statistics, seed 002's rule")
     ax_size.set_xscale("log", base=2)
     ax_size.set_xticks(sizes)
     ax_size.set_xticklabels([str(s) for s in sizes])
@@ -208,6 +212,11 @@ def gap(path: Path, results, sizes: list[int]) -> str:
         ax_epoch.plot(epochs, np.nanmean(eval_acc, 0), color="#2a9d5c", linewidth=1.8, label="running statistics")
         ax_epoch.plot(epochs, np.nanmean(train_acc, 0), color=color("bn"), linewidth=1.8,
                       label=f"batch statistics (test batches of {batch_size})")
+    if seed002:
+        other = _stack([r.history for r in seed002], "test_accuracy")
+        with _quiet():
+            ax_epoch.plot(np.arange(1, other.shape[1] + 1), np.nanmean(other, 0), color="#e08e0b", linewidth=1.6,
+                          linestyle="--", label="running statistics, seed 002's rule")
     ax_epoch.fill_between(epochs, np.nanmin(eval_acc, 0), np.nanmax(eval_acc, 0), color="#2a9d5c", alpha=0.15, linewidth=0)
     ax_epoch.fill_between(epochs, np.nanmin(train_acc, 0), np.nanmax(train_acc, 0), color=color("bn"), alpha=0.15, linewidth=0)
     _style(ax_epoch, "Test accuracy during training", "epoch", "accuracy")
@@ -217,4 +226,6 @@ def gap(path: Path, results, sizes: list[int]) -> str:
     _save(fig, path)
     return ("Left: test accuracy of the trained BN net when each test batch is normalized with its own statistics "
             "(train mode, blue) against the running statistics (eval mode, green), by test batch size. Right: both "
-            "per epoch while training.")
+            "per epoch while training."
+            + (" Dashed orange: the same net keeping its running statistics by seed 002's rule (opposite momentum "
+               "convention, biased variance, starting at 0), which the library does not follow." if seed002 else ""))
