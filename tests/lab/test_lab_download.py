@@ -96,3 +96,21 @@ def test_the_published_checksum_table_is_complete():
             digests.add(f.sha256)
         assert name in data.SOURCES
     assert len(digests) == 8
+
+
+def test_download_command(tmp_path, http_server, make_mnist, monkeypatch, capsys):
+    from batchnorm.lab.cli import main
+
+    base_url, served, _ = http_server
+    make_mnist(served)
+    monkeypatch.setitem(data.MNIST_FILES, "mnist", _table(served))
+    assert main(["download", "mnist", "--data-dir", str(tmp_path / "data"), "--base-url", base_url]) == 0
+    assert "SHA-256 ok" in capsys.readouterr().out
+    assert len(list((tmp_path / "data" / "mnist").iterdir())) == 4
+
+    monkeypatch.setitem(data.MNIST_FILES, "mnist", _table(served, corrupt="train-labels-idx1-ubyte.gz"))
+    (tmp_path / "data" / "mnist" / "train-labels-idx1-ubyte.gz").unlink()
+    assert main(["download", "mnist", "--data-dir", str(tmp_path / "data"), "--base-url", base_url]) == 2
+    err = capsys.readouterr().err
+    assert "batchnorm: error:" in err and "SHA-256 is" in err and "not kept" in err
+    assert not (tmp_path / "data" / "mnist" / "train-labels-idx1-ubyte.gz").exists()

@@ -137,7 +137,7 @@ def circles(path: Path, data, boundaries: dict[str, tuple[list, float]], box: fl
             "each net learned (seed 0), drawn over the test points; shading = predicted probability of the inner class.")
 
 
-def sweep(path: Path, groups, *, xlabel: str, logx: bool, target: float) -> str:
+def sweep(path: Path, groups, *, xlabel: str, logx: bool, target: float, title: str = "") -> str:
     """Final test accuracy and training loss against the swept value, one line per variant."""
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11.5, 4.2))
     variants = list(dict.fromkeys(g.variant for g in groups))
@@ -174,7 +174,8 @@ def sweep(path: Path, groups, *, xlabel: str, logx: bool, target: float) -> str:
     _style(ax_loss, "Final training loss", xlabel, "cross-entropy (log scale)")
     ax_acc.legend(frameon=False, loc="lower left")
     seeds = max(len(g.results) for g in groups)
-    fig.suptitle(f"Mean over {seeds} seeds, band = lowest to highest seed", fontsize=11, x=0.01, ha="left")
+    fig.suptitle(f"{title + ': ' if title else ''}mean over {seeds} seeds, band = lowest to highest seed",
+                 fontsize=12, x=0.01, ha="left")
     fig.tight_layout()
     _save(fig, path)
     return (f"Final test accuracy (left) and training loss (right) against the {xlabel}: mean over {seeds} seeds, "
@@ -221,7 +222,7 @@ def gap(path: Path, results, sizes: list[int], seed002=()) -> str:
     ax_epoch.fill_between(epochs, np.nanmin(train_acc, 0), np.nanmax(train_acc, 0), color=color("bn"), alpha=0.15, linewidth=0)
     _style(ax_epoch, "Test accuracy during training", "epoch", "accuracy")
     ax_epoch.legend(frameon=False, loc="lower right")
-    fig.suptitle(f"BN net, mean over {len(results)} seeds, band = lowest to highest seed", fontsize=11, x=0.01, ha="left")
+    fig.suptitle(f"gap-sweep, BN net: mean over {len(results)} seeds, band = lowest to highest seed", fontsize=11, x=0.01, ha="left")
     fig.tight_layout()
     _save(fig, path)
     return ("Left: test accuracy of the trained BN net when each test batch is normalized with its own statistics "

@@ -91,11 +91,13 @@ def resolve(name: str, overrides: dict[str, Any], out: Path, resume: bool) -> Ru
         saved = RunConfig.from_dict(io.read_json(saved_path))
         if saved.experiment != name:
             raise RunError(f"{out} holds a {saved.experiment!r} run, not {name!r}")
-        differ = {k: (getattr(saved, k), v) for k, v in overrides.items() if getattr(saved, k) != v}
+        # log_every only changes what is printed, so it may differ; everything else decides numbers.
+        differ = {k: (getattr(saved, k), v) for k, v in overrides.items() if getattr(saved, k) != v and k != "log_every"}
         if differ:
             listed = ", ".join(f"{k}: saved {a!r}, asked {b!r}" for k, (a, b) in differ.items())
             raise RunError(f"cannot resume {out} with different settings ({listed}); drop those flags or use another --out")
         config = saved
+        config.log_every = overrides.get("log_every", saved.log_every)
     else:
         config = RunConfig(experiment=name, **{**experiment.defaults, **overrides})
     config.check()

@@ -231,7 +231,8 @@ def _sweep_figures(xlabel: str, logx: bool, out: Path, config: RunConfig, data: 
     from .. import plots  # matplotlib only when drawing: `batchnorm list` starts fast
 
     gs = groups(results)
-    return [("sweep.png", plots.sweep(out / "sweep.png", gs, xlabel=xlabel, logx=logx, target=config.target))]
+    return [("sweep.png", plots.sweep(out / "sweep.png", gs, xlabel=xlabel, logx=logx, target=config.target,
+                                            title=f"{config.experiment} on {data.name}"))]
 
 
 def _gap_figures(out: Path, config: RunConfig, data: Dataset, results) -> list[tuple[str, str]]:
