@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 __all__ = ["RunConfig", "DATASETS"]
@@ -66,6 +65,3 @@ class RunConfig:
         if problems:
             raise ValueError("; ".join(problems))
 
-
-def out_dir_default(experiment: str) -> Path:
-    return Path("runs") / experiment

@@ -216,7 +216,8 @@ def _train_all(experiment, config, data, cells, out: Path, log, on_epoch) -> dic
 
     io.write_csv(out / "metrics.csv", _metrics_rows(results), METRIC_COLUMNS)
     summary = _summarize(experiment, config, data, results, out, train_seconds)
-    (out / "checkpoints").rmdir() if not any((out / "checkpoints").iterdir()) else None
+    if not any((out / "checkpoints").iterdir()):  # every cell finished: no checkpoint is needed
+        (out / "checkpoints").rmdir()
     return summary
 
 

@@ -6,7 +6,6 @@ accuracy about where it was (seed 004), and regularizes (seed 000, section 3.4).
 """
 from __future__ import annotations
 
-import math
 from functools import partial
 from pathlib import Path
 
