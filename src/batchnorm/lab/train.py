@@ -146,14 +146,14 @@ def train(
                 if checkpoint is not None:  # DDP: rank 0 only.
                     snapshot = _snapshot(model, optimizer, generator, history)
                     if time.monotonic() - saved_at >= SAVE_EVERY:
-                        save_torch(checkpoint, snapshot)
+                        _save(checkpoint, snapshot)
                         saved_at = time.monotonic()
                 if on_epoch is not None:
                     on_epoch(history.rows[-1])
     except BaseException:
         # Interrupted (Ctrl-C, SIGTERM, an error): keep every finished epoch, then let it propagate.
         if snapshot is not None:
-            save_torch(checkpoint, snapshot)
+            _save(checkpoint, snapshot)
         raise
     return model, history
 
@@ -189,6 +189,12 @@ def _epoch(model, optimizer, loss_fn, data: Dataset, settings: Settings, generat
     }
 
 
+def _save(checkpoint: Path, snapshot: dict) -> None:
+    # The rows go in as one JSON string: torch.save pickles a list of dicts item by item, which
+    # made the checkpoint cost more than an epoch of the small nets.
+    save_torch(checkpoint, {**snapshot, "rows": json.dumps(snapshot["rows"])})
+
+
 def _snapshot(model: nn.Module, optimizer, generator: torch.Generator, history: History) -> dict:
     """Everything a resumed run needs, copied now (the model keeps changing in the next epoch)."""
     return {
@@ -196,8 +202,6 @@ def _snapshot(model: nn.Module, optimizer, generator: torch.Generator, history: 
         "optimizer": copy.deepcopy(optimizer.state_dict()),
         "generator": generator.get_state(),
         "torch_rng": torch.get_rng_state(),
-        # as one JSON string: torch.save pickles a list of dicts item by item, which made the
-        # checkpoint cost more than an epoch of the small nets
-        "rows": json.dumps(history.rows),
+        "rows": list(history.rows),  # the rows themselves are never changed once appended
         "diverged": history.diverged,
     }
