@@ -74,3 +74,33 @@ def test_write_rejects_unsupported_dtype(tmp_path):
     with pytest.raises(ValueError, match="IDX stores"):
         write_idx(tmp_path / "a.idx", np.zeros(3, dtype=np.complex64))
     assert not (tmp_path / "a.idx").exists()
+
+
+@pytest.mark.parametrize(
+    "name, array, message",
+    [
+        ("train-images-idx3-ubyte.gz", np.zeros((96, 27, 27), np.uint8), r"expected uint8 images of shape \(N, 28, 28\)"),
+        ("train-labels-idx1-ubyte.gz", np.full(96, 12, np.uint8), "expected uint8 labels 0..9"),
+        ("train-labels-idx1-ubyte.gz", np.zeros(95, np.uint8), "has 96 images but .* has 95 labels"),
+    ],
+    ids=["wrong-image-size", "label-out-of-range", "count-mismatch"],
+)
+def test_well_formed_idx_that_is_not_mnist(mnist_dir, name, array, message):
+    from batchnorm.lab.data import load
+
+    write_idx(mnist_dir / "mnist" / name, array)
+    with pytest.raises(IDXError, match=message):
+        load("mnist", mnist_dir)
+
+
+def test_unpacked_files_and_torchvision_layout(tmp_path, make_mnist):
+    from batchnorm.lab.data import load
+
+    arrays = make_mnist(tmp_path / "data" / "MNIST" / "raw")  # torchvision's folder
+    for path in (tmp_path / "data" / "MNIST" / "raw").iterdir():  # and gunzipped, as torchvision leaves them
+        path.with_suffix("").write_bytes(gzip.decompress(path.read_bytes()))
+        path.unlink()
+    dataset = load("mnist", tmp_path / "data")
+    np.testing.assert_array_equal(dataset.y_train.numpy(), arrays["y_train"])
+    expected = (arrays["x_test"][:, None].astype(np.float32) / 255 - 0.5) / 0.5
+    np.testing.assert_allclose(dataset.x_test.numpy(), expected, rtol=0, atol=1e-6)
