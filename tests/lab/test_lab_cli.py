@@ -140,8 +140,10 @@ def test_corrupt_idx_is_a_clear_error(tmp_path, mnist_dir, capsys):
         (["run", "depth-sweep", "--grid", "2.5"], "must be integers"),
         (["run", "gap-sweep", "--grid", "1,8"], "above 1"),
         (["run", "batch-sweep", "--variants", "none,groupnorm"], "unknown normalization variant 'groupnorm'"),
+        (["run", "batch-sweep", "--variants", ","], "--variants needs at least one name"),
+        (["run", "mlp", "--grid", "1,2"], "--grid is for the sweeps"),
     ],
-    ids=["seeds", "data", "circles-data", "lr-grid", "depth-grid", "gap-grid", "variant"],
+    ids=["seeds", "data", "circles-data", "lr-grid", "depth-grid", "gap-grid", "variant", "no-variant", "grid-on-mlp"],
 )
 def test_bad_flags_write_nothing(tmp_path, flags, message, capsys):
     out = tmp_path / "out"

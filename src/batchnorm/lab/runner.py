@@ -101,6 +101,10 @@ def resolve(name: str, overrides: dict[str, Any], out: Path, resume: bool) -> Ru
     else:
         config = RunConfig(experiment=name, **{**experiment.defaults, **overrides})
     config.check()
+    if experiment.setting_name is None:
+        for flag in ("grid", "variants"):
+            if overrides.get(flag):
+                raise ValueError(f"--{flag} is for the sweeps; {name} compares BN with no BN and sweeps nothing")
     if config.data not in experiment.data_choices:
         raise ValueError(f"{name} runs on --data {' or '.join(experiment.data_choices)} (got {config.data!r})")
     return config

@@ -27,6 +27,8 @@ DEPTH = 2  # hidden layers of the swept MLP when the depth is not what is swept
 
 
 def _variants(config: RunConfig) -> list[str]:
+    if not config.variants:
+        raise ValueError(f"--variants needs at least one name from {', '.join(models.NORMS)}")
     for v in config.variants:
         models.check_norm(v)
     return list(config.variants)
