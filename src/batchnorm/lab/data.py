@@ -176,8 +176,8 @@ def _fetch(url: str, dest: Path, expected: _File, timeout: float) -> None:
                 digest.update(chunk)
                 f.write(chunk)
         if digest.hexdigest() != expected.sha256:
-            raise ChecksumError(
-                f"{url}: SHA-256 is {digest.hexdigest()}, expected {expected.sha256} "
+            raise ChecksumError(  # the caller names the URL
+                f"SHA-256 is {digest.hexdigest()}, expected {expected.sha256} "
                 f"({tmp.stat().st_size} bytes, expected {expected.size}); the file was not kept"
             )
         os.replace(tmp, dest)

@@ -1,6 +1,6 @@
 """The training loop: one readable function that every experiment and sweep uses.
 
-    train(make_model, data, settings, seed=..., checkpoint=...) -> History
+    train(make_model, data, settings, seed=..., checkpoint=...) -> model, History
 
 Plain SGD on cross-entropy, as in the tutorials. After every epoch it records the mean training
 loss, the training accuracy of that epoch's forward passes (seed 002's "Train Acc"), and the test
