@@ -88,6 +88,17 @@ def test_circles_is_seed_000(tmp_path, capsys):
     assert (out / "data.png").exists()
 
 
+def test_batch_sweep_takes_new_variants_by_name(tmp_path):
+    # A variant added to models.NORMS joins the sweep by name and gets its own verdict; the seed 002
+    # rule stands in here for GhostBatchNorm/BatchRenorm.
+    out = tmp_path / "run"
+    flags = ["--seeds", "1", "--epochs", "1", "--limit", "100", "--grid", "4,50", "--variants", "none,bn,bn-seed002"]
+    assert main(["run", "batch-sweep", *flags, "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["variants"]) == 6
+    assert any(c["claim"].startswith("BN, seed 002's running-stats rule holds up better than BN") for c in summary["claims"])
+
+
 def test_mlp_and_cnn_on_mnist_files(tmp_path, mnist_dir):
     for name in ("mlp", "cnn"):
         out = tmp_path / name

@@ -156,6 +156,20 @@ def batch_claims(config: RunConfig, results: list[CellResult]) -> list[Claim]:
             ("BN is behind NoBN by more than the tolerance at batch sizes " + ", ".join(f"{b:g}" for b in behind) + "."
              if behind else "BN is never behind NoBN by more than the tolerance."),
         ))
+    # Any other variant (GhostBatchNorm, BatchRenorm, ... added to models.NORMS) is there to fix BN's
+    # small-batch weakness: check exactly that, at the smallest batch size.
+    for variant in dict.fromkeys(g.variant for g in gs):
+        if variant in ("bn", "none"):
+            continue
+        other = find(gs, variant, smallest.setting)
+        gain = other.mean("test_accuracy") - smallest.mean("test_accuracy")
+        claims.append(Claim(
+            f"{models.label(variant)} holds up better than BN at small batches.",
+            gain > tolerance,
+            f"at batch {smallest.setting:g}: {models.label(variant)} {fmt_pct(other.mean('test_accuracy'))}, "
+            f"BN {fmt_pct(smallest.mean('test_accuracy'))} ({100 * gain:+.1f} points; more than the tolerance "
+            f"{100 * tolerance:.1f} counts).",
+        ))
     return claims
 
 
