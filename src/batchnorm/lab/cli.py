@@ -81,7 +81,8 @@ def _list() -> int:
 
     for e in EXPERIMENTS.values():
         d = e.defaults
-        knobs = f"seeds {d.get('seeds', 3)}, epochs {d.get('epochs', 10)}, batch {d.get('batch_size', 64) or 'full'}, data {d.get('data')}"
+        batch = "swept" if e.setting_name == "batch size" else (d.get("batch_size", 64) or "full")
+        knobs = f"seeds {d.get('seeds', 3)}, epochs {d.get('epochs', 10)}, batch {batch}, data {d.get('data')}"
         if e.setting_name:
             knobs += f", --grid ({e.setting_name}) {','.join(f'{v:g}' for v in d['grid'])}"
             knobs += f", --variants {','.join(d['variants'])}"
