@@ -134,7 +134,8 @@ def render(summary: dict, folder: Path) -> str:
         "<h2>Numbers</h2>",
         f"<p>Means over seeds ± standard deviation, after the last epoch. <i>Epochs to {_pct(target)}</i>: "
         "epochs until test accuracy first reached the target, averaged over the seeds that reached it.</p>",
-        "<table><tr><th>variant</th><th>final train loss</th><th>final test accuracy</th>"
+        f"<table><tr><th>variant{' @ ' + _e(summary['setting_name']) if summary.get('setting_name') else ''}</th>"
+        "<th>final train loss</th><th>final test accuracy</th>"
         f"<th>epochs to {_pct(target)}</th><th>reached</th><th>diverged</th></tr>",
     ]
     for name, v in summary["variants"].items():

@@ -253,6 +253,7 @@ def _summarize(experiment, config: RunConfig, data, results: list[CellResult], o
         "config": config.numbers(),
         "environment": environment(),
         "target_accuracy": config.target,
+        "setting_name": experiment.setting_name,  # what the number after "@" in a variant's name is
         "variants": {g.name: g.summary(config.target) for g in groups(results)},
         "claims": [c.as_dict() for c in claims],
         "figures": [{"file": f, "caption": c} for f, c in figures],
