@@ -139,7 +139,7 @@ def batch_claims(config: RunConfig, results: list[CellResult]) -> list[Claim]:
     tolerance = max(max(g.std("test_accuracy") for g in bn), 0.005)
     drop = best.mean("test_accuracy") - smallest.mean("test_accuracy")
     claims = [Claim(
-        "BN degrades with small batches: its statistics get noisy (seeds 000 and 001 on batch statistics).",
+        "BN degrades with small batches: a few examples give noisy batch statistics (seed 000 section 2 and seed 002 say so of test batches).",
         drop > tolerance,
         f"BN's final test accuracy is {fmt_pct(smallest.mean('test_accuracy'))} at batch {smallest.setting:g} against "
         f"{fmt_pct(best.mean('test_accuracy'))} at its best batch size {best.setting:g}: {100 * drop:.1f} points lower "
