@@ -1,0 +1,153 @@
+"""The `batchnorm` command (also `python -m batchnorm`).
+
+    batchnorm demo                              seed 000's circles, BN vs no BN -> runs/demo/report.html
+    batchnorm list                              the experiments and their defaults
+    batchnorm run mlp                           seed 002's MLP on digits (offline), 3 seeds
+    batchnorm run cnn --data mnist --data-dir data --epochs 5
+    batchnorm run lr-sweep --seeds 5 --grid 0.01,0.1,1,3
+    batchnorm run batch-sweep --variants none,bn --grid 2,8,32,128
+    batchnorm run mlp --out runs/mlp --resume   continue an interrupted run
+    batchnorm download mnist --data-dir data    fetch the IDX files, SHA-256 verified
+
+Every run writes metrics.csv, summary.json, PNG figures and report.html into its --out folder
+(default runs/EXPERIMENT).
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from pathlib import Path
+
+__all__ = ["main"]
+
+DEMO_OUT = Path("runs") / "demo"
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.01,0.1,1 (got {text!r})") from None
+
+
+def _names(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="batchnorm", description="The batchnorm lab: BN vs no BN, and BN's claims tested over seeds.",
+        epilog="Examples:\n" + "\n".join(__doc__.splitlines()[2:11]), formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,run,list,download}")
+
+    demo = sub.add_parser("demo", help="seed 000's concentric circles, BN vs no BN, with its report")
+    demo.add_argument("--out", type=Path, default=None, help=f"output folder (default {DEMO_OUT}, replaced on each demo)")
+    demo.add_argument("--seeds", type=int, default=None, help="seeds per variant (default 5)")
+    demo.add_argument("--epochs", type=int, default=None, help="epochs (default 500, as seed 000)")
+    demo.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+
+    run = sub.add_parser("run", help="run an experiment or a claims sweep (see `batchnorm list`)")
+    run.add_argument("experiment", help="circles, mlp, cnn, lr-sweep, depth-sweep, batch-sweep, gap-sweep")
+    run.add_argument("--seeds", type=int, help="seeds per variant (runs with seeds 0..K-1)")
+    run.add_argument("--epochs", type=int, help="epochs per run")
+    run.add_argument("--lr", type=float, help="SGD learning rate")
+    run.add_argument("--batch-size", type=int, dest="batch_size", help="mini-batch size, 0 = full batch")
+    run.add_argument("--data", help="circles, digits (bundled, offline), mnist or fashion-mnist")
+    run.add_argument("--data-dir", dest="data_dir", help="folder with the MNIST IDX files (default data)")
+    run.add_argument("--limit", type=int, help="use only the first N train and test examples")
+    run.add_argument("--target", type=float, help="test accuracy counted as converged (epochs_to_target)")
+    run.add_argument("--grid", type=_floats, help="the swept values, comma-separated (sweeps only)")
+    run.add_argument("--variants", type=_names, help="normalization variants to compare, comma-separated (sweeps)")
+    run.add_argument("--log-every", type=int, dest="log_every", help="print progress every N epochs (0 = last only)")
+    run.add_argument("--threads", type=int, help="torch CPU threads (default 1: fastest for these small nets)")
+    run.add_argument("--out", type=Path, help="output folder (default runs/EXPERIMENT)")
+    run.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    run.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+
+    sub.add_parser("list", help="list the experiments and their defaults")
+
+    download = sub.add_parser("download", help="download MNIST or Fashion-MNIST, verifying SHA-256 checksums")
+    download.add_argument("dataset", choices=["mnist", "fashion-mnist"])
+    download.add_argument("--data-dir", dest="data_dir", default="data", help="where to put DATASET/ (default data)")
+    download.add_argument("--base-url", dest="base_url", help="fetch from this URL prefix instead of the public mirrors")
+    return parser
+
+
+def _list() -> int:
+    from .experiments import EXPERIMENTS
+
+    for e in EXPERIMENTS.values():
+        d = e.defaults
+        batch = "swept" if e.setting_name == "batch size" else (d.get("batch_size", 64) or "full")
+        knobs = f"seeds {d.get('seeds', 3)}, epochs {d.get('epochs', 10)}, batch {batch}, data {d.get('data')}"
+        if e.setting_name:
+            knobs += f", --grid ({e.setting_name}) {','.join(f'{v:g}' for v in d['grid'])}"
+            knobs += f", --variants {','.join(d['variants'])}"
+        print(f"{e.name:12s} {e.title}\n{'':12s} defaults: {knobs}")
+    return 0
+
+
+def _run(name: str, overrides: dict, out: Path, resume: bool, overwrite: bool) -> int:
+    from .runner import start
+
+    summary = start(name, overrides, out, resume=resume, overwrite=overwrite)
+    print()
+    for variant, v in summary["variants"].items():
+        acc = v["final_test_accuracy"]
+        loss = v["final_train_loss"]
+        epochs = "never" if v["epochs_to_target"] is None else f"{v['epochs_to_target']:.1f}"
+        print(f"{variant:>16s}: final test accuracy {100 * acc:5.1f}%  final train loss "
+              f"{'nan' if loss is None else f'{loss:.4f}'}  epochs to {100 * summary['target_accuracy']:.0f}%: {epochs}"
+              if acc is not None else f"{variant:>16s}: diverged")
+    for c in summary["claims"]:
+        print(f"[{c['verdict']}] {c['claim']}\n    {c['evidence']}")
+    print(f"\nreport: {out / 'report.html'}")
+    return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    # `kill` (SIGTERM) stops a run the way Ctrl-C does: finished epochs are saved for --resume.
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        if args.command == "list":
+            return _list()
+        if args.command == "download":
+            from .data import download
+
+            download(args.dataset, args.data_dir, args.base_url)
+            return 0
+        if args.command == "demo":
+            out = args.out or DEMO_OUT
+            overrides = {"seeds": args.seeds, "epochs": args.epochs}
+            # The demo's own folder is replaced on every demo; a folder you name is only with --overwrite.
+            return _run("circles", overrides, out, False, args.overwrite or args.out is None)
+        overrides = {k: getattr(args, k) for k in (
+            "seeds", "epochs", "lr", "batch_size", "data", "data_dir", "limit", "target", "grid", "variants", "log_every", "threads")}
+        return _run(args.experiment, overrides, args.out or Path("runs") / args.experiment, args.resume, args.overwrite)
+    except KeyboardInterrupt:
+        if args.command in ("run", "demo"):
+            out = getattr(args, "out", None) or (DEMO_OUT if args.command == "demo" else Path("runs") / args.experiment)
+            name = "circles" if args.command == "demo" else args.experiment
+            print(f"\ninterrupted; finished epochs are saved. Continue with: batchnorm run {name} --out {out} --resume",
+                  file=sys.stderr)
+        return 130
+    except ValueError as e:  # DataError, RunError, UnknownExperiment and bad flag values are ValueErrors
+        print(f"batchnorm: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,25 @@
+"""The experiments `batchnorm run` knows, by name (`batchnorm list` prints this table)."""
+from __future__ import annotations
+
+from .base import Cell, CellResult, Claim, Experiment
+from .compare import CIRCLES, CNN, MLP
+from .sweeps import BATCH_SWEEP, DEPTH_SWEEP, GAP_SWEEP, LR_SWEEP
+
+__all__ = ["EXPERIMENTS", "get", "Cell", "CellResult", "Claim", "Experiment", "UnknownExperiment"]
+
+EXPERIMENTS: dict[str, Experiment] = {
+    e.name: e for e in (CIRCLES, MLP, CNN, LR_SWEEP, DEPTH_SWEEP, BATCH_SWEEP, GAP_SWEEP)
+}
+
+
+class UnknownExperiment(ValueError):
+    pass
+
+
+def get(name: str) -> Experiment:
+    try:
+        return EXPERIMENTS[name]
+    except KeyError:
+        raise UnknownExperiment(
+            f"unknown experiment {name!r}: choose one of {', '.join(EXPERIMENTS)} (see `batchnorm list`)"
+        ) from None

@@ -1,0 +1,157 @@
+"""The tutorials' networks, with and without BN, built from our layers.
+
+    circles_net(norm)        seed 000: 2-64-32-2 MLP, BN after each hidden Linear
+    mnist_mlp(norm)          seed 002: 784-100-10 MLP whose BN is the hand-written functional form
+    mnist_cnn(norm)          seed 002: Conv(1,6,3,p=1)-BN-ReLU-Pool-Conv(6,16,5)-BN-ReLU-Pool-Linear(400,10)
+    deep_mlp(depth, norm)    the depth and batch-size sweeps: `depth` hidden Linear(-BN)-ReLU blocks
+
+`norm` names a row of NORMS: "none", "bn", or "bn-seed002" (seed 002's own running-statistics rule,
+for comparison). The sweeps compare whatever names they are given,
+so a new variant (GhostBatchNorm, BatchRenorm, ...) joins them by adding one row here.
+
+BN layers draw no random numbers at construction (weight=1, bias=0), so with the same seed the
+Linear and Conv layers of the BN and the no-BN net start from identical weights: the comparison
+differs only by BN.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+import batchnorm
+from batchnorm import functional as F
+
+__all__ = ["NORMS", "FunctionalBatchNorm", "Seed002BatchNorm", "circles_net", "mnist_mlp", "mnist_cnn", "deep_mlp", "check_norm"]
+
+
+class FunctionalBatchNorm(nn.Module):
+    """Seed 002's hand-written BN: gamma/beta as Parameters, running stats as buffers, one call.
+
+    The tutorial's `batch_norm_1d` uses the opposite momentum convention (0.1 weighs the *old*
+    value), stores the biased variance and starts `moving_var` at zero. This follows PyTorch
+    instead (see batchnorm.functional: momentum weighs the new batch, running_var is unbiased and
+    starts at one) and initializes gamma=1, beta=0 where the tutorial draws them from randn.
+    (N, C) -> (N, C).
+    """
+
+    def __init__(self, num_features: int, momentum: float = 0.1, eps: float = 1e-5):
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
+        self.gamma = nn.Parameter(torch.ones(num_features))
+        self.beta = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.batch_norm(
+            x, self.running_mean, self.running_var, self.gamma, self.beta,
+            training=self.training, momentum=self.momentum, eps=self.eps, layer=self,
+        )
+
+    def extra_repr(self) -> str:
+        return f"{self.gamma.numel()}, momentum={self.momentum}, eps={self.eps}"
+
+
+class Seed002BatchNorm(nn.Module):
+    """BN with seed 002's running-statistics rule, kept only to show the difference. NOT the library's.
+
+    Seed 002's `batch_norm_1d` updates its moving averages with the opposite momentum convention,
+        moving = momentum * moving + (1 - momentum) * batch      (momentum=0.1: the batch weighs 0.9)
+    stores the *biased* batch variance, and starts both moving averages at zero. Training-time
+    normalization is the same as everywhere (batch mean, biased variance); only the statistics used
+    in eval mode differ. (N, C) -> (N, C).
+    """
+
+    def __init__(self, num_features: int, momentum: float = 0.1, eps: float = 1e-5):
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
+        self.gamma = nn.Parameter(torch.ones(num_features))
+        self.beta = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.zeros(num_features))  # seed 002 starts at 0, torch at 1
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.gamma, self.beta,
+                                training=False, eps=self.eps)
+        with torch.no_grad():
+            mean, var = F.batch_stats(x)  # (N, C) -> (C,), (C,); var is biased, as seed 002 keeps it
+            self.running_mean.mul_(self.momentum).add_((1 - self.momentum) * mean.to(self.running_mean.dtype))
+            self.running_var.mul_(self.momentum).add_((1 - self.momentum) * var.to(self.running_var.dtype))
+        return F.batch_norm(x, None, None, self.gamma, self.beta, training=True, eps=self.eps)
+
+
+# name -> (features -> layer) for fully connected nets. "none" is an identity, so the no-BN net is
+# the same Sequential with the BN rows removed from the parameter list.
+NORMS: dict[str, Callable[[int], nn.Module]] = {
+    "none": lambda features: nn.Identity(),
+    "bn": lambda features: batchnorm.BatchNorm1d(features),
+    "bn-seed002": Seed002BatchNorm,  # seed 002's running-statistics rule, for comparison only
+}
+
+# how the plots and tables name a variant
+LABELS = {"none": "NoBN", "bn": "BN", "bn-seed002": "BN, seed 002's running-stats rule"}
+
+
+def label(norm: str) -> str:
+    return LABELS.get(norm, norm)
+
+
+def check_norm(norm: str) -> None:
+    if norm not in NORMS:
+        raise ValueError(f"unknown normalization variant {norm!r}: choose from {', '.join(NORMS)}")
+
+
+def circles_net(norm: str = "bn") -> nn.Module:
+    """Seed 000's NetWithBN / NetWithoutBN: (N, 2) -> (N, 2) logits."""
+    check_norm(norm)
+    return nn.Sequential(
+        nn.Linear(2, 64), NORMS[norm](64), nn.ReLU(),
+        nn.Linear(64, 32), NORMS[norm](32), nn.ReLU(),
+        nn.Linear(32, 2),
+    )
+
+
+def mnist_mlp(norm: str = "bn") -> nn.Module:
+    """Seed 002's multi_network: (N, 1, 28, 28) -> (N, 10); BN is FunctionalBatchNorm(100)."""
+    if norm not in ("bn", "none"):
+        raise ValueError(f"the mlp experiment compares 'bn' (hand-written functional BN) and 'none', got {norm!r}")
+    return nn.Sequential(
+        nn.Flatten(),  # (N, 1, 28, 28) -> (N, 784)
+        nn.Linear(784, 100),
+        FunctionalBatchNorm(100) if norm == "bn" else nn.Identity(),
+        nn.ReLU(),
+        nn.Linear(100, 10),
+    )
+
+
+def mnist_cnn(norm: str = "bn") -> nn.Module:
+    """Seed 002's conv_bn_net / conv_no_bn_net: (N, 1, 28, 28) -> (N, 10)."""
+    if norm not in ("bn", "none"):
+        raise ValueError(f"the cnn experiment compares 'bn' and 'none', got {norm!r}")
+    bn = (lambda c: batchnorm.BatchNorm2d(c)) if norm == "bn" else (lambda c: nn.Identity())
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 3, padding=1), bn(6), nn.ReLU(), nn.MaxPool2d(2, 2),  # -> (N, 6, 14, 14)
+        nn.Conv2d(6, 16, 5), bn(16), nn.ReLU(), nn.MaxPool2d(2, 2),  # -> (N, 16, 5, 5)
+        nn.Flatten(),  # (N, 16, 5, 5) -> (N, 400)
+        nn.Linear(400, 10),
+    )
+
+
+def deep_mlp(depth: int, norm: str = "bn", width: int = 100, inputs: int = 784, classes: int = 10) -> nn.Module:
+    """`depth` hidden blocks Linear(width)-norm-ReLU, then Linear(classes): (N, *) -> (N, classes).
+
+    With depth=1 and norm="bn" this is seed 002's MLP with the module BN instead of the functional one.
+    """
+    check_norm(norm)
+    if depth < 1:
+        raise ValueError(f"depth must be at least 1 hidden layer (got {depth})")
+    layers: list[nn.Module] = [nn.Flatten()]
+    features = inputs
+    for _ in range(depth):
+        layers += [nn.Linear(features, width), NORMS[norm](width), nn.ReLU()]
+        features = width
+    layers.append(nn.Linear(features, classes))
+    return nn.Sequential(*layers)

@@ -1,0 +1,264 @@
+"""Run an experiment into an output folder: validate, train every cell, write the results.
+
+    start(name, overrides, out, resume=False, overwrite=False) -> summary dict
+
+The folder, when done:
+    config.json        the RunConfig (what --resume checks against)
+    metrics.csv        one row per (variant, setting, seed, epoch)
+    summary.json       config, environment, per-group numbers, the claims' verdicts
+    *.png              the figures
+    report.html        everything above on one self-contained page
+    cells/<key>.json   each finished cell's history (what --resume keeps)
+while running, also checkpoints/<key>.pt: the cell in progress, saved after every epoch.
+
+Everything that can be wrong with the input (unknown experiment, bad flags, missing or corrupt
+data) is found before the folder is touched, so a bad command leaves nothing half-written and an
+existing run intact. Every file is written atomically (lab/io.py).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from . import io
+from .config import RunConfig
+from .data import load
+from .experiments import get
+from .experiments.base import Cell, CellResult, groups
+from .models import label
+from .train import COLUMNS, History, train
+
+__all__ = ["start", "RunError", "METRIC_COLUMNS"]
+
+METRIC_COLUMNS = ["variant", "setting", "seed", *COLUMNS]
+_OURS = ("config.json", "summary.json", "metrics.csv", "report.html", "cells", "checkpoints")
+
+
+class RunError(ValueError):
+    """The output folder cannot be used as asked (exists, nothing to resume, config differs)."""
+
+
+def _finite(obj: Any) -> Any:
+    """NaN/Inf -> None, recursively: strict JSON has no NaN."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _nan(obj: Any) -> Any:
+    """None -> NaN in history rows read back from JSON."""
+    return {k: (math.nan if v is None else v) for k, v in obj.items()}
+
+
+def environment() -> dict[str, Any]:
+    import numpy
+
+    import batchnorm
+
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "batchnorm": batchnorm.__version__,
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "started_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def resolve(name: str, overrides: dict[str, Any], out: Path, resume: bool) -> RunConfig:
+    """The RunConfig to run: the experiment's defaults with `overrides`, or, to resume, the saved one."""
+    experiment = get(name)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if resume:
+        saved_path = out / "config.json"
+        if not saved_path.is_file():
+            raise RunError(f"nothing to resume in {out}: it holds no config.json (start the run without --resume)")
+        saved = RunConfig.from_dict(io.read_json(saved_path))
+        if saved.experiment != name:
+            raise RunError(f"{out} holds a {saved.experiment!r} run, not {name!r}")
+        # log_every only changes what is printed, so it may differ; everything else decides numbers.
+        differ = {k: (getattr(saved, k), v) for k, v in overrides.items() if getattr(saved, k) != v and k != "log_every"}
+        if differ:
+            listed = ", ".join(f"{k}: saved {a!r}, asked {b!r}" for k, (a, b) in differ.items())
+            raise RunError(f"cannot resume {out} with different settings ({listed}); drop those flags or use another --out")
+        config = saved
+        config.log_every = overrides.get("log_every", saved.log_every)
+    else:
+        config = RunConfig(experiment=name, **{**experiment.defaults, **overrides})
+    config.check()
+    if experiment.setting_name is None:
+        for flag in ("grid", "variants"):
+            if overrides.get(flag):
+                raise ValueError(f"--{flag} is for the sweeps; {name} compares BN with no BN and sweeps nothing")
+    if config.data not in experiment.data_choices:
+        raise ValueError(f"{name} runs on --data {' or '.join(experiment.data_choices)} (got {config.data!r})")
+    return config
+
+
+def _prepare(out: Path, resume: bool, overwrite: bool) -> None:
+    """Check the folder can take this run; with `overwrite`, delete the previous run's files."""
+    holds_run = (out / "config.json").is_file()
+    if resume:
+        return
+    if holds_run and not overwrite:
+        raise RunError(f"{out} already holds a run: pass --resume to continue it, --overwrite to replace it, or another --out")
+    if out.exists() and not holds_run and any(out.iterdir()):
+        raise RunError(f"{out} exists and is not a lab run folder; choose an empty or new --out")
+
+
+def _clear(out: Path) -> None:
+    for name in _OURS:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    for png in out.glob("*.png"):
+        png.unlink()
+
+
+def _cell_record(cell: Cell, history: History, extras: dict) -> dict:
+    return _finite({
+        "key": cell.key, "variant": cell.variant, "setting": cell.setting, "seed": cell.seed,
+        "settings": vars(cell.settings), "diverged": history.diverged, "rows": history.rows, "extras": extras,
+    })
+
+
+def _metrics_rows(results: list[CellResult]) -> list[dict]:
+    return [
+        {"variant": r.cell.variant, "setting": "" if r.cell.setting is None else f"{r.cell.setting:g}", "seed": r.cell.seed,
+         **{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}}
+        for r in results for row in r.history.rows
+    ]
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    quiet = not (sys.stdout.isatty() and sys.stderr.isatty())
+    return tqdm(total=total, desc=desc, unit="epoch", disable=quiet, leave=False, dynamic_ncols=True)
+
+
+def start(
+    name: str,
+    overrides: dict[str, Any],
+    out: str | os.PathLike,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+    on_epoch: Callable[[Cell, dict], None] | None = None,
+) -> dict[str, Any]:
+    """Run experiment `name` into `out`; returns the summary that summary.json holds."""
+    out = Path(out)
+    experiment = get(name)
+    config = resolve(name, overrides, out, resume)
+    _prepare(out, resume, overwrite)
+    data = load(config.data, config.data_dir, config.limit)
+    cells = experiment.cells(config, data)
+    # Input is valid: from here on the folder is ours.
+    if overwrite and not resume:
+        _clear(out)
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    (out / "checkpoints").mkdir(exist_ok=True)
+    io.write_json(out / "config.json", _finite(config.numbers()))
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        return _train_all(experiment, config, data, cells, out, log, on_epoch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_all(experiment, config, data, cells, out: Path, log, on_epoch) -> dict[str, Any]:
+    results: list[CellResult] = []
+    train_seconds = 0.0
+    todo = [c for c in cells if not (out / "cells" / f"{c.key}.json").is_file()]
+    bar = _progress(sum(c.settings.epochs for c in todo), desc=experiment.name)
+    say = bar.write if not bar.disable else log
+    try:
+        for cell in cells:
+            record_path = out / "cells" / f"{cell.key}.json"
+            if record_path.is_file():  # finished before an interruption: keep it
+                record = io.read_json(record_path)
+                history = History([_nan(r) for r in record["rows"]], record["diverged"])
+                results.append(CellResult(cell, history, record["extras"]))
+                train_seconds += record.get("seconds", 0.0)
+                continue
+            checkpoint = out / "checkpoints" / f"{cell.key}.pt"
+            cell_began = time.perf_counter()
+            model, history = train(
+                cell.make_model, data, cell.settings, seed=cell.seed, checkpoint=checkpoint,
+                on_epoch=lambda row, cell=cell: _after_epoch(cell, row, config, experiment, bar, say, on_epoch),
+            )
+            extras = experiment.after_cell(cell, model, data, config) if experiment.after_cell else {}
+            record = _cell_record(cell, history, extras)
+            record["seconds"] = round(time.perf_counter() - cell_began, 3)  # this session's share, if resumed
+            io.write_json(record_path, record)
+            checkpoint.unlink(missing_ok=True)
+            results.append(CellResult(cell, history, extras))
+            train_seconds += record["seconds"]
+            io.write_csv(out / "metrics.csv", _metrics_rows(results), METRIC_COLUMNS)
+    finally:
+        bar.close()
+
+    io.write_csv(out / "metrics.csv", _metrics_rows(results), METRIC_COLUMNS)
+    summary = _summarize(experiment, config, data, results, out, train_seconds)
+    if not any((out / "checkpoints").iterdir()):  # every cell finished: no checkpoint is needed
+        (out / "checkpoints").rmdir()
+    return summary
+
+
+def _after_epoch(cell, row, config, experiment, bar, say, on_epoch) -> None:
+    bar.update(1)
+    bar.set_postfix_str(f"{cell.key} loss {row['train_loss']:.3f} acc {row['test_accuracy']:.3f}", refresh=False)
+    last = row["epoch"] == cell.settings.epochs - 1 or math.isnan(row["train_loss"])
+    tag = label(cell.variant) + ("" if cell.seed == 0 else f"(seed {cell.seed})")
+    if cell.setting is not None:
+        tag = f"{label(cell.variant)} {experiment.setting_name}={cell.setting:g} seed {cell.seed}"
+    every = config.log_every
+    if (every and row["epoch"] % every == 0) or last:
+        note = " diverged" if math.isnan(row["train_loss"]) else ""
+        say(f"{tag}|Epoch:{row['epoch']},loss:{row['train_loss']:.4f},acc:{row['test_accuracy']:.4f}{note}")
+    if on_epoch is not None:
+        on_epoch(cell, row)
+
+
+def _summarize(experiment, config: RunConfig, data, results: list[CellResult], out: Path, seconds: float) -> dict:
+    from . import report
+
+    claims = experiment.claims(config, results)
+    figures = experiment.figures(out, config, data, results)
+    summary = _finite({
+        "experiment": experiment.name,
+        "title": experiment.title,
+        "description": experiment.description,
+        "data": data.description,
+        "config": config.numbers(),
+        "environment": environment(),
+        "target_accuracy": config.target,
+        "setting_name": experiment.setting_name,  # what the number after "@" in a variant's name is
+        "variants": {g.name: g.summary(config.target) for g in groups(results)},
+        "claims": [c.as_dict() for c in claims],
+        "figures": [{"file": f, "caption": c} for f, c in figures],
+        "train_seconds": round(seconds, 2),  # summed over cells, across resumed sessions
+    })
+    io.write_json(out / "summary.json", summary)
+    io.write_text(out / "report.html", report.render(summary, out))
+    return summary
