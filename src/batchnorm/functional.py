@@ -30,7 +30,7 @@ __all__ = ["batch_stats", "normalize", "update_running_stats", "batch_norm", "ch
 def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel batch mean and biased variance: (N, C, *) -> (C,), (C,).
 
-    Accumulated in float64 (half inputs reduce in float32 or wider); not differentiable through
+    Accumulated and returned in float64 (float32 for half inputs); not differentiable through
     the fast kernels, so use it for statistics, and `batch_norm` for training.
     """
     return implementation(x).batch_stats(x)
@@ -87,10 +87,15 @@ def check_input(
     for name, v in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
         if v is None:
             continue
-        if v.dim() != 1 or v.numel() != channels:
+        if v.numel() != channels:
             raise RuntimeError(
                 f"{name} should contain {channels} elements not {v.numel()} "
                 f"(input of shape {shape_of(x)} has {channels} channels on dim 1; {name} has shape {shape_of(v)})"
+            )
+        if v.dim() != 1:  # torch flattens it silently; a (C, 1) weight is more likely a mix-up
+            raise RuntimeError(
+                f"{name} should be a vector of shape ({channels},) for the {channels} channels of input of "
+                f"shape {shape_of(x)} (got {name} of shape {shape_of(v)})"
             )
 
 
@@ -133,7 +138,8 @@ def batch_norm(
     count = x.numel() // x.shape[1] if x.shape[1] else 0
     if count > 0 and (running_mean is not None or running_var is not None):
         skipped = update_running_stats(running_mean, running_var, mean, var, count, momentum)
-        if bool(skipped.any()):
+        # Meta tensors (shape inference) have no values to inspect, and torch runs them fine.
+        if skipped.device.type != "meta" and bool(skipped.any()):
             channels = skipped.nonzero().flatten().tolist()
             who = repr(layer) if layer is not None else "batch_norm"
             warnings.warn(
