@@ -91,7 +91,11 @@ class BatchNormEval(torch.autograd.Function):
     def backward(ctx, dy: Tensor):
         x, weight, bias, mean, invstd = ctx.saved_tensors
         impl = reference if torch.is_grad_enabled() else kernels.implementation(x)
-        dx = impl.normalize(dy, None, invstd, weight, None) if ctx.needs_input_grad[0] else None
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = impl.normalize(dy, None, invstd, weight, None)
+            # normalize lays dx out like dy; torch lays the input's gradient out like the input
+            dx = dx.contiguous(memory_format=reference.output_memory_format(x))
         dweight = dbias = None
         if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
             sum_dy, sum_dy_xhat = impl.backward_reduce(dy, x, mean, invstd)  # (N, C, *) -> (C,), (C,)

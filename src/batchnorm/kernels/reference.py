@@ -79,13 +79,29 @@ def channel_view(v: Tensor, x: Tensor) -> Tensor:
     return v.view(1, -1, *([1] * (x.dim() - 2)))
 
 
+def _strides_like_channels_last(x: Tensor) -> bool:
+    """Whether x's strides order its dims as N, spatial..., C innermost (dense or not): torch's
+    `suggest_memory_format` rule (c10 `is_channels_last_strides_2d/3d`), ambiguous cases included."""
+    order = [1, 3, 2, 0] if x.dim() == 4 else [1, 4, 3, 2, 0]  # innermost dim first
+    sizes, strides = x.shape, x.stride()
+    if strides[1] == 0:
+        return False
+    smallest = 0
+    for d in order:
+        if sizes[d] == 0 or strides[d] < smallest:
+            return False
+        if d == 0 and smallest == strides[1]:  # N111-like tensors: ambiguous, torch says contiguous
+            return False
+        smallest = strides[d] * (sizes[d] if sizes[d] > 1 else 1)
+    return True
+
+
 def output_memory_format(x: Tensor) -> torch.memory_format:
-    """The layout torch's batch norm gives its output: channels_last stays channels_last, anything
-    else (including non-contiguous views) comes out contiguous."""
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
-        return torch.channels_last_3d
+    """The layout torch's batch norm gives its output (and the input's gradient): the input's
+    suggested memory format. Strides ordered channels-last (even in a strided view) give
+    channels_last / channels_last_3d, anything else comes out contiguous."""
+    if x.dim() in (4, 5) and _strides_like_channels_last(x):
+        return torch.channels_last if x.dim() == 4 else torch.channels_last_3d
     return torch.contiguous_format
 
 
