@@ -1,0 +1,177 @@
+"""Errors as torch raises them, with the shape added.
+
+The oracle, per case: torch raises too, ours raises the same exception type, ours starts with
+torch's exact message (torch's words first, so a user searching for torch's message finds ours),
+and ours names the input's shape. And a rejected input changes no state: running statistics and
+num_batches_tracked are exactly as before (torch's own forward counts the batch before checking).
+"""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import batchnorm
+import batchnorm.functional as F
+from conftest import OUR_BN, TORCH_BN, make_pair, randn
+
+
+def shape_text(shape) -> str:
+    return "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
+
+
+def raised(fn):
+    with pytest.raises(Exception) as info:
+        fn()
+    return info.value
+
+
+def assert_like_torch(ours_exc: BaseException, torch_exc: BaseException, shape) -> None:
+    assert type(ours_exc) is type(torch_exc), (ours_exc, torch_exc)
+    assert str(ours_exc).startswith(str(torch_exc)), (str(ours_exc), str(torch_exc))
+    assert shape_text(shape) in str(ours_exc) or str(torch.Size(shape)) in str(ours_exc), str(ours_exc)
+
+
+def assert_state_unchanged(module, before: dict) -> None:
+    for key, value in module.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+MODULE_CASES = [
+    # (kind, constructor kwargs, input shape)
+    pytest.param("1d", {}, (2, 3, 4, 5), id="1d_given_4D"),
+    pytest.param("1d", {}, (3,), id="1d_given_1D"),
+    pytest.param("2d", {}, (8, 3, 5), id="2d_given_3D"),
+    pytest.param("2d", {}, (2, 3, 4, 4, 4), id="2d_given_5D"),
+    pytest.param("3d", {}, (8, 3, 5, 5), id="3d_given_4D"),
+    pytest.param("3d", {}, (3,), id="3d_given_1D"),
+    pytest.param("1d", {}, (1, 3), id="one_value_per_channel_NC"),
+    pytest.param("1d", {}, (1, 3, 1), id="one_value_per_channel_NCL"),
+    pytest.param("2d", {}, (1, 3, 1, 1), id="one_value_per_channel_2d"),
+    pytest.param("3d", {}, (1, 3, 1, 1, 1), id="one_value_per_channel_3d"),
+    pytest.param("2d", dict(track_running_stats=False), (1, 3, 1, 1), id="one_value_not_tracking"),
+    pytest.param("2d", {}, (2, 4, 3, 3), id="channels_with_running_stats"),
+    pytest.param("2d", dict(affine=False), (2, 4, 3, 3), id="channels_running_stats_only"),
+    pytest.param("2d", dict(track_running_stats=False), (2, 4, 3, 3), id="channels_affine_only"),
+    pytest.param("1d", dict(bias=False, track_running_stats=False), (5, 2), id="channels_weight_only"),
+]
+
+
+@pytest.mark.parametrize("kind, kwargs, shape", MODULE_CASES)
+def test_module_errors_match_torch(kind, kwargs, shape):
+    ours, ref = make_pair(kind, 3, **kwargs)
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    x = torch.randn(shape)
+    assert_like_torch(raised(lambda: ours(x)), raised(lambda: ref(x)), shape)
+    assert_state_unchanged(ours, before)
+
+
+@pytest.mark.parametrize("kind, kwargs, shape", [c for c in MODULE_CASES if "one_value" not in c.id])
+def test_module_errors_match_torch_in_eval(kind, kwargs, shape):
+    ours, ref = make_pair(kind, 3, **kwargs)
+    ours.eval(), ref.eval()
+    x = torch.randn(shape)
+    assert_like_torch(raised(lambda: ours(x)), raised(lambda: ref(x)), shape)
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (1, 3, 1, 1)], ids=["NC", "NC11"])
+def test_one_value_per_channel_is_fine_in_eval_as_in_torch(shape):
+    ours, ref = make_pair(OUR_KIND := ("1d" if len(shape) == 2 else "2d"))
+    ours.eval(), ref.eval()
+    x = randn(shape)
+    torch.testing.assert_close(ours(x), ref(x))
+
+
+def test_rank_message_names_the_layout():
+    with pytest.raises(ValueError, match=re.escape("BatchNorm2d takes (N, C, H, W), got input of shape (8, 3, 5)")):
+        batchnorm.BatchNorm2d(3)(torch.randn(8, 3, 5))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_wrong_channels_without_parameters_or_stats_is_refused(training):
+    """With neither affine parameters nor running statistics torch normalizes any channel count
+    silently (num_features is then never checked); ours refuses: a mismatch is a wiring bug."""
+    ref = TORCH_BN["2d"](4, affine=False, track_running_stats=False).train(training)
+    ours = OUR_BN["2d"](4, affine=False, track_running_stats=False).train(training)
+    x = torch.randn(2, 3, 3, 3)
+    ref(x)  # torch accepts it: that is the behaviour we deliberately do not copy
+    with pytest.raises(RuntimeError, match=re.escape("expected input with 4 channels on dim 1 (got 3 channels, input of shape (2, 3, 3, 3))")):
+        ours(x)
+    torch.testing.assert_close(ours(torch.randn(2, 4, 3, 3)).shape, torch.Size([2, 4, 3, 3]))
+
+
+C = 3
+FUNCTIONAL_CASES = [
+    # (x shape, running_mean, running_var, weight, bias, training)
+    pytest.param((4, C), torch.zeros(4), torch.ones(C), None, None, True, id="running_mean_size_train"),
+    pytest.param((4, C), torch.zeros(4), torch.ones(C), None, None, False, id="running_mean_size_eval"),
+    pytest.param((4, C), torch.zeros(C), torch.ones(2), None, None, True, id="running_var_size_train"),
+    pytest.param((4, C, 2), torch.zeros(C), torch.ones(5), None, None, False, id="running_var_size_eval"),
+    pytest.param((4, C), torch.zeros(C), torch.ones(C), torch.ones(4), None, True, id="weight_size"),
+    pytest.param((4, C, 2, 2), None, None, torch.ones(2), None, True, id="weight_size_no_stats"),
+    pytest.param((4, C, 2, 2), torch.zeros(C), torch.ones(C), torch.ones(4), None, False, id="weight_size_eval"),
+    pytest.param((4, C), torch.zeros(C), torch.ones(C), torch.ones(C), torch.ones(2), True, id="bias_size"),
+    pytest.param((4, C, 2, 2, 2), None, None, None, torch.ones(4), True, id="bias_size_5D"),
+    pytest.param((4, C), torch.zeros(2, 2), torch.ones(C), None, None, True, id="running_mean_2D_wrong_numel"),
+    pytest.param((4, C), None, None, None, None, False, id="eval_without_running_stats"),
+    pytest.param((4, C), torch.zeros(C), None, None, None, False, id="eval_without_running_var"),
+    pytest.param((1, C), None, None, None, None, True, id="one_value_per_channel"),
+    pytest.param((1, C, 1, 1), torch.zeros(C), torch.ones(C), None, None, True, id="one_value_per_channel_stats"),
+]
+
+
+@pytest.mark.parametrize("shape, running_mean, running_var, weight, bias, training", FUNCTIONAL_CASES)
+def test_functional_errors_match_torch(shape, running_mean, running_var, weight, bias, training):
+    x = torch.randn(shape)
+    stats = [v.clone() if v is not None else None for v in (running_mean, running_var)]
+    ours = raised(lambda: F.batch_norm(x, *stats, weight, bias, training=training))
+    ref = raised(lambda: TF.batch_norm(x, running_mean, running_var, weight, bias, training=training))
+    assert type(ours) is type(ref)
+    assert str(ours).startswith(str(ref)), (str(ours), str(ref))
+    if "must be defined" not in str(ref):  # that one is about an argument, not the input
+        assert shape_text(shape) in str(ours) or str(torch.Size(shape)) in str(ours), str(ours)
+    for before, after in zip((running_mean, running_var), stats):
+        assert before is None or torch.equal(before, after)
+
+
+@pytest.mark.parametrize("shape", [(3,), ()], ids=["1D", "0D"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_functional_rank_below_2_is_a_clear_error(shape, training):
+    """torch fails here by accident (IndexError or RuntimeError about '0 elements', depending on
+    the arguments); there is no torch message to match, so ours is one clear RuntimeError."""
+    x = torch.randn(shape)
+    stats = (torch.zeros(3), torch.ones(3))
+    with pytest.raises(Exception):
+        TF.batch_norm(x, *stats, training=training)
+    with pytest.raises(RuntimeError, match=re.escape(f"at least 2D (N, C, *) with channels on dim 1 (got {len(shape)}D input of shape {shape_text(shape)})")):
+        F.batch_norm(x, *stats, training=training)
+
+
+@pytest.mark.parametrize("name", ["running_mean", "running_var", "weight", "bias"])
+def test_functional_vector_of_the_right_size_but_wrong_shape_is_refused(name):
+    """A (C, 1) vector: torch flattens weight/bias silently and fails on running stats with an
+    internal 'TensorAccessor expected 1 dims'; ours names the argument and the shapes."""
+    args = dict(running_mean=torch.zeros(3), running_var=torch.ones(3), weight=torch.ones(3), bias=torch.zeros(3))
+    args[name] = args[name].view(3, 1)
+    expected = f"{name} should be a vector of shape (3,) for the 3 channels of input of shape (4, 3) (got {name} of shape (3, 1))"
+    with pytest.raises(RuntimeError, match=re.escape(expected)):
+        F.batch_norm(torch.randn(4, 3), **args, training=True)
+
+
+def test_functional_training_has_no_default():
+    with pytest.raises(TypeError):
+        F.batch_norm(torch.randn(4, 3), None, None)
+
+
+def test_rejected_input_changes_no_running_statistics_where_torch_counts_it():
+    """torch increments num_batches_tracked before its input checks; ours only after success."""
+    ours, ref = make_pair("2d", 3)
+    x = torch.randn(2, 4, 3, 3)
+    with pytest.raises(RuntimeError):
+        ref(x)
+    with pytest.raises(RuntimeError):
+        ours(x)
+    assert ref.num_batches_tracked.item() == 4  # torch counted the rejected batch
+    assert ours.num_batches_tracked.item() == 3
