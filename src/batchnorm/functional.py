@@ -15,6 +15,8 @@ Conventions (stated once, here; see docs/conventions.md):
 """
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 
 import torch
@@ -60,12 +62,13 @@ def update_running_stats(
     """
     with torch.no_grad():
         finite = torch.isfinite(mean) & torch.isfinite(var)  # (C,)
-        unbiased = var * (count / (count - 1)) if count > 1 else var
+        unbiased = var.double() * count / (count - 1) if count > 1 else var.double()
         for running, batch in ((running_mean, mean), (running_var, unbiased)):
             if running is None:
                 continue
-            updated = running * (1.0 - momentum) + batch.to(running.dtype) * momentum
-            running.copy_(torch.where(finite, updated, running))
+            # in float64, rounded once into the buffer, as torch's CPU update does: same bits as torch
+            updated = running.double() * (1.0 - momentum) + batch.double() * momentum
+            running.copy_(torch.where(finite, updated.to(running.dtype), running))
     return ~finite
 
 
@@ -103,6 +106,18 @@ def check_batch_size(x: Tensor) -> None:
     """Training needs at least 2 values per channel to estimate a variance (torch's rule)."""
     if x.numel() // max(x.shape[1], 1) == 1 and x.numel() > 0:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
+
+
+_INTERNAL_FILES = (os.path.dirname(os.path.abspath(__file__)), torch.nn.modules.module.__file__)
+
+
+def _caller_outside_batchnorm() -> int:
+    """The warnings stacklevel of the first frame outside this package and torch's Module.__call__,
+    so that a warning points at the user's line that ran the layer, not at library internals."""
+    frame, level = sys._getframe(1), 1  # level 1 is the function calling warnings.warn
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_INTERNAL_FILES):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def batch_norm(
@@ -146,7 +161,7 @@ def batch_norm(
                 f"{who}: the batch statistics of channels {channels} are not finite (NaN or Inf in "
                 f"the input); their running_mean/running_var were kept, the other channels updated",
                 RuntimeWarning,
-                stacklevel=3 if layer is not None else 2,
+                stacklevel=_caller_outside_batchnorm(),
             )
     return y
 
