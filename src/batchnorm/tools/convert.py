@@ -46,8 +46,11 @@ def convert(model: nn.Module, to: str = "batchnorm") -> nn.Module:
     mapping = TARGETS[to]
     if type(model) in mapping:
         return swap_class(model, mapping[type(model)])
-    for parent in model.modules():
+    swapped: dict[int, nn.Module] = {}  # a layer registered in two places stays one layer
+    for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) in mapping:
-                setattr(parent, name, swap_class(child, mapping[type(child)]))
+                if id(child) not in swapped:
+                    swapped[id(child)] = swap_class(child, mapping[type(child)])
+                setattr(parent, name, swapped[id(child)])
     return model
