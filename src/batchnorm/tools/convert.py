@@ -48,7 +48,7 @@ def convert(model: nn.Module, to: str = "batchnorm") -> nn.Module:
         return swap_class(model, mapping[type(model)])
     swapped: dict[int, nn.Module] = {}  # a layer registered in two places stays one layer
     for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
+        for name, child in list(parent._modules.items()):  # named_children() skips repeats
             if type(child) in mapping:
                 if id(child) not in swapped:
                     swapped[id(child)] = swap_class(child, mapping[type(child)])
