@@ -141,14 +141,26 @@ def batch_norm(
 
     `layer` only names the caller in the warning about non-finite statistics (modules pass self).
     """
-    check_input(x, running_mean, running_var, weight, bias)
+    # The checks run in torch's order, so that a call with several mistakes gets torch's error.
+    check_input(x)  # the rank first: every other check reads x.shape[1]
+    if training:
+        check_batch_size(x)
+    if training and not eps > 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if not eps >= 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     if not training:
+        # torch: each running statistic must be given and fit, in turn; then weight and bias
         for name, v in (("running_mean", running_mean), ("running_var", running_var)):
             if v is None:
                 raise RuntimeError(f"{name} must be defined in evaluation mode")
+            check_input(x, **{name: v})
+        check_input(x, running_mean, running_var, weight, bias)
         return BatchNormEval.apply(x, running_mean, running_var, weight, bias, eps)
 
-    check_batch_size(x)
+    check_input(x, running_mean, running_var, weight, bias)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
     y, mean, var = BatchNormTrain.apply(x, weight, bias, eps)
     count = x.numel() // x.shape[1] if x.shape[1] else 0
     if count > 0 and (running_mean is not None or running_var is not None):

@@ -7,6 +7,7 @@ num_batches_tracked are exactly as before (torch's own forward counts the batch 
 """
 from __future__ import annotations
 
+import itertools
 import re
 
 import pytest
@@ -175,3 +176,72 @@ def test_rejected_input_changes_no_running_statistics_where_torch_counts_it():
         ours(x)
     assert ref.num_batches_tracked.item() == 4  # torch counted the rejected batch
     assert ours.num_batches_tracked.item() == 3
+
+
+ARGUMENT_CHOICES = {"none": None, "ok": torch.ones(3), "bad": torch.ones(2)}
+
+
+def argument_combinations():
+    for training in (True, False):
+        for combo in itertools.product(ARGUMENT_CHOICES, repeat=4):
+            yield pytest.param(training, combo, id=("train_" if training else "eval_") + "_".join(combo))
+
+
+@pytest.mark.parametrize("training, combo", list(argument_combinations()))
+def test_every_combination_of_missing_and_wrong_vectors_errs_as_torch(training, combo):
+    """All 2 x 3**4 ways to pass running_mean, running_var, weight, bias absent, right or of the
+    wrong size: ours raises exactly when torch does, the same type, starting with torch's message
+    (so the checks also run in torch's order)."""
+    x = torch.randn(4, 3)
+    args = [ARGUMENT_CHOICES[c].clone() if ARGUMENT_CHOICES[c] is not None else None for c in combo]
+    try:
+        TF.batch_norm(x, *[a.clone() if a is not None else None for a in args], training=training)
+        torch_exc = None
+    except Exception as exc:  # noqa: BLE001 - whatever torch raises is the oracle
+        torch_exc = exc
+    if torch_exc is None:
+        F.batch_norm(x, *args, training=training)
+        return
+    ours = raised(lambda: F.batch_norm(x, *args, training=training))
+    assert type(ours) is type(torch_exc)
+    assert str(ours).startswith(str(torch_exc)), (str(ours), str(torch_exc))
+
+
+@pytest.mark.parametrize(
+    "eps, training",
+    [
+        pytest.param(0.0, True, id="zero_in_training"),
+        pytest.param(-1e-5, True, id="negative_in_training"),
+        pytest.param(-1e-5, False, id="negative_in_eval"),
+    ],
+)
+def test_eps_errors_match_torch(eps, training):
+    x = torch.randn(4, 3)
+    stats = lambda: (torch.zeros(3), torch.ones(3))  # noqa: E731
+    ref = raised(lambda: TF.batch_norm(x, *stats(), training=training, eps=eps))
+    ours = raised(lambda: F.batch_norm(x, *stats(), training=training, eps=eps))
+    assert type(ours) is type(ref) and str(ours).startswith(str(ref))
+    module = batchnorm.BatchNorm1d(3, eps=eps).train(training)
+    assert type(raised(lambda: module(x))) is type(ref)
+
+
+def test_nan_eps_is_refused_where_torch_returns_nan():
+    """torch checks eps <= 0, which NaN passes, and then outputs NaN everywhere; ours refuses."""
+    x = torch.randn(4, 3)
+    assert TF.batch_norm(x, None, None, training=True, eps=float("nan")).isnan().all()
+    with pytest.raises(ValueError, match="batch_norm eps must be positive during training, but got nan"):
+        F.batch_norm(x, None, None, training=True, eps=float("nan"))
+
+
+def test_eps_zero_in_eval_is_allowed_as_in_torch():
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(
+        F.batch_norm(x, torch.zeros(3), torch.ones(3), training=False, eps=0.0),
+        TF.batch_norm(x, torch.zeros(3), torch.ones(3), training=False, eps=0.0),
+    )
+
+
+def test_one_value_per_channel_is_reported_before_a_wrong_channel_count_as_in_torch():
+    for m in (batchnorm.BatchNorm2d(4), torch.nn.BatchNorm2d(4)):
+        with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+            m(torch.randn(1, 3, 1, 1))
