@@ -26,7 +26,15 @@ from ._format import shape_of
 from .autograd import BatchNormEval, BatchNormTrain
 from .kernels import implementation
 
-__all__ = ["batch_stats", "normalize", "update_running_stats", "batch_norm", "check_input", "check_batch_size"]
+__all__ = [
+    "batch_stats",
+    "normalize",
+    "update_running_stats",
+    "batch_norm",
+    "check_input",
+    "check_batch_size",
+    "check_dtypes",
+]
 
 
 def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -102,6 +110,22 @@ def check_input(
             )
 
 
+def check_dtypes(x: Tensor, **vectors: Tensor | None) -> None:
+    """The per-channel vectors share x's dtype, or are float32 for a float16/bfloat16 x (mixed
+    precision): exactly the combinations torch's CPU batch norm accepts. A float32 model fed
+    float64 data (or the reverse) is almost always a forgotten `.double()`/`.float()`."""
+    given = {name: v for name, v in vectors.items() if v is not None}
+    if all(v.dtype == x.dtype for v in given.values()):
+        return
+    if x.dtype in (torch.float16, torch.bfloat16) and all(v.dtype == torch.float32 for v in given.values()):
+        return
+    got = ", ".join(f"{name} {v.dtype}" for name, v in given.items())
+    raise RuntimeError(
+        f"batch_norm expected {', '.join(given)} in the input's dtype {x.dtype} (or all in torch.float32 "
+        f"for a float16/bfloat16 input); got input {x.dtype} of shape {shape_of(x)}, {got}"
+    )
+
+
 def check_batch_size(x: Tensor) -> None:
     """Training needs at least 2 values per channel to estimate a variance (torch's rule)."""
     if x.numel() // max(x.shape[1], 1) == 1 and x.numel() > 0:
@@ -156,11 +180,13 @@ def batch_norm(
                 raise RuntimeError(f"{name} must be defined in evaluation mode")
             check_input(x, **{name: v})
         check_input(x, running_mean, running_var, weight, bias)
+        check_dtypes(x, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
         return BatchNormEval.apply(x, running_mean, running_var, weight, bias, eps)
 
     check_input(x, running_mean, running_var, weight, bias)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
+    check_dtypes(x, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     y, mean, var = BatchNormTrain.apply(x, weight, bias, eps)
     count = x.numel() // x.shape[1] if x.shape[1] else 0
     if count > 0 and (running_mean is not None or running_var is not None):

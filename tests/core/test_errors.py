@@ -245,3 +245,44 @@ def test_one_value_per_channel_is_reported_before_a_wrong_channel_count_as_in_to
     for m in (batchnorm.BatchNorm2d(4), torch.nn.BatchNorm2d(4)):
         with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
             m(torch.randn(1, 3, 1, 1))
+
+
+DTYPES = {"none": None, "f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32, "f64": torch.float64}
+
+
+@pytest.mark.parametrize("x_dtype", ["f16", "bf16", "f32", "f64"])
+def test_dtype_combinations_are_accepted_and_refused_as_in_torch(x_dtype):
+    """Every dtype (or absence) of running_mean, running_var, weight, bias against each input dtype,
+    train and eval: ours raises RuntimeError exactly where torch does (same dtype, or float32 vectors
+    for a half input). torch's messages here are internal dispatcher ones ('expected scalar type
+    Half but found Float', 'mixed dtype (CPU): ...') that vary with the combination, so ours is one
+    clear message naming the dtypes and the shape instead of a copy of them."""
+    x = randn((4, 3, 2)).to(DTYPES[x_dtype])
+    checked = 0
+    for combo in itertools.product(DTYPES, repeat=4):
+        for training in (True, False):
+            if (not training and "none" in combo[:2]) or (training and (combo[0] == "none") != (combo[1] == "none")):
+                continue  # the None rules are tested above; here only dtypes vary
+            args = [None if DTYPES[k] is None else torch.full((3,), fill, dtype=DTYPES[k]) for k, fill in zip(combo, (0.0, 1.0, 1.0, 0.0))]
+            try:
+                TF.batch_norm(x, *[a.clone() if a is not None else None for a in args], training=training)
+                torch_raises = False
+            except RuntimeError:
+                torch_raises = True
+            if torch_raises:
+                with pytest.raises(RuntimeError, match=r"batch_norm expected .* in the input's dtype") as info:
+                    F.batch_norm(x, *args, training=training)
+                assert str(x.dtype) in str(info.value) and "(4, 3, 2)" in str(info.value)
+            else:
+                F.batch_norm(x, *args, training=training)
+            checked += 1
+    assert checked == (16 + 1) * 25 + 16 * 25  # train: both stats (4x4 dtypes) or neither; eval: both
+
+
+@pytest.mark.parametrize("params, x", [("f64", "f32"), ("f32", "f64"), ("f16", "f32")])
+def test_module_with_parameters_of_another_dtype_errs_as_torch(params, x):
+    ours, ref = make_pair("2d", dtype=DTYPES[params])
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    inp = randn((4, 3, 2, 2)).to(DTYPES[x])
+    assert type(raised(lambda: ours(inp))) is type(raised(lambda: ref(inp))) is RuntimeError
+    assert_state_unchanged(ours, before)
