@@ -103,3 +103,32 @@ def test_optimizer_step_then_forward_matches_torch():
             (m(x) * randn((4, 3, 3, 3), seed=50 + step)).sum().backward()
             opt.step()
         assert_state_match(ours, ref)
+
+
+def test_torch_fusion_utility_accepts_our_layer():
+    """torch.nn.utils.fusion reads running stats, eps, weight, bias: the fused conv equals conv->BN."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    conv = nn.Conv2d(2, 3, 3).eval()
+    ours, _ = make_pair("2d")
+    ours.eval()
+    x = randn((2, 2, 5, 5))
+    fused = fuse_conv_bn_eval(conv, ours)
+    torch.testing.assert_close(fused(x), ours(conv(x)))
+
+
+def test_torch_swa_update_bn_recomputes_our_running_stats_as_torchs():
+    """swa_utils.update_bn finds BN layers by isinstance, resets them, sets momentum=None and runs
+    the data through: the cumulative average must come out as torch's layer's."""
+    from torch.optim.swa_utils import update_bn
+
+    models = []
+    for make in (OUR_BN["1d"], TORCH_BN["1d"]):
+        torch.manual_seed(0)
+        models.append(nn.Sequential(nn.Linear(4, 3), make(3, momentum=0.3)))
+    loader = [randn((8, 4), seed=s, loc=s) for s in range(4)]
+    for model in models:
+        update_bn(loader, model)
+    assert_state_match(*models)
+    assert models[0][1].momentum == 0.3  # update_bn restores it
+    assert models[0][1].num_batches_tracked.item() == 4
