@@ -190,8 +190,10 @@ def batch_norm(
     y, mean, var = BatchNormTrain.apply(x, weight, bias, eps)
     count = x.numel() // x.shape[1] if x.shape[1] else 0
     if count > 0 and (running_mean is not None or running_var is not None):
-        skipped = update_running_stats(running_mean, running_var, mean, var, count, momentum)
-        # Meta tensors (shape inference) have no values to inspect, and torch runs them fine.
+        skipped = ~(torch.isfinite(mean) & torch.isfinite(var))  # (C,): what update_running_stats keeps
+        # Warn before updating: under `-W error` the warning raises, and a rejected batch must
+        # leave every running statistic as it was, not half-updated. Meta tensors (shape
+        # inference) have no values to inspect, and torch runs them fine.
         if skipped.device.type != "meta" and bool(skipped.any()):
             channels = skipped.nonzero().flatten().tolist()
             who = repr(layer) if layer is not None else "batch_norm"
@@ -201,5 +203,6 @@ def batch_norm(
                 RuntimeWarning,
                 stacklevel=_caller_outside_batchnorm(),
             )
+        update_running_stats(running_mean, running_var, mean, var, count, momentum)
     return y
 

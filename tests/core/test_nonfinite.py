@@ -136,3 +136,16 @@ def test_update_running_stats_returns_the_skipped_mask():
     assert skipped.tolist() == [False, True, True]
     torch.testing.assert_close(running_mean, torch.tensor([0.5, 0.0, 0.0]))
     torch.testing.assert_close(running_var, torch.tensor([0.5 + 0.5 * 4.0 * 5 / 4, 1.0, 1.0]))
+
+
+def test_warnings_as_errors_reject_the_batch_without_touching_any_statistic():
+    """Under `-W error` (common in CI) the warning raises: then nothing may be half-updated, not
+    the finite channels' statistics and not num_batches_tracked."""
+    ours, _ = make_pair("2d", 4)
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeWarning, match=r"channels \[1\]"):
+            ours(poisoned((4, 4, 3, 3), None, {1: NAN}))
+    for key, value in ours.state_dict().items():
+        assert torch.equal(value, before[key]), key

@@ -310,3 +310,13 @@ def test_convert_a_lazy_bn_after_materialization():
     model(randn((2, 3, 2, 2)))  # materializes into torch.nn.BatchNorm2d
     batchnorm.convert(model)
     assert type(model[0]) is batchnorm.BatchNorm2d and model[0].num_features == 3
+
+
+def test_convert_registries_are_not_shared_with_the_old_module():
+    old = nn.BatchNorm2d(3)
+    new = batchnorm.convert(old)
+    new.register_buffer("extra", torch.zeros(1), persistent=False)
+    new.register_forward_pre_hook(lambda m, args: None)
+    assert "extra" not in old._buffers and "extra" not in old._non_persistent_buffers_set
+    assert len(old._forward_pre_hooks) == 0
+    assert "extra" not in new.state_dict()
