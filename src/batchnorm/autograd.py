@@ -43,16 +43,25 @@ class BatchNormTrain(torch.autograd.Function):
     mean and the biased var (C,) are returned, not differentiable, for the running-statistics update.
     """
 
+    # forward without ctx plus setup_context: the form torch.func (grad, vmap, jacrev) requires
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
+    def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
         impl = kernels.implementation(x)
         mean, var = impl.batch_stats(x)  # (N, C, *) -> (C,), (C,)
         invstd = torch.rsqrt(var + eps)
         y = impl.normalize(x, mean, invstd, weight, bias)
+        return y, mean, var
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, eps = inputs
+        _, mean, var = output
+        invstd = torch.rsqrt(var + eps)  # (C,): recomputed, bit for bit the forward's
         ctx.save_for_backward(x, weight, bias, mean, invstd)
         ctx.eps = eps
         ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
 
     @staticmethod
     def backward(ctx, dy: Tensor, _dmean, _dvar):
@@ -79,13 +88,19 @@ class BatchNormEval(torch.autograd.Function):
     The statistics are constants here: no gradient flows to them, as in torch.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
+    def forward(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
         impl = kernels.implementation(x)
         invstd = torch.rsqrt(var.to(reference.compute_dtype(x)) + eps)
-        y = impl.normalize(x, mean, invstd, weight, bias)
+        return impl.normalize(x, mean, invstd, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, mean, var, weight, bias, eps = inputs
+        invstd = torch.rsqrt(var.to(reference.compute_dtype(x)) + eps)  # (C,), as in forward
         ctx.save_for_backward(x, weight, bias, mean, invstd)
-        return y
 
     @staticmethod
     def backward(ctx, dy: Tensor):
