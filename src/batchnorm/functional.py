@@ -132,14 +132,15 @@ def check_batch_size(x: Tensor) -> None:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
 
 
-_INTERNAL_FILES = (os.path.dirname(os.path.abspath(__file__)), torch.nn.modules.module.__file__)
+# this package and torch.nn (Module.__call__, Sequential.forward, ...), each as a directory prefix
+_INTERNAL_DIRS = tuple(os.path.dirname(os.path.abspath(f)) + os.sep for f in (__file__, torch.nn.__file__))
 
 
 def _caller_outside_batchnorm() -> int:
-    """The warnings stacklevel of the first frame outside this package and torch's Module.__call__,
-    so that a warning points at the user's line that ran the layer, not at library internals."""
+    """The warnings stacklevel of the first frame outside this package and torch.nn, so that a
+    warning points at the user's line that ran the layer or the model, not at library internals."""
     frame, level = sys._getframe(1), 1  # level 1 is the function calling warnings.warn
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(_INTERNAL_FILES):
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
         frame, level = frame.f_back, level + 1
     return level
 

@@ -149,3 +149,12 @@ def test_warnings_as_errors_reject_the_batch_without_touching_any_statistic():
             ours(poisoned((4, 4, 3, 3), None, {1: NAN}))
     for key, value in ours.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+def test_the_warning_points_at_the_users_line_through_containers():
+    from torch import nn
+
+    ours, _ = make_pair("1d", 4)
+    model = nn.Sequential(nn.Identity(), nn.Sequential(ours))
+    _, caught = recorded(lambda: model(poisoned((8, 4), None, {3: NAN})))
+    assert len(caught) == 1 and caught[0].filename == __file__
