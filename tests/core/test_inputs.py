@@ -64,6 +64,14 @@ def test_half_input_with_float32_parameters_matches_torch(dtype, shape, fmt):
         torch.testing.assert_close(ours_run[key], ref_run[key], rtol=1e-4, atol=1e-3)
     assert_state_match(ours, ref, rtol=1e-5, atol=1e-6)
     assert memory_flags(ours_run["y"]) == memory_flags(ref_run["y"])
+    ours.eval(), ref.eval()  # eval: half input normalized with the float32 running statistics
+    ours_run, ref_run = run(ours, x, dy), run(ref, x, dy)
+    for key in ("y", "dx"):
+        assert ours_run[key].dtype == dtype
+        torch.testing.assert_close(ours_run[key], ref_run[key], **TOL[dtype])
+        assert memory_flags(ours_run[key]) == memory_flags(ref_run[key])
+    for key in ("dweight", "dbias"):
+        torch.testing.assert_close(ours_run[key], ref_run[key], rtol=1e-4, atol=1e-3)
 
 
 def test_half_statistics_are_reduced_in_float32_or_wider():
@@ -84,6 +92,7 @@ VIEWS = [
     pytest.param(lambda dt: r((3, 8), dt).t(), id="NC_transposed"),
     pytest.param(lambda dt: r((8, 6), dt)[:, ::2], id="NC_strided_columns"),
     pytest.param(lambda dt: r((3, 4, 5), dt).transpose(0, 1), id="NCL_transposed"),
+    pytest.param(lambda dt: r((4, 5, 3), dt).transpose(1, 2), id="NCL_from_NLC"),
     pytest.param(lambda dt: r((4, 3, 10, 5), dt)[:, :, ::2], id="NCHW_sliced_rows"),
     pytest.param(lambda dt: r((4, 6, 5, 3), dt).permute(0, 3, 1, 2), id="NCHW_from_NHWC_permute"),
     pytest.param(lambda dt: r((4, 6, 5, 3), dt).permute(0, 3, 1, 2)[:, :, 1:], id="NHWC_sliced"),
