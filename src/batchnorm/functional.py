@@ -74,7 +74,8 @@ def update_running_stats(
         for running, batch in ((running_mean, mean), (running_var, unbiased)):
             if running is None:
                 continue
-            # in float64, rounded once into the buffer, as torch's CPU update does: same bits as torch
+            # in float64 and rounded once into the buffer: correctly rounded (torch's CPU update mixes
+            # float32 steps and can be a few ulps off; tests/core/test_numerics.py)
             updated = running.double() * (1.0 - momentum) + batch.double() * momentum
             running.copy_(torch.where(finite, updated.to(running.dtype), running))
     return ~finite
