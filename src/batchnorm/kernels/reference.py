@@ -44,7 +44,7 @@ __all__ = [
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
-    """The dtype statistics and per-channel vectors live in: float32 for half inputs, else x's."""
+    """The dtype the elementwise math runs in: float32 for half inputs, else x's."""
     return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
 
 
@@ -115,7 +115,9 @@ def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     if x.numel() == 0:
         zeros = torch.zeros(x.shape[1], dtype=dtype, device=x.device)
         return zeros, zeros.clone()
-    # Welford in float64 (float32 for half): stable when |mean| >> std, unlike E[x^2]-E[x]^2.
+    # Welford in float64 (float32 for half): stable when |mean| >> std, unlike E[x^2]-E[x]^2. The
+    # reference pays a temporary float64 copy of a float32 x for it; a fast kernel accumulates in
+    # float64 without one.
     var, mean = torch.var_mean(x.to(dtype), dim=reduce_dims(x), correction=0)  # (N, C, *) -> (C,)
     return mean, var
 
