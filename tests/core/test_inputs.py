@@ -208,3 +208,37 @@ def test_eval_forward_on_running_stats_ignores_batch():
     ours.eval()
     x = randn((4, 3, 2, 2))
     torch.testing.assert_close(ours(x)[:1], ours(x[:1]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["NCHW", "NHWC"])
+@pytest.mark.parametrize("dtype", HALF)
+def test_half_model_with_half_input_matches_torch(dtype, fmt):
+    """model.half(): parameters and buffers in half too (statistics still reduced in float32)."""
+    ours, ref = make_pair("2d", dtype=dtype)
+    x = randn((4, 3, 5, 5), dtype=dtype, loc=1.0).contiguous(memory_format=fmt).requires_grad_()
+    dy = randn((4, 3, 5, 5), seed=1, dtype=dtype)
+    for training in (True, True, False):
+        ours.train(training), ref.train(training)
+        got, want = run(ours, x, dy), run(ref, x, dy)
+        for key in want:
+            assert got[key].dtype == want[key].dtype == dtype
+            # parameter grads are sums over 100 values rounded into half: a few half ulps apart
+            tol = TOL[dtype] if key in ("y", "dx") else dict(rtol=2e-2, atol=5e-2)
+            torch.testing.assert_close(got[key], want[key], **tol)
+        assert memory_flags(got["y"]) == memory_flags(want["y"])
+        assert_state_match(ours, ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["NCHW", "NHWC"])
+def test_backward_of_a_sum_with_an_expanded_upstream_gradient(fmt, training):
+    """y.sum().backward() hands the layer a zero-stride dy; dx must still be laid out like x."""
+    ours, ref = make_pair("2d")
+    ours.train(training), ref.train(training)
+    grads = []
+    for module in (ours, ref):
+        x = randn((4, 3, 5, 5)).contiguous(memory_format=fmt).requires_grad_()
+        (module(x) * 1.0).sum().backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+    assert memory_flags(grads[0]) == memory_flags(grads[1])
