@@ -75,7 +75,7 @@ def update_running_stats(
             if running is None:
                 continue
             # in float64 and rounded once into the buffer: correctly rounded (torch's CPU update mixes
-            # float32 steps and can be a few ulps off; tests/core/test_numerics.py)
+            # float32 steps and can be a few ulps off; tests/core/test_core_numerics.py)
             updated = running.double() * (1.0 - momentum) + batch.double() * momentum
             running.copy_(torch.where(finite, updated.to(running.dtype), running))
     return ~finite

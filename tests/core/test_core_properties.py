@@ -93,7 +93,7 @@ def test_agrees_with_torch(x, momentum, eps, affine, track, dtype, channels_last
         x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
     ours, ref = make_pair(KIND_OF_RANK[x.dim()], x.shape[1], dtype=dtype, momentum=momentum, eps=eps, affine=affine, track_running_stats=track)
     # float32 at |mean| up to 50 with std down to 0.1: torch's folded x * scale + shift loses
-    # ~log10(500) digits, so compare at that precision (test_numerics shows ours is the exact one)
+    # ~log10(500) digits, so compare at that precision (test_core_numerics shows ours is the exact one)
     tol = TOL[dtype] if dtype == F64 else dict(rtol=1e-4, atol=1e-4)
     xg = x.detach().requires_grad_()
     dy = torch.randn(x.shape, dtype=dtype, generator=torch.Generator().manual_seed(1))

@@ -8,7 +8,7 @@ float32 and float64, contiguous and channels_last.
 
 Tolerances: float64 agrees to ~1e-13 (ours and torch's BN differ only in rounding order, and 3 SGD
 steps through ~10 layers amplify that a little), so 1e-9 is tight yet safe. float32: each BN
-rounds differently at ~1e-7 relative (ours is the more accurate one, see test_numerics), the
+rounds differently at ~1e-7 relative (ours is the more accurate one, see test_core_numerics), the
 difference flows through a dozen layers, the loss and 3 optimizer steps with momentum, and grows to
 ~1e-5; 1e-4 relative still catches any real mistake (a wrong momentum, a missed running-stat
 update, a wrong gradient term) which shows up at 1e-2 or more.
