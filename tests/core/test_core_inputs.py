@@ -3,7 +3,6 @@ parameters, non-contiguous views, channels_last, an empty batch, inputs without 
 forwards under no_grad / inference_mode."""
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch

@@ -7,7 +7,6 @@ torch's on all of it. Examples are few and derandomized so CI is fast and reprod
 """
 from __future__ import annotations
 
-import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
