@@ -40,10 +40,14 @@ __all__ = [
 def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel batch mean and biased variance: (N, C, *) -> (C,), (C,).
 
-    Accumulated and returned in float64 (float32 for half inputs); not differentiable through
-    the fast kernels, so use it for statistics, and `batch_norm` for training.
+    Accumulated in float64 (float32 for half inputs) and returned in x's dtype (float32 for half
+    inputs), like the running statistics they feed; the layers themselves keep the wider values
+    internally. Not differentiable through the fast kernels, so use it for statistics, and
+    `batch_norm` for training.
     """
-    return implementation(x).batch_stats(x)
+    dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    mean, var = implementation(x).batch_stats(x)
+    return mean.to(dtype), var.to(dtype)
 
 
 def normalize(x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:

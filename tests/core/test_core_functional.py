@@ -63,9 +63,11 @@ def test_batch_stats_are_the_per_channel_mean_and_biased_variance(shape_id):
     _, shape = SHAPES[shape_id]
     x = randn(shape, loc=3.0)
     mean, var = F.batch_stats(x)
+    assert mean.dtype == var.dtype == x.dtype  # like the running statistics they feed
     dims = [0, *range(2, x.dim())]
-    torch.testing.assert_close(mean, x.double().mean(dims), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(var, x.double().var(dims, unbiased=False), rtol=1e-12, atol=1e-12)
+    # accumulated in float64, then rounded once: within half a float32 ulp of the exact values
+    torch.testing.assert_close(mean.double(), x.double().mean(dims), rtol=6e-8, atol=0)
+    torch.testing.assert_close(var.double(), x.double().var(dims, unbiased=False), rtol=6e-8, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
@@ -79,7 +81,16 @@ def test_batch_stats_of_half_input_are_float32(dtype):
 
 def test_batch_stats_of_an_empty_batch_are_finite_zeros():
     mean, var = F.batch_stats(torch.empty(0, 3, 2))
-    assert torch.equal(mean, torch.zeros(3, dtype=mean.dtype)) and torch.equal(var, torch.zeros(3, dtype=var.dtype))
+    assert torch.equal(mean, torch.zeros(3)) and torch.equal(var, torch.zeros(3))
+
+
+def test_batch_stats_feed_the_running_statistics_as_the_readme_shows():
+    x = randn((64, 10))
+    running_mean, running_var = torch.zeros(10), torch.ones(10)
+    F.batch_norm(x, running_mean, running_var, training=True, momentum=0.1)
+    mean, var = F.batch_stats(x)
+    torch.testing.assert_close(running_mean, 0.1 * mean)
+    torch.testing.assert_close(running_var, 0.9 + 0.1 * var * 64 / 63)
 
 
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "not_affine"])
