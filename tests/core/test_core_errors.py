@@ -16,7 +16,7 @@ import torch.nn.functional as TF
 
 import batchnorm
 import batchnorm.functional as F
-from conftest import OUR_BN, TORCH_BN, make_pair, randn
+from core_helpers import OUR_BN, TORCH_BN, make_pair, randn
 
 
 def shape_text(shape) -> str:

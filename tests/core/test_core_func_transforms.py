@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.func import functional_call, grad, jacrev, vmap
 
-from conftest import KIND_OF_RANK, make_pair, randn
+from core_helpers import KIND_OF_RANK, make_pair, randn
 
 MODES = [
     pytest.param(dict(training=False), id="eval"),

@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import batchnorm
 import batchnorm.functional as F
-from conftest import SHAPES, TOL, randn
+from core_helpers import SHAPES, TOL, randn
 
 C = 3
 

@@ -10,7 +10,7 @@ from torch.autograd import gradcheck, gradgradcheck
 
 import batchnorm.functional as F
 from batchnorm.autograd import BatchNormEval, BatchNormTrain
-from conftest import KIND_OF_RANK, make_pair, randn
+from core_helpers import KIND_OF_RANK, make_pair, randn
 
 SHAPES = [
     pytest.param((4, 3), id="2D"),

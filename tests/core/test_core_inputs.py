@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import KIND_OF_RANK, TOL, assert_runs_match, assert_state_match, make_pair, randn, run
+from core_helpers import KIND_OF_RANK, TOL, assert_runs_match, assert_state_match, make_pair, randn, run
 
 CL, CL3 = torch.channels_last, torch.channels_last_3d
 FORMATS = {4: [torch.contiguous_format, CL], 5: [torch.contiguous_format, CL3]}

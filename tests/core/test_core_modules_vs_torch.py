@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import batchnorm
-from conftest import SHAPES, TOL, TORCH_BN, OUR_BN, assert_runs_match, assert_state_match, make_pair, randn, run
+from core_helpers import SHAPES, TOL, TORCH_BN, OUR_BN, assert_runs_match, assert_state_match, make_pair, randn, run
 
 CONFIGS = [
     pytest.param({}, id="default"),

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as TF
 
 import batchnorm.functional as F
-from conftest import KIND_OF_RANK, TOL, assert_state_match, make_pair, randn
+from core_helpers import KIND_OF_RANK, TOL, assert_state_match, make_pair, randn
 
 NAN, INF = float("nan"), float("inf")
 CL, CL3 = torch.channels_last, torch.channels_last_3d

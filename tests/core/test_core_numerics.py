@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import KIND_OF_RANK, make_pair, randn
+from core_helpers import KIND_OF_RANK, make_pair, randn
 
 CL, CL3 = torch.channels_last, torch.channels_last_3d
 QUANTITIES = ("y", "dx", "dweight", "dbias", "running_var")

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import batchnorm.functional as F
-from conftest import KIND_OF_RANK, TOL, assert_runs_match, assert_state_match, make_pair, run
+from core_helpers import KIND_OF_RANK, TOL, assert_runs_match, assert_state_match, make_pair, run
 
 SETTINGS = settings(max_examples=30, deadline=None, derandomize=True)
 F64 = torch.float64

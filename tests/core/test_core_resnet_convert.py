@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import batchnorm
-from conftest import randn
+from core_helpers import randn
 
 TOLERANCE = {torch.float64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-5)}
 

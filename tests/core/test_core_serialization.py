@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import batchnorm
-from conftest import OUR_BN, TORCH_BN, assert_runs_match, assert_state_match, make_pair, randn, run
+from core_helpers import OUR_BN, TORCH_BN, assert_runs_match, assert_state_match, make_pair, randn, run
 
 KINDS = ["1d", "2d", "3d"]
 SHAPE = {"1d": (6, 3), "2d": (4, 3, 2, 2), "3d": (2, 3, 2, 2, 2)}

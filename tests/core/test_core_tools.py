@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import batchnorm
-from conftest import assert_state_match, randn, randomize_
+from core_helpers import assert_state_match, randn, randomize_
 
 TORCH_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 OUR_TYPES = (batchnorm.BatchNorm1d, batchnorm.BatchNorm2d, batchnorm.BatchNorm3d)
