@@ -43,16 +43,25 @@ class BatchNormTrain(torch.autograd.Function):
     mean and the biased var (C,) are returned, not differentiable, for the running-statistics update.
     """
 
+    # forward without ctx plus setup_context: the form torch.func (grad, vmap, jacrev) requires
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
+    def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
         impl = kernels.implementation(x)
         mean, var = impl.batch_stats(x)  # (N, C, *) -> (C,), (C,)
         invstd = torch.rsqrt(var + eps)
         y = impl.normalize(x, mean, invstd, weight, bias)
+        return y, mean, var
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, eps = inputs
+        _, mean, var = output
+        invstd = torch.rsqrt(var + eps)  # (C,): recomputed, bit for bit the forward's
         ctx.save_for_backward(x, weight, bias, mean, invstd)
         ctx.eps = eps
         ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
 
     @staticmethod
     def backward(ctx, dy: Tensor, _dmean, _dvar):
@@ -79,19 +88,29 @@ class BatchNormEval(torch.autograd.Function):
     The statistics are constants here: no gradient flows to them, as in torch.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
+    def forward(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
         impl = kernels.implementation(x)
         invstd = torch.rsqrt(var.to(reference.compute_dtype(x)) + eps)
-        y = impl.normalize(x, mean, invstd, weight, bias)
+        return impl.normalize(x, mean, invstd, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, mean, var, weight, bias, eps = inputs
+        invstd = torch.rsqrt(var.to(reference.compute_dtype(x)) + eps)  # (C,), as in forward
         ctx.save_for_backward(x, weight, bias, mean, invstd)
-        return y
 
     @staticmethod
     def backward(ctx, dy: Tensor):
         x, weight, bias, mean, invstd = ctx.saved_tensors
         impl = reference if torch.is_grad_enabled() else kernels.implementation(x)
-        dx = impl.normalize(dy, None, invstd, weight, None) if ctx.needs_input_grad[0] else None
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = impl.normalize(dy, None, invstd, weight, None)
+            # normalize lays dx out like dy; torch lays the input's gradient out like the input
+            dx = dx.contiguous(memory_format=reference.output_memory_format(x))
         dweight = dbias = None
         if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
             sum_dy, sum_dy_xhat = impl.backward_reduce(dy, x, mean, invstd)  # (N, C, *) -> (C,), (C,)

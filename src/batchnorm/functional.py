@@ -15,6 +15,8 @@ Conventions (stated once, here; see docs/conventions.md):
 """
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 
 import torch
@@ -24,16 +26,28 @@ from ._format import shape_of
 from .autograd import BatchNormEval, BatchNormTrain
 from .kernels import implementation
 
-__all__ = ["batch_stats", "normalize", "update_running_stats", "batch_norm", "check_input", "check_batch_size"]
+__all__ = [
+    "batch_stats",
+    "normalize",
+    "update_running_stats",
+    "batch_norm",
+    "check_input",
+    "check_batch_size",
+    "check_dtypes",
+]
 
 
 def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel batch mean and biased variance: (N, C, *) -> (C,), (C,).
 
-    Accumulated in float64 (half inputs reduce in float32 or wider); not differentiable through
-    the fast kernels, so use it for statistics, and `batch_norm` for training.
+    Accumulated in float64 (float32 for half inputs) and returned in x's dtype (float32 for half
+    inputs), like the running statistics they feed; the layers themselves keep the wider values
+    internally. Not differentiable through the fast kernels, so use it for statistics, and
+    `batch_norm` for training.
     """
-    return implementation(x).batch_stats(x)
+    dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    mean, var = implementation(x).batch_stats(x)
+    return mean.to(dtype), var.to(dtype)
 
 
 def normalize(x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
@@ -60,12 +74,14 @@ def update_running_stats(
     """
     with torch.no_grad():
         finite = torch.isfinite(mean) & torch.isfinite(var)  # (C,)
-        unbiased = var * (count / (count - 1)) if count > 1 else var
+        unbiased = var.double() * count / (count - 1) if count > 1 else var.double()
         for running, batch in ((running_mean, mean), (running_var, unbiased)):
             if running is None:
                 continue
-            updated = running * (1.0 - momentum) + batch.to(running.dtype) * momentum
-            running.copy_(torch.where(finite, updated, running))
+            # in float64 and rounded once into the buffer: correctly rounded (torch's CPU update mixes
+            # float32 steps and can be a few ulps off; tests/core/test_core_numerics.py)
+            updated = running.double() * (1.0 - momentum) + batch.double() * momentum
+            running.copy_(torch.where(finite, updated.to(running.dtype), running))
     return ~finite
 
 
@@ -87,17 +103,51 @@ def check_input(
     for name, v in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
         if v is None:
             continue
-        if v.dim() != 1 or v.numel() != channels:
+        if v.numel() != channels:
             raise RuntimeError(
                 f"{name} should contain {channels} elements not {v.numel()} "
                 f"(input of shape {shape_of(x)} has {channels} channels on dim 1; {name} has shape {shape_of(v)})"
             )
+        if v.dim() != 1:  # torch flattens it silently; a (C, 1) weight is more likely a mix-up
+            raise RuntimeError(
+                f"{name} should be a vector of shape ({channels},) for the {channels} channels of input of "
+                f"shape {shape_of(x)} (got {name} of shape {shape_of(v)})"
+            )
+
+
+def check_dtypes(x: Tensor, **vectors: Tensor | None) -> None:
+    """The per-channel vectors share x's dtype, or are float32 for a float16/bfloat16 x (mixed
+    precision): exactly the combinations torch's CPU batch norm accepts. A float32 model fed
+    float64 data (or the reverse) is almost always a forgotten `.double()`/`.float()`."""
+    given = {name: v for name, v in vectors.items() if v is not None}
+    if all(v.dtype == x.dtype for v in given.values()):
+        return
+    if x.dtype in (torch.float16, torch.bfloat16) and all(v.dtype == torch.float32 for v in given.values()):
+        return
+    got = ", ".join(f"{name} {v.dtype}" for name, v in given.items())
+    raise RuntimeError(
+        f"batch_norm expected {', '.join(given)} in the input's dtype {x.dtype} (or all in torch.float32 "
+        f"for a float16/bfloat16 input); got input {x.dtype} of shape {shape_of(x)}, {got}"
+    )
 
 
 def check_batch_size(x: Tensor) -> None:
     """Training needs at least 2 values per channel to estimate a variance (torch's rule)."""
     if x.numel() // max(x.shape[1], 1) == 1 and x.numel() > 0:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
+
+
+# this package and torch.nn (Module.__call__, Sequential.forward, ...), each as a directory prefix
+_INTERNAL_DIRS = tuple(os.path.dirname(os.path.abspath(f)) + os.sep for f in (__file__, torch.nn.__file__))
+
+
+def _caller_outside_batchnorm() -> int:
+    """The warnings stacklevel of the first frame outside this package and torch.nn, so that a
+    warning points at the user's line that ran the layer or the model, not at library internals."""
+    frame, level = sys._getframe(1), 1  # level 1 is the function calling warnings.warn
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def batch_norm(
@@ -121,26 +171,44 @@ def batch_norm(
 
     `layer` only names the caller in the warning about non-finite statistics (modules pass self).
     """
-    check_input(x, running_mean, running_var, weight, bias)
+    # The checks run in torch's order, so that a call with several mistakes gets torch's error.
+    check_input(x)  # the rank first: every other check reads x.shape[1]
+    if training:
+        check_batch_size(x)
+    if training and not eps > 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if not eps >= 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     if not training:
+        # torch: each running statistic must be given and fit, in turn; then weight and bias
         for name, v in (("running_mean", running_mean), ("running_var", running_var)):
             if v is None:
                 raise RuntimeError(f"{name} must be defined in evaluation mode")
+            check_input(x, **{name: v})
+        check_input(x, running_mean, running_var, weight, bias)
+        check_dtypes(x, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
         return BatchNormEval.apply(x, running_mean, running_var, weight, bias, eps)
 
-    check_batch_size(x)
+    check_input(x, running_mean, running_var, weight, bias)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
+    check_dtypes(x, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     y, mean, var = BatchNormTrain.apply(x, weight, bias, eps)
     count = x.numel() // x.shape[1] if x.shape[1] else 0
     if count > 0 and (running_mean is not None or running_var is not None):
-        skipped = update_running_stats(running_mean, running_var, mean, var, count, momentum)
-        if bool(skipped.any()):
+        skipped = ~(torch.isfinite(mean) & torch.isfinite(var))  # (C,): what update_running_stats keeps
+        # Warn before updating: under `-W error` the warning raises, and a rejected batch must
+        # leave every running statistic as it was, not half-updated. Meta tensors (shape
+        # inference) have no values to inspect, and torch runs them fine.
+        if skipped.device.type != "meta" and bool(skipped.any()):
             channels = skipped.nonzero().flatten().tolist()
             who = repr(layer) if layer is not None else "batch_norm"
             warnings.warn(
                 f"{who}: the batch statistics of channels {channels} are not finite (NaN or Inf in "
                 f"the input); their running_mean/running_var were kept, the other channels updated",
                 RuntimeWarning,
-                stacklevel=3 if layer is not None else 2,
+                stacklevel=_caller_outside_batchnorm(),
             )
+        update_running_stats(running_mean, running_var, mean, var, count, momentum)
     return y
 

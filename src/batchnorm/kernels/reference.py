@@ -15,9 +15,11 @@ Every function here is written in differentiable torch ops, so the double-backwa
 `batchnorm.autograd` can run through them with autograd recording.
 
 Numerics, decided once here:
-  * Statistics are accumulated in float64 (torch's CPU Welford in `var_mean` keeps double
-    accumulators for float32 input; half and bfloat16 inputs are widened to float32 first and
-    the statistics returned in float32, as torch's mixed-precision BN does).
+  * Statistics are accumulated and returned in `stats_dtype(x)`: float64 for float32/float64
+    input, float32 for half and bfloat16 input (widened first, as torch's mixed-precision BN does).
+    A float32 batch mean would be rounded to float32 before the subtraction x - mean, and that
+    rounding (half an ulp of the mean) is the whole error of the output when |mean| >> std
+    (x = 1e4 + noise: ulp(1e4) ~ 1e-3 of a unit std). `centered` keeps the float64 mean's precision.
   * `normalize` subtracts the mean before scaling. torch folds BN into `x * scale + shift`, which
     cancels catastrophically when |mean| >> std (x = 1000 + noise in float32 loses ~4 digits);
     `(x - mean) * scale + bias` does not.
@@ -29,6 +31,8 @@ from torch import Tensor
 
 __all__ = [
     "compute_dtype",
+    "stats_dtype",
+    "centered",
     "reduce_dims",
     "channel_view",
     "output_memory_format",
@@ -40,8 +44,29 @@ __all__ = [
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
-    """The dtype statistics and per-channel vectors live in: float32 for half inputs, else x's."""
+    """The dtype the elementwise math runs in: float32 for half inputs, else x's."""
     return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+
+def stats_dtype(x: Tensor) -> torch.dtype:
+    """The dtype batch statistics are returned in: float64 for float32/float64 input, float32 for half."""
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else torch.float64
+
+
+def centered(x: Tensor, mean: Tensor) -> Tensor:
+    """x - mean per channel, in `compute_dtype(x)`, without rounding a wider mean first.
+
+    A mean wider than the compute dtype is split as hi + lo, both in the compute dtype: x - hi is
+    exact when x is within a factor 2 of the mean (Sterbenz), and subtracting lo restores the bits
+    that rounding the mean to the compute dtype would have lost. (N, C, *) with (C,) -> like x.
+    """
+    dtype = compute_dtype(x)
+    hi = mean.to(dtype)
+    xc = x.to(dtype) - channel_view(hi, x)
+    if mean.dtype != dtype and torch.finfo(mean.dtype).bits > torch.finfo(dtype).bits:
+        lo = (mean - hi.to(mean.dtype)).to(dtype)  # (C,): what rounding the mean to dtype lost
+        xc = xc - channel_view(lo, x)
+    return xc
 
 
 def reduce_dims(x: Tensor) -> list[int]:
@@ -54,27 +79,45 @@ def channel_view(v: Tensor, x: Tensor) -> Tensor:
     return v.view(1, -1, *([1] * (x.dim() - 2)))
 
 
+def _strides_like_channels_last(x: Tensor) -> bool:
+    """Whether x's strides order its dims as N, spatial..., C innermost (dense or not): torch's
+    `suggest_memory_format` rule (c10 `is_channels_last_strides_2d/3d`), ambiguous cases included."""
+    order = [1, 3, 2, 0] if x.dim() == 4 else [1, 4, 3, 2, 0]  # innermost dim first
+    sizes, strides = x.shape, x.stride()
+    if strides[1] == 0:
+        return False
+    smallest = 0
+    for d in order:
+        if sizes[d] == 0 or strides[d] < smallest:
+            return False
+        if d == 0 and smallest == strides[1]:  # N111-like tensors: ambiguous, torch says contiguous
+            return False
+        smallest = strides[d] * (sizes[d] if sizes[d] > 1 else 1)
+    return True
+
+
 def output_memory_format(x: Tensor) -> torch.memory_format:
-    """The layout torch's batch norm gives its output: channels_last stays channels_last, anything
-    else (including non-contiguous views) comes out contiguous."""
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
-        return torch.channels_last_3d
+    """The layout torch's batch norm gives its output (and the input's gradient): the input's
+    suggested memory format. Strides ordered channels-last (even in a strided view) give
+    channels_last / channels_last_3d, anything else comes out contiguous."""
+    if x.dim() in (4, 5) and _strides_like_channels_last(x):
+        return torch.channels_last if x.dim() == 4 else torch.channels_last_3d
     return torch.contiguous_format
 
 
 def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel batch mean and biased variance.
 
-    (N, C, *) -> mean (C,), var (C,) in `compute_dtype(x)`. An empty batch gives mean 0 and var 0
+    (N, C, *) -> mean (C,), var (C,) in `stats_dtype(x)`. An empty batch gives mean 0 and var 0
     (finite, so that gradients of an empty batch are zeros as in torch, not NaN).
     """
-    dtype = compute_dtype(x)
+    dtype = stats_dtype(x)
     if x.numel() == 0:
         zeros = torch.zeros(x.shape[1], dtype=dtype, device=x.device)
         return zeros, zeros.clone()
-    # Welford with float64 accumulators on the CPU: stable when |mean| >> std, unlike E[x^2]-E[x]^2.
+    # Welford in float64 (float32 for half): stable when |mean| >> std, unlike E[x^2]-E[x]^2. The
+    # reference pays a temporary float64 copy of a float32 x for it; a fast kernel accumulates in
+    # float64 without one.
     var, mean = torch.var_mean(x.to(dtype), dim=reduce_dims(x), correction=0)  # (N, C, *) -> (C,)
     return mean, var
 
@@ -93,9 +136,7 @@ def normalize(
     """
     dtype = compute_dtype(x)
     scale = invstd if weight is None else invstd * weight  # (C,)
-    xc = x.to(dtype)
-    if mean is not None:
-        xc = xc - channel_view(mean.to(dtype), x)
+    xc = x.to(dtype) if mean is None else centered(x, mean)
     y = xc * channel_view(scale.to(dtype), x)
     if bias is not None:
         y = y + channel_view(bias.to(dtype), x)
@@ -110,7 +151,7 @@ def backward_reduce(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor) -> tupl
     dtype = compute_dtype(x)
     dims = reduce_dims(x)
     dyc = dy.to(dtype)
-    xmu = x.to(dtype) - channel_view(mean.to(dtype), x)
+    xmu = centered(x, mean)
     sum_dy = dyc.sum(dims, dtype=torch.float64).to(dtype)  # (N, C, *) -> (C,)
     sum_dy_xmu = (dyc * xmu).sum(dims, dtype=torch.float64).to(dtype)  # (N, C, *) -> (C,)
     return sum_dy, sum_dy_xmu * invstd.to(dtype)
@@ -132,7 +173,7 @@ def backward_elemt(
     """
     dtype = compute_dtype(x)
     k = invstd if weight is None else invstd * weight  # (C,)
-    xhat = (x.to(dtype) - channel_view(mean.to(dtype), x)) * channel_view(invstd.to(dtype), x)
+    xhat = centered(x, mean) * channel_view(invstd.to(dtype), x)
     dx = (dy.to(dtype) - channel_view(mean_dy.to(dtype), x) - xhat * channel_view(mean_dy_xhat.to(dtype), x))
     dx = dx * channel_view(k.to(dtype), x)
     return dx.to(x.dtype).contiguous(memory_format=output_memory_format(x))

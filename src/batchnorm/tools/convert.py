@@ -50,11 +50,12 @@ _DIMS_OF_CLASS = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3, Batch
 def swap_class(module: nn.Module, cls: type) -> nn.Module:
     """A `cls` instance that shares `module`'s parameters, buffers, flags and hooks.
 
-    The instance dict is copied one level deep: the registries (parameters, buffers, hooks) are new
-    dicts holding the same objects, so later registrations on one module do not leak to the other.
+    The instance dict is copied one level deep: the registries (parameters, buffers, hooks, the set
+    of non-persistent buffers) are new containers holding the same objects, so later registrations
+    on one module do not leak to the other.
     """
     new = cls.__new__(cls)
-    new.__dict__.update({k: copy.copy(v) if isinstance(v, dict) else v for k, v in module.__dict__.items()})
+    new.__dict__.update({k: copy.copy(v) if isinstance(v, (dict, set)) else v for k, v in module.__dict__.items()})
     return new
 
 
