@@ -8,6 +8,7 @@
     batchnorm run batch-sweep --variants none,bn --grid 2,8,32,128
     batchnorm run mlp --out runs/mlp --resume   continue an interrupted run
     batchnorm run cnn --nproc 2                 data-parallel: DDP + SyncBatchNorm in 2 processes
+    torchrun --standalone --nproc_per_node 2 -m batchnorm run cnn      the same, started by torchrun
     batchnorm download mnist --data-dir data    fetch the IDX files, SHA-256 verified
 
 Every run writes metrics.csv, summary.json, PNG figures and report.html into its --out folder
@@ -44,7 +45,7 @@ def _names(text: str) -> list[str]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="batchnorm", description="The batchnorm lab: BN vs no BN, and BN's claims tested over seeds.",
-        epilog="Examples:\n" + "\n".join(__doc__.splitlines()[2:12]), formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Examples:\n" + "\n".join(__doc__.splitlines()[2:13]), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,run,list,download}")
 
