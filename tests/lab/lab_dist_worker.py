@@ -3,7 +3,8 @@
 The tests launch it with `batchnorm.lab.distributed.launch(argv, nproc, command=[python, this file])`,
 so each rank runs the real `batchnorm` CLI with two additions that only tests need:
 - every trained model is saved (rank 0: OUT/models/KEY.pt), to compare final parameters;
-- with LAB_TEST_FAIL="RANK:EPOCH", that rank raises at the start of that epoch (0-based), once;
+- with LAB_TEST_FAIL="RANK:EPOCH" that rank raises at the start of that epoch (0-based); with
+  "RANK:EPOCH:hang" it stops responding there instead (sleeps until it is killed);
 - with LAB_TEST_DTYPE=float64, models and data are float64 (the lab trains in float32), so that one
   process and two can be compared to 1e-12 instead of float32's rounding amplified by SGD.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -38,9 +40,11 @@ def saving_train(make_model, data, settings, *, seed, checkpoint=None, on_epoch=
     return model, history
 
 
-def failing_epoch(rank: int, epoch: int):
+def failing_epoch(rank: int, epoch: int, hang: bool):
     def run(net, optimizer, data, settings, generator, history, ranks):
         if ranks.rank == rank and len(history.rows) == epoch:
+            if hang:
+                time.sleep(3600)
             raise RuntimeError(f"rank {rank} fails on purpose at epoch {epoch}")
         return _real_epoch(net, optimizer, data, settings, generator, history, ranks)
 
@@ -50,8 +54,8 @@ def failing_epoch(rank: int, epoch: int):
 def install() -> None:
     runner.train = saving_train
     if os.environ.get("LAB_TEST_FAIL"):
-        rank, epoch = map(int, os.environ["LAB_TEST_FAIL"].split(":"))
-        train._epoch = failing_epoch(rank, epoch)
+        rank, epoch, *mode = os.environ["LAB_TEST_FAIL"].split(":")
+        train._epoch = failing_epoch(int(rank), int(epoch), hang=mode == ["hang"])
 
 
 if __name__ == "__main__":

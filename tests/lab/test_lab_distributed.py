@@ -110,6 +110,21 @@ def test_a_failing_rank_stops_the_run_with_a_clear_error(tmp_path, ranks_run_wor
             assert float(b[column]) == pytest.approx(float(a[column]), rel=1e-4, abs=1e-5)
 
 
+def test_a_hanging_rank_is_given_up_after_the_timeout(tmp_path, ranks_run_worker, monkeypatch, capfd):
+    out = tmp_path / "run"
+    monkeypatch.setenv("LAB_TEST_FAIL", "1:1:hang")  # rank 1 stops responding at its second epoch
+    began = time.monotonic()
+    code = main([*CNN, "--nproc", "2", "--timeout", "4", "--out", str(out)])
+    elapsed = time.monotonic() - began
+    err = capfd.readouterr().err
+    assert code == distributed.PEER_FAILED
+    assert elapsed < 40, f"the ranks took {elapsed:.0f} s to stop after a 4 s timeout"
+    assert "batchnorm: error: rank 0: " in err and "timed out" in err.lower()
+    assert "rank 0 of 2 lost contact with the others" in err
+    assert not (out / "summary.json").exists() and not _no_temporaries(out)
+    assert len(json.loads(torch.load(out / "checkpoints" / "bn-seed0.pt", weights_only=True)["rows"])) == 1
+
+
 def test_models_that_cannot_be_synchronized_are_refused_before_any_rank_starts(tmp_path, capsys, monkeypatch):
     def no_launch(*args, **kwargs):
         raise AssertionError("launched ranks for a run that cannot be data-parallel")

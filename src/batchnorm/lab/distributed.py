@@ -273,9 +273,11 @@ def launch(argv: Sequence[str], nproc: int, command: Sequence[str] | None = None
         return 0
     _stop(procs)
     rank, code = failed
+    what = ("lost contact with the others (another rank hung or died without an error)" if code == PEER_FAILED
+            else f"failed (exit code {code})")
     print(
-        f"batchnorm: error: rank {rank} of {nproc} failed (exit code {code}); the other ranks were stopped. "
-        f"Its error is printed above. Finished epochs are saved: fix the cause and continue with --resume.",
+        f"batchnorm: error: rank {rank} of {nproc} {what}; the other ranks were stopped. Its error is "
+        f"printed above. Finished epochs are saved: fix the cause and continue with --resume.",
         file=sys.stderr,
     )
     return code if code > 0 else 1
