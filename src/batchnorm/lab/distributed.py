@@ -246,7 +246,7 @@ def launch(argv: Sequence[str], nproc: int, command: Sequence[str] | None = None
     `command` defaults to this Python's `-m batchnorm`. Ranks print to this terminal (only rank 0
     prints progress). When one rank fails, the others get SIGTERM (they save their finished epochs
     and stop) and, GRACE seconds later, SIGKILL; the exit code is the failed rank's. Ctrl-C stops
-    every rank the same way.
+    every rank the same way (exit code 130; rank 0 prints how to resume).
     """
     command = list(command or [sys.executable, "-m", "batchnorm"])
     base = {
@@ -266,9 +266,9 @@ def launch(argv: Sequence[str], nproc: int, command: Sequence[str] | None = None
             time.sleep(0.05)
         if failed is None:
             failed = _first_failure(procs)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the ranks stop the same way, rank 0 says how to resume
         _stop(procs)
-        raise
+        return 130
     if failed is None:
         return 0
     _stop(procs)
