@@ -24,7 +24,7 @@ TINY = {
     "cnn": (["--seeds", "1", "--epochs", "2", "--limit", "150"], 2),
     "lr-sweep": (["--seeds", "1", "--epochs", "2", "--limit", "150", "--grid", "0.1,30"], 4),
     "depth-sweep": (["--seeds", "1", "--epochs", "2", "--limit", "150", "--grid", "1,3"], 4),
-    "batch-sweep": (["--seeds", "1", "--epochs", "1", "--limit", "100", "--grid", "4,50"], 4),
+    "batch-sweep": (["--seeds", "1", "--epochs", "1", "--limit", "100", "--grid", "4,50"], 8),  # none, bn, ghost, renorm
     "gap-sweep": (["--seeds", "2", "--epochs", "2", "--limit", "150", "--grid", "2,64"], 4),
 }
 VARIANT_KEYS = {"final_train_loss", "final_test_accuracy", "epochs_to_target", "final_test_accuracy_std", "diverged"}

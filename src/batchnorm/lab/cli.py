@@ -7,6 +7,8 @@
     batchnorm run lr-sweep --seeds 5 --grid 0.01,0.1,1,3
     batchnorm run batch-sweep --variants none,bn --grid 2,8,32,128
     batchnorm run mlp --out runs/mlp --resume   continue an interrupted run
+    batchnorm run cnn --nproc 2                 data-parallel: DDP + SyncBatchNorm in 2 processes
+    torchrun --standalone --nproc_per_node 2 -m batchnorm run cnn      the same, started by torchrun
     batchnorm download mnist --data-dir data    fetch the IDX files, SHA-256 verified
 
 Every run writes metrics.csv, summary.json, PNG figures and report.html into its --out folder
@@ -15,6 +17,7 @@ Every run writes metrics.csv, summary.json, PNG figures and report.html into its
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -23,6 +26,9 @@ from pathlib import Path
 __all__ = ["main"]
 
 DEMO_OUT = Path("runs") / "demo"
+# = lab.distributed.DEFAULT_TIMEOUT and PEER_FAILED (not imported: `batchnorm list` starts without torch)
+DEFAULT_TIMEOUT = 300.0
+PEER_FAILED = 3
 
 
 def _floats(text: str) -> list[float]:
@@ -39,7 +45,7 @@ def _names(text: str) -> list[str]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="batchnorm", description="The batchnorm lab: BN vs no BN, and BN's claims tested over seeds.",
-        epilog="Examples:\n" + "\n".join(__doc__.splitlines()[2:11]), formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Examples:\n" + "\n".join(__doc__.splitlines()[2:13]), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,run,list,download}")
 
@@ -63,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--variants", type=_names, help="normalization variants to compare, comma-separated (sweeps)")
     run.add_argument("--log-every", type=int, dest="log_every", help="print progress every N epochs (0 = last only)")
     run.add_argument("--threads", type=int, help="torch CPU threads (default 1: fastest for these small nets)")
+    run.add_argument("--nproc", type=int, help="train data-parallel in N local processes (DDP + SyncBatchNorm, gloo)")
+    run.add_argument("--timeout", type=float, default=None,
+                     help=f"data-parallel: seconds a process waits for the others before failing (default {DEFAULT_TIMEOUT:g})")
     run.add_argument("--out", type=Path, help="output folder (default runs/EXPERIMENT)")
     run.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     run.add_argument("--overwrite", action="store_true", help="replace the run in --out")
@@ -94,6 +103,8 @@ def _run(name: str, overrides: dict, out: Path, resume: bool, overwrite: bool) -
     from .runner import start
 
     summary = start(name, overrides, out, resume=resume, overwrite=overwrite)
+    if summary is None:  # a data-parallel rank other than 0: rank 0 reports
+        return 0
     print()
     for variant, v in summary["variants"].items():
         acc = v["final_test_accuracy"]
@@ -106,6 +117,48 @@ def _run(name: str, overrides: dict, out: Path, resume: bool, overwrite: bool) -
         print(f"[{c['verdict']}] {c['claim']}\n    {c['evidence']}")
     print(f"\nreport: {out / 'report.html'}")
     return 0
+
+
+# How gloo says that a peer is gone or silent (it raises plain RuntimeErrors with these).
+_PEER_GONE = ("connection closed by peer", "connection reset by peer", "timed out", "broken pipe")
+
+
+def _peer_failed(error: BaseException, kinds: tuple[type, ...]) -> bool:
+    """Did `error` come from a broken collective (a peer failed)? SyncBatchNorm and our own helpers
+    re-raise the backend's error with a clearer message, so look down the chain of causes."""
+    while error is not None:
+        if isinstance(error, kinds) or any(words in str(error).lower() for words in _PEER_GONE):
+            return True
+        error = error.__cause__
+    return False
+
+
+def _is_other_rank() -> bool:
+    """A data-parallel rank other than 0 (those print nothing: rank 0 speaks for the run)."""
+    return os.environ.get("RANK", "0") != "0" and "WORLD_SIZE" in os.environ
+
+
+def _run_ranks(args, overrides: dict, out: Path, argv: list[str]) -> int:
+    """`run`, as one process, as one rank of a data-parallel run, or as the launcher of `--nproc` ranks."""
+    from . import distributed
+
+    if args.nproc is not None and args.nproc < 1:
+        raise ValueError(f"--nproc must be at least 1 (got {args.nproc})")
+    if args.timeout is not None and not args.timeout > 0:
+        raise ValueError(f"--timeout must be a positive number of seconds (got {args.timeout})")
+    ranks = distributed.from_environment()
+    if ranks is not None:  # started by `--nproc` or by torchrun: train as this rank
+        if args.nproc is not None and args.nproc != ranks.world:
+            raise ValueError(f"--nproc {args.nproc} disagrees with WORLD_SIZE={ranks.world} set by the launcher; drop --nproc under torchrun")
+        with distributed.process_group(ranks, args.timeout or DEFAULT_TIMEOUT):
+            return _run(args.experiment, overrides, out, args.resume, args.overwrite)
+    if args.nproc and args.nproc > 1:
+        from .runner import check
+
+        # Bad input fails here, once, before any rank starts.
+        check(args.experiment, overrides, out, resume=args.resume, overwrite=args.overwrite, nproc=args.nproc)
+        return distributed.launch(argv, args.nproc)
+    return _run(args.experiment, overrides, out, args.resume, args.overwrite)
 
 
 def _interrupt(signum, frame):
@@ -133,9 +186,10 @@ def main(argv: list[str] | None = None) -> int:
             return _run("circles", overrides, out, False, args.overwrite or args.out is None)
         overrides = {k: getattr(args, k) for k in (
             "seeds", "epochs", "lr", "batch_size", "data", "data_dir", "limit", "target", "grid", "variants", "log_every", "threads")}
-        return _run(args.experiment, overrides, args.out or Path("runs") / args.experiment, args.resume, args.overwrite)
+        out = args.out or Path("runs") / args.experiment
+        return _run_ranks(args, overrides, out, sys.argv[1:] if argv is None else list(argv))
     except KeyboardInterrupt:
-        if args.command in ("run", "demo"):
+        if args.command in ("run", "demo") and not _is_other_rank():
             out = getattr(args, "out", None) or (DEMO_OUT if args.command == "demo" else Path("runs") / args.experiment)
             name = "circles" if args.command == "demo" else args.experiment
             print(f"\ninterrupted; finished epochs are saved. Continue with: batchnorm run {name} --out {out} --resume",
@@ -144,6 +198,19 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # DataError, RunError, UnknownExperiment and bad flag values are ValueErrors
         print(f"batchnorm: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        # A data-parallel rank whose peers failed: say so in one line, not a backend traceback.
+        from torch.distributed import DistError
+
+        from .distributed import DistributedRunError
+
+        if not _peer_failed(e, (DistributedRunError, DistError)):
+            raise
+        message = " ".join(str(e).split())[:500]
+        if not message.startswith("rank "):
+            message = f"rank {os.environ.get('RANK', '?')}: {message}"
+        print(f"batchnorm: error: {message}", file=sys.stderr)
+        return PEER_FAILED
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

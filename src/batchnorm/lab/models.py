@@ -5,9 +5,9 @@
     mnist_cnn(norm)          seed 002: Conv(1,6,3,p=1)-BN-ReLU-Pool-Conv(6,16,5)-BN-ReLU-Pool-Linear(400,10)
     deep_mlp(depth, norm)    the depth and batch-size sweeps: `depth` hidden Linear(-BN)-ReLU blocks
 
-`norm` names a row of NORMS: "none", "bn", or "bn-seed002" (seed 002's own running-statistics rule,
-for comparison). The sweeps compare whatever names they are given,
-so a new variant (GhostBatchNorm, BatchRenorm, ...) joins them by adding one row here.
+`norm` names a row of NORMS: "none", "bn", "bn-seed002" (seed 002's own running-statistics rule,
+for comparison), "ghost" (GhostBatchNorm1d) or "renorm" (BatchRenorm1d). The sweeps compare
+whatever names they are given, so a new variant joins them by adding one row here.
 
 BN layers draw no random numbers at construction (weight=1, bias=0), so with the same seed the
 Linear and Conv layers of the BN and the no-BN net start from identical weights: the comparison
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 import batchnorm
 from batchnorm import functional as F
 
-__all__ = ["NORMS", "FunctionalBatchNorm", "Seed002BatchNorm", "circles_net", "mnist_mlp", "mnist_cnn", "deep_mlp", "check_norm"]
+__all__ = ["NORMS", "FunctionalBatchNorm", "Seed002BatchNorm", "LabGhostBatchNorm1d", "circles_net", "mnist_mlp", "mnist_cnn", "deep_mlp", "check_norm"]
 
 
 class FunctionalBatchNorm(nn.Module):
@@ -83,16 +83,53 @@ class Seed002BatchNorm(nn.Module):
         return F.batch_norm(x, None, None, self.gamma, self.beta, training=True, eps=self.eps)
 
 
+class LabGhostBatchNorm1d(batchnorm.GhostBatchNorm1d):
+    """GhostBatchNorm1d that takes any batch the sweeps' loader makes. (N, C) -> (N, C).
+
+    An epoch's last batch is short (1257 digits in batches of 16 leave 9), and cut into virtual
+    batches of 4 it would end in a chunk of one sample, which BN cannot normalize and the library's
+    layer rightly refuses. Here that sample joins the chunk before it (4, 4, 1 -> 4, 5): the same
+    layer, state_dict and eval, and a one-sample chunk never happens.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        size = self.virtual_batch_size
+        if not (self.training and x.shape[0] > size and x.shape[0] % size == 1):
+            return super().forward(x)
+        cut = x.shape[0] - size - 1  # chunks of `size` before, one of size + 1 after
+        head = [super().forward(x[:cut])] if cut else []  # first: running stats follow chunk order
+        last = batchnorm.BatchNorm1d.forward(self, x[cut:])  # one chunk: BN on its own statistics
+        return torch.cat([*head, last], dim=0)
+
+
+# GhostBatchNorm's virtual batch: every chunk of this many samples is normalized with its own
+# statistics. 4, so that in the batch-size sweep ghost BN is plain BN at batches 2 and 4 (a check
+# you can see in the plot) and from batch 8 on normalizes with the statistics of 4 samples while
+# averaging the gradient over the whole batch: it separates the noise of small-batch statistics
+# from the other effects of a small batch (more, noisier SGD steps per epoch).
+GHOST_VIRTUAL_BATCH = 4
+
+# BatchRenorm's clipping: r in [1/R_MAX, R_MAX], d in [-D_MAX, D_MAX]. Fixed at the values Ioffe
+# (2017) ends his schedule with, from the first step; the paper instead starts at r_max=1, d_max=0
+# (plain BN) and relaxes them over tens of thousands of steps, longer than these sweeps train.
+RENORM_R_MAX = 3.0
+RENORM_D_MAX = 5.0
+
 # name -> (features -> layer) for fully connected nets. "none" is an identity, so the no-BN net is
 # the same Sequential with the BN rows removed from the parameter list.
 NORMS: dict[str, Callable[[int], nn.Module]] = {
     "none": lambda features: nn.Identity(),
     "bn": lambda features: batchnorm.BatchNorm1d(features),
     "bn-seed002": Seed002BatchNorm,  # seed 002's running-statistics rule, for comparison only
+    "ghost": lambda features: LabGhostBatchNorm1d(features, virtual_batch_size=GHOST_VIRTUAL_BATCH),
+    "renorm": lambda features: batchnorm.BatchRenorm1d(features, r_max=RENORM_R_MAX, d_max=RENORM_D_MAX),
 }
 
 # how the plots and tables name a variant
-LABELS = {"none": "NoBN", "bn": "BN", "bn-seed002": "BN, seed 002's running-stats rule"}
+LABELS = {
+    "none": "NoBN", "bn": "BN", "bn-seed002": "BN, seed 002's running-stats rule",
+    "ghost": f"GhostBN (virtual batch {GHOST_VIRTUAL_BATCH})", "renorm": "BatchRenorm",
+}
 
 
 def label(norm: str) -> str:

@@ -24,6 +24,17 @@ _CYCLE = ["#2a9d5c", "#8e44ad", "#e08e0b", "#17becf", "#7f7f7f"]
 DPI = 130
 
 
+# marker and line style per variant, so that lines that coincide (GhostBN is BN at batches up to its
+# virtual batch) stay visible: the dashed line with open markers lets the one below show through.
+LINES = {"ghost": ("s", "--"), "renorm": ("^", "-"), "bn-seed002": ("D", "--")}
+
+
+def line(variant: str) -> dict:
+    marker, style = LINES.get(variant, ("o", "-"))
+    open_marker = style != "-"
+    return {"marker": marker, "linestyle": style, "markerfacecolor": "white" if open_marker else color(variant)}
+
+
 def color(variant: str) -> str:
     if variant not in COLORS:
         COLORS[variant] = _CYCLE[(len(COLORS) - 2) % len(_CYCLE)]
@@ -153,7 +164,7 @@ def sweep(path: Path, groups, *, xlabel: str, logx: bool, target: float, title: 
                 low = np.array([np.nanmin(a) if np.isfinite(a).any() else np.nan for a in values])
                 high = np.array([np.nanmax(a) if np.isfinite(a).any() else np.nan for a in values])
             ax.fill_between(x, low, high, color=color(v), alpha=0.18, linewidth=0)
-            ax.plot(x, mean, "o-", color=color(v), linewidth=1.8, markersize=5, label=label(v))
+            ax.plot(x, mean, color=color(v), linewidth=1.8, markersize=5, label=label(v), **line(v))
         for g in rows:
             if g.diverged():
                 any_diverged = True
@@ -172,11 +183,13 @@ def sweep(path: Path, groups, *, xlabel: str, logx: bool, target: float, title: 
     ax_loss.set_yscale("log")
     _style(ax_acc, "Final test accuracy" + ("  (x = diverged seeds)" if any_diverged else ""), xlabel, "accuracy")
     _style(ax_loss, "Final training loss", xlabel, "cross-entropy (log scale)")
-    ax_acc.legend(frameon=False, loc="lower left")
+    # One legend for both panels, below them: inside, it covers points at some setting or other.
+    handles, names = ax_acc.get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=min(len(names), 4), frameon=False)
     seeds = max(len(g.results) for g in groups)
     fig.suptitle(f"{title + ': ' if title else ''}mean over {seeds} seeds, band = lowest to highest seed",
                  fontsize=12, x=0.01, ha="left")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07 * ((len(names) + 3) // 4), 1, 1))
     _save(fig, path)
     return (f"Final test accuracy (left) and training loss (right) against the {xlabel}: mean over {seeds} seeds, "
             f"band = lowest to highest seed; dotted line = the target accuracy"

@@ -14,6 +14,9 @@ while running, also checkpoints/<key>.pt: the cell in progress, saved after ever
 Everything that can be wrong with the input (unknown experiment, bad flags, missing or corrupt
 data) is found before the folder is touched, so a bad command leaves nothing half-written and an
 existing run intact. Every file is written atomically (lab/io.py).
+
+In a data-parallel run (lab/distributed.py) every rank calls `start`; rank 0 alone touches the
+folder and tells the others which cells are still to train, and only rank 0 returns the summary.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import io
+from . import distributed, io
 from .config import RunConfig
 from .data import load
 from .experiments import get
@@ -37,7 +40,7 @@ from .experiments.base import Cell, CellResult, groups
 from .models import label
 from .train import COLUMNS, History, train
 
-__all__ = ["start", "RunError", "METRIC_COLUMNS"]
+__all__ = ["start", "check", "RunError", "METRIC_COLUMNS"]
 
 METRIC_COLUMNS = ["variant", "setting", "seed", *COLUMNS]
 _OURS = ("config.json", "summary.json", "metrics.csv", "report.html", "cells", "checkpoints")
@@ -76,6 +79,7 @@ def environment() -> dict[str, Any]:
         "batchnorm": batchnorm.__version__,
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "processes": distributed.current().world,  # > 1: data-parallel (DDP + SyncBatchNorm)
         "started_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -154,6 +158,26 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="epoch", disable=quiet, leave=False, dynamic_ncols=True)
 
 
+def check(name: str, overrides: dict[str, Any], out: str | os.PathLike, *, resume: bool = False,
+          overwrite: bool = False, nproc: int = 1) -> None:
+    """Raise what `start` would raise for this input, touching nothing (the `--nproc` launcher's check)."""
+    out = Path(out)
+    config = resolve(name, overrides, out, resume)
+    _prepare(out, resume, overwrite)
+    _cells_of(name, config, nproc)
+
+
+def _cells_of(name: str, config: RunConfig, world: int):
+    experiment = get(name)
+    data = load(config.data, config.data_dir, config.limit)
+    cells = experiment.cells(config, data)
+    if world > 1:  # every variant's model must be one SyncBatchNorm can make data-parallel
+        for variant in dict.fromkeys(c.variant for c in cells):
+            cell = next(c for c in cells if c.variant == variant)
+            distributed.check_synchronizable(cell.make_model(), f"{name} variant {variant!r}")
+    return data, cells
+
+
 def start(
     name: str,
     overrides: dict[str, Any],
@@ -163,39 +187,55 @@ def start(
     overwrite: bool = False,
     log: Callable[[str], None] = print,
     on_epoch: Callable[[Cell, dict], None] | None = None,
-) -> dict[str, Any]:
-    """Run experiment `name` into `out`; returns the summary that summary.json holds."""
+) -> dict[str, Any] | None:
+    """Run experiment `name` into `out`; returns the summary that summary.json holds (None on ranks > 0)."""
     out = Path(out)
+    ranks = distributed.current()
     experiment = get(name)
     config = resolve(name, overrides, out, resume)
-    _prepare(out, resume, overwrite)
-    data = load(config.data, config.data_dir, config.limit)
-    cells = experiment.cells(config, data)
-    # Input is valid: from here on the folder is ours.
-    if overwrite and not resume:
-        _clear(out)
-    (out / "cells").mkdir(parents=True, exist_ok=True)
-    (out / "checkpoints").mkdir(exist_ok=True)
-    io.write_json(out / "config.json", _finite(config.numbers()))
+    refused = None
+    if ranks.main:
+        try:
+            _prepare(out, resume, overwrite)
+        except RunError as error:
+            refused = error
+    refused = distributed.broadcast(refused, ranks)  # DDP: every rank stops on rank 0's verdict
+    if refused is not None:
+        raise refused
+    data, cells = _cells_of(name, config, ranks.world)
+    # Input is valid: from here on the folder is ours (rank 0's).
+    if ranks.main:
+        if overwrite and not resume:
+            _clear(out)
+        (out / "cells").mkdir(parents=True, exist_ok=True)
+        (out / "checkpoints").mkdir(exist_ok=True)
+        io.write_json(out / "config.json", _finite(config.numbers()))
 
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     try:
-        return _train_all(experiment, config, data, cells, out, log, on_epoch)
+        return _train_all(experiment, config, data, cells, out, log, on_epoch, ranks)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train_all(experiment, config, data, cells, out: Path, log, on_epoch) -> dict[str, Any]:
+def _train_all(experiment, config, data, cells, out: Path, log, on_epoch, ranks) -> dict[str, Any] | None:
     results: list[CellResult] = []
     train_seconds = 0.0
-    todo = [c for c in cells if not (out / "cells" / f"{c.key}.json").is_file()]
+    done = {c.key for c in cells if (out / "cells" / f"{c.key}.json").is_file()} if ranks.main else None
+    done = distributed.broadcast(done, ranks)  # DDP: rank 0 decides, before it writes any record
+    if not ranks.main:  # the other ranks train alongside rank 0, silently, and write nothing
+        for cell in cells:
+            if cell.key not in done:
+                train(cell.make_model, data, cell.settings, seed=cell.seed, checkpoint=out / "checkpoints" / f"{cell.key}.pt")
+        return None
+    todo = [c for c in cells if c.key not in done]
     bar = _progress(sum(c.settings.epochs for c in todo), desc=experiment.name)
     say = bar.write if not bar.disable else log
     try:
         for cell in cells:
             record_path = out / "cells" / f"{cell.key}.json"
-            if record_path.is_file():  # finished before an interruption: keep it
+            if cell.key in done:  # finished before an interruption: keep it
                 record = io.read_json(record_path)
                 history = History([_nan(r) for r in record["rows"]], record["diverged"])
                 results.append(CellResult(cell, history, record["extras"]))

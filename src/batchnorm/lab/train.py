@@ -13,8 +13,12 @@ batch-order generator and torch's global RNG all come back.
 A loss that is not finite stops the run and marks it diverged: its remaining epochs would only
 compute NaNs, and a sweep over learning rates wants to count divergences, not wait for them.
 
-Data-parallel training (DistributedDataParallel + SyncBatchNorm, `--nproc`) is not implemented; the
-four places it would change are marked `# DDP:` below.
+Data-parallel (`--nproc N` or torchrun; see lab/distributed.py for the launch and the arithmetic):
+the same loop on every rank, with the differences marked `# DDP:` below. Every rank draws the
+same global batches and trains on its own part of each, the model's BN layers become SyncBatchNorm
+inside DistributedDataParallel, the loss is scaled so that DDP's gradient average is the gradient
+of the global batch's mean loss, and rank 0 alone checkpoints and evaluates. In a single process
+those steps are the identity: `ranks` is distributed.SINGLE.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from . import distributed
 from .data import Dataset
 from .io import save_torch
 
@@ -70,7 +75,6 @@ def batch_order(n: int, batch_size: int, generator: torch.Generator) -> list[Ten
     if batch_size <= 0 or batch_size >= n:
         return [torch.arange(n)]
     order = torch.randperm(n, generator=generator)
-    # DDP: each rank would take order[rank::world_size] here (DistributedSampler's split).
     batches = list(order.split(batch_size))
     if len(batches[-1]) == 1:
         batches.pop()
@@ -97,9 +101,12 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int = 1024) 
 def _accuracy_with_batch_stats(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> float:
     """Test accuracy normalizing with each test batch's own statistics (train-mode BN).
 
-    On a deep copy, so the real model's running statistics are not touched.
+    On a deep copy, so the real model's running statistics are not touched; with plain BN, so that
+    a data-parallel run's rank 0 measures it alone (SyncBatchNorm would wait for the other ranks).
     """
-    probe = copy.deepcopy(model).train()
+    import batchnorm
+
+    probe = batchnorm.convert(copy.deepcopy(model), to="batchnorm").train()
     return accuracy(probe, x, y, batch_size=batch_size)
 
 
@@ -119,22 +126,27 @@ def train(
     checkpoint already there is continued from. `on_epoch(row)` runs after each epoch; whatever it
     raises interrupts the run like Ctrl-C, with the epoch kept.
     """
+    ranks = distributed.current()  # SINGLE unless this process is one rank of a data-parallel run
     torch.manual_seed(seed)
     model = make_model()
-    # DDP: wrap here, `nn.SyncBatchNorm.convert_sync_batchnorm(model)` then DistributedDataParallel.
-    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr)
     generator = torch.Generator().manual_seed(seed)
     history = History()
 
-    if checkpoint is not None and checkpoint.exists():
+    state = None
+    if checkpoint is not None and ranks.main and checkpoint.exists():
         state = torch.load(checkpoint, weights_only=True)
+    state = distributed.broadcast(state, ranks)  # DDP: every rank continues from rank 0's checkpoint.
+    if state is not None:
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         history = History(json.loads(state["rows"]), state["diverged"])
+    # DDP: BN -> SyncBatchNorm, then DistributedDataParallel (in a single process: `model` itself).
+    net = distributed.wrap(model, ranks)
+    optimizer = torch.optim.SGD(net.parameters(), lr=settings.lr)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
 
-    loss_fn = nn.CrossEntropyLoss()
     snapshot, saved_at = None, time.monotonic()
     try:
         with warnings.catch_warnings():
@@ -142,9 +154,9 @@ def train(
             # but the run is already recorded as diverged, which says more.
             warnings.filterwarnings("ignore", message=".*not finite.*", category=RuntimeWarning)
             while len(history.rows) < settings.epochs and not history.diverged:
-                history.rows.append(_epoch(model, optimizer, loss_fn, data, settings, generator, history))
-                if checkpoint is not None:  # DDP: rank 0 only.
-                    snapshot = _snapshot(model, optimizer, generator, history)
+                history.rows.append(_epoch(net, optimizer, data, settings, generator, history, ranks))
+                if checkpoint is not None and ranks.main:  # DDP: rank 0 alone writes.
+                    snapshot = _snapshot(distributed.inner(net), optimizer, generator, history)
                     if time.monotonic() - saved_at >= SAVE_EVERY:
                         _save(checkpoint, snapshot)
                         saved_at = time.monotonic()
@@ -155,36 +167,46 @@ def train(
         if snapshot is not None:
             _save(checkpoint, snapshot)
         raise
-    return model, history
+    return distributed.unwrap(net), history
 
 
-def _epoch(model, optimizer, loss_fn, data: Dataset, settings: Settings, generator, history: History) -> dict:
-    """One pass over the training set, then the evaluations; returns the epoch's row."""
-    model.train()
-    loss_sum = correct = seen = 0.0
+def _epoch(net, optimizer, data: Dataset, settings: Settings, generator, history: History, ranks) -> dict:
+    """One pass over the training set, then the evaluations; returns the epoch's row.
+
+    `net` is the model, or in a data-parallel run its DDP wrapper; rank 0 evaluates the model
+    itself. The loss is `world * sum / global_batch` (see lab/distributed.py): with one process
+    exactly the mean cross-entropy of the batch, as the tutorials train.
+    """
+    net.train()
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    correct = seen = 0
     for index in batch_order(len(data.x_train), settings.batch_size, generator):
-        x, y = data.x_train[index], data.y_train[index]
-        logits = model(x)
-        loss = loss_fn(logits, y)
-        if not torch.isfinite(loss):
+        part = distributed.my_part(index, ranks)  # DDP: this rank's part of the global batch
+        x, y = data.x_train[part], data.y_train[part]
+        logits = net(x)
+        local_sum = nn.functional.cross_entropy(logits, y, reduction="sum")
+        # DDP: the global batch's summed loss on every rank, so that all ranks stop together.
+        batch_sum = distributed.all_sum(local_sum.detach(), ranks)
+        if not torch.isfinite(batch_sum):
             history.diverged = True
             break
         optimizer.zero_grad()
-        loss.backward()
+        (local_sum * ranks.world / len(index)).backward()
         optimizer.step()
-        loss_sum += loss.item() * len(y)
+        loss_sum += batch_sum
         correct += int((logits.argmax(dim=1) == y).sum())
-        seen += len(y)
-    # DDP: all-reduce loss_sum, correct and seen here, so every rank logs the same numbers.
-    model.eval()
+        seen += len(index)
+    correct = int(distributed.all_sum([correct], ranks))  # DDP: every rank's correct predictions
+    model = distributed.inner(net).eval()
+    evaluate = ranks.main  # DDP: rank 0 alone evaluates; the running statistics are the same everywhere
     return {
         "epoch": len(history.rows),
-        "train_loss": math.nan if history.diverged else loss_sum / seen,
+        "train_loss": math.nan if history.diverged else float(loss_sum) / seen,
         "train_accuracy": correct / seen if seen else math.nan,
-        "test_accuracy": accuracy(model, data.x_test, data.y_test),
+        "test_accuracy": accuracy(model, data.x_test, data.y_test) if evaluate else math.nan,
         "test_accuracy_batch_stats": (
             _accuracy_with_batch_stats(model, data.x_test, data.y_test, settings.batch_stats_eval)
-            if settings.batch_stats_eval else math.nan
+            if settings.batch_stats_eval and evaluate else math.nan
         ),
     }
 

@@ -163,14 +163,40 @@ def batch_claims(config: RunConfig, results: list[CellResult]) -> list[Claim]:
             continue
         other = find(gs, variant, smallest.setting)
         gain = other.mean("test_accuracy") - smallest.mean("test_accuracy")
+        same = (f" At batches up to {models.GHOST_VIRTUAL_BATCH}, GhostBN is plain BN (a single virtual batch)."
+                if variant == "ghost" and smallest.setting <= models.GHOST_VIRTUAL_BATCH else "")
         claims.append(Claim(
             f"{models.label(variant)} holds up better than BN at small batches.",
             gain > tolerance,
             f"at batch {smallest.setting:g}: {models.label(variant)} {fmt_pct(other.mean('test_accuracy'))}, "
             f"BN {fmt_pct(smallest.mean('test_accuracy'))} ({100 * gain:+.1f} points; more than the tolerance "
-            f"{100 * tolerance:.1f} counts).",
+            f"{100 * tolerance:.1f} counts).{same}",
         ))
+    if "ghost" in {g.variant for g in gs}:
+        claims += _ghost_claim(gs, bn)
     return claims
+
+
+def _ghost_claim(gs, bn) -> list[Claim]:
+    """Above its virtual batch, GhostBN has BN's gradient batch but the statistics of a few samples:
+    if it falls behind BN there, noisy statistics (not fewer or noisier SGD steps) cost accuracy."""
+    v = models.GHOST_VIRTUAL_BATCH
+    above = [g for g in bn if g.setting > v]
+    if not above:
+        return []
+    ghost = [find(gs, "ghost", g.setting) for g in above]
+    # the seed spread of the groups compared here (the tiny batches, far noisier, are not among them)
+    tolerance = max(max(g.std("test_accuracy") for g in above + ghost), 0.005)
+    behind = {g.setting: g.mean("test_accuracy") - o.mean("test_accuracy") for g, o in zip(above, ghost)}
+    mean_behind = sum(behind.values()) / len(behind)
+    return [Claim(
+        f"Normalizing with the statistics of a few samples costs accuracy by itself: GhostBN (statistics of "
+        f"{v} samples, gradient of the whole batch) falls behind BN at the same batch size.",
+        mean_behind > tolerance,
+        f"BN minus GhostBN in final test accuracy, by batch size: "
+        + ", ".join(f"{b:g}: {100 * d:+.1f}" for b, d in behind.items())
+        + f" points; {100 * mean_behind:+.1f} on average (more than the tolerance {100 * tolerance:.1f} counts).",
+    )]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,10 +330,14 @@ BATCH_SWEEP = Experiment(
     title="Claim: BN degrades with small batches",
     description=(
         "Final test accuracy over the training batch size, for each normalization variant (--variants, names "
-        "from batchnorm.lab.models.NORMS), MLP 784-100-100-10, lr 0.1, the same number of epochs at every size."
+        "from batchnorm.lab.models.NORMS), MLP 784-100-100-10, lr 0.1, the same number of epochs at every size. "
+        f"Beside plain BN: GhostBatchNorm1d with virtual batches of {models.GHOST_VIRTUAL_BATCH} (plain BN at "
+        f"batches up to {models.GHOST_VIRTUAL_BATCH}; above, the statistics of {models.GHOST_VIRTUAL_BATCH} samples "
+        f"with the gradient of the whole batch) and BatchRenorm1d with r_max={models.RENORM_R_MAX:g}, "
+        f"d_max={models.RENORM_D_MAX:g} fixed from the first step."
     ),
     defaults=dict(seeds=3, epochs=4, data="digits", target=0.9,
-                  grid=[2, 4, 8, 16, 32, 64, 128, 256], variants=["none", "bn"]),
+                  grid=[2, 4, 8, 16, 32, 64, 128, 256], variants=["none", "bn", "ghost", "renorm"]),
     setting_name="batch size",
     cells=_sweep("batch_size", "batch sizes", integer=True),
     claims=batch_claims,
