@@ -17,12 +17,14 @@ import tempfile
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["load", "cache_dir", "KERNEL_FLAGS"]
+__all__ = ["load", "cache_dir", "REDUCE_FLAGS", "ELEMENTWISE_FLAGS"]
 
-# parallel: prange over planes / row chunks; fastmath lets LLVM vectorize the float64 reductions
-# (reassociation) -- it does not change the formulas, and every kernel is tested against the
-# float64 reference; cache: compile once per machine, not once per process.
-KERNEL_FLAGS = dict(parallel=True, fastmath=True, cache=True, nogil=True)
+# parallel: prange over planes / row chunks; cache: compile once per machine, not per process.
+# Reductions may reassociate their float64 sums (that is what lets LLVM vectorize them); nothing
+# else may: "nnan"/"ninf" would let NaN inputs go unnoticed, and reassociating the elementwise
+# (x - mean_hi) - mean_lo would fold the two parts of the mean back into one rounded value.
+REDUCE_FLAGS = dict(parallel=True, cache=True, nogil=True, fastmath={"reassoc", "nsz", "contract"})
+ELEMENTWISE_FLAGS = dict(parallel=True, cache=True, nogil=True, fastmath={"contract"})
 
 _PACKAGE_CACHE = Path(__file__).resolve().parent / "__pycache__"
 _numba: ModuleType | None = None

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from . import _numba
 from .activations import CODES
+from . import reference
 from .reference import compute_dtype, output_memory_format
 
 __all__ = [
@@ -103,6 +104,24 @@ def _consts(x: Tensor, param: float) -> np.ndarray:
     return np.array([param, 1.0, -1.0 + np.finfo(dt).eps], dt)
 
 
+# The dtype batch statistics come back in, as the reference returns them (float64 for float32 input
+# on branches where the reference keeps the float64 mean; x's dtype where it does not).
+_stats_dtype = getattr(reference, "stats_dtype", compute_dtype)
+
+
+def _split(v64: np.ndarray, x: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """A float64 vector as hi + lo in x's dtype: hi is v rounded, lo what the rounding lost."""
+    hi = _to(v64, x)
+    return hi, _to(v64 - hi.astype(np.float64), x)
+
+
+def _empty(x: Tensor, layout: str) -> Tensor:
+    """An output for x, dense in the layout the kernels write."""
+    if layout == ROWS_CHANNELS_LAST:
+        return torch.empty_like(x, memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
 def _nchunk(rows: int, threads: int) -> int:
     """Row chunks for the rows reductions: a few per thread to balance, never more than rows."""
     return max(1, min(rows, 4 * threads))
@@ -141,7 +160,8 @@ def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
         mean = (w * pmean).sum(0)
         m2 = pm2.sum(0) + (pcount[:, None] * (pmean - mean) ** 2).sum(0)
     var = m2 / count
-    return torch.from_numpy(_to(mean, x)), torch.from_numpy(_to(var, x))
+    dtype = _stats_dtype(x)
+    return torch.from_numpy(mean).to(dtype), torch.from_numpy(var).to(dtype)
 
 
 # ---------------------------------------------------------------------------------- forward
@@ -159,13 +179,13 @@ def normalize_act(
     planar, rows = _kernels()
     layout = layout_of(x)
     invstd64 = _f64(invstd, x, 1.0)
-    off = _to(_f64(mean, x, 0.0), x)
+    off, off_lo = _split(_f64(mean, x, 0.0), x)
     scale = _to(invstd64 * _f64(weight, x, 1.0), x)
     shift = _to(_f64(bias, x, 0.0), x)
-    y = torch.empty_like(x, memory_format=output_memory_format(x)) if out is None else out
+    y = _empty(x, layout) if out is None else out
     kernels = planar if layout == PLANAR else rows
-    kernels.forward(_view(x, layout), _view(y, layout), off, scale, shift, CODES[activation], _consts(x, param))
-    return y
+    kernels.forward(_view(x, layout), _view(y, layout), off, off_lo, scale, shift, CODES[activation], _consts(x, param))
+    return y if out is not None else y.contiguous(memory_format=output_memory_format(x))
 
 
 def normalize(x: Tensor, mean: Tensor | None, invstd: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
@@ -203,8 +223,9 @@ def backward_reduce_act(
     layout = layout_of(saved)
     tv = _view(saved, layout)
     dyv = _view(_as_layout(dy, layout), layout)
-    off, mul, scale, shift = _channel_vectors(saved, mean, invstd, weight, bias, from_output)
-    args = (_to(off, saved), _to(scale, saved), _to(shift, saved), CODES[activation], _consts(saved, param), from_output)
+    off64, mul, scale, shift = _channel_vectors(saved, mean, invstd, weight, bias, from_output)
+    off, _ = _split(off64, saved)
+    args = (off, _to(scale, saved), _to(shift, saved), CODES[activation], _consts(saved, param), from_output)
     if layout == PLANAR:
         n, c, _ = tv.shape
         psum = np.empty((n, c), np.float64)
@@ -217,7 +238,8 @@ def backward_reduce_act(
         pdot = np.empty((nchunk, c), np.float64)
         rows.backward_reduce(tv, dyv, nchunk, *args, psum, pdot)
     sum_g = psum.sum(0)  # (parts, C) -> (C,)
-    sum_g_xhat = pdot.sum(0) * mul  # (parts, C) -> (C,)
+    # sum(g * (u - off64)) = sum(g * (u - off)) - (off64 - off) * sum(g), in float64
+    sum_g_xhat = (pdot.sum(0) - (off64 - off.astype(np.float64)) * sum_g) * mul  # (parts, C) -> (C,)
     return torch.from_numpy(_to(sum_g, saved)), torch.from_numpy(_to(sum_g_xhat, saved))
 
 
@@ -244,13 +266,13 @@ def backward_elemt_act(
     k_g = _f64(invstd, saved, 1.0) * _f64(weight, saved, 1.0)
     k_u = -k_g * mul * _f64(mean_g_xhat, saved, 0.0)
     k_0 = -k_g * _f64(mean_g, saved, 0.0)
-    dx = torch.empty_like(saved, memory_format=output_memory_format(saved))
+    dx = _empty(saved, layout)
     kernels = planar if layout == PLANAR else rows
     kernels.backward_elemt(
         _view(saved, layout),
         _view(_as_layout(dy, layout), layout),
         _view(dx, layout),
-        _to(off, saved),
+        *_split(off, saved),
         _to(scale, saved),
         _to(shift, saved),
         CODES[activation],
@@ -260,7 +282,7 @@ def backward_elemt_act(
         _to(k_u, saved),
         _to(k_0, saved),
     )
-    return dx
+    return dx.contiguous(memory_format=output_memory_format(saved))
 
 
 def backward_reduce(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor) -> tuple[Tensor, Tensor]:

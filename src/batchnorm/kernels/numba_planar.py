@@ -19,15 +19,20 @@ t is the input x. In both modes the per-channel vectors are chosen by the driver
 
 and the kernels only accumulate sums of g * (u - off), g = dy * act'(z); the driver multiplies by
 `mul`. Elementwise passes compute in x's dtype with per-channel constants precomputed in float64.
+
+The float64 mean is passed as off + off_lo, both in x's dtype (off_lo is what rounding the mean
+to x's dtype lost): `(x - off) - off_lo` keeps the mean's precision where x is close to it, which
+is what matters when |mean| >> std. The reductions take only `off` and the driver subtracts
+off_lo * sum(g) in float64.
 """
 import numpy as np
 from numba import njit, prange
 
 from . import numba_act as act
-from ._numba import KERNEL_FLAGS
+from ._numba import ELEMENTWISE_FLAGS, REDUCE_FLAGS
 
 
-@njit(**KERNEL_FLAGS)
+@njit(**REDUCE_FLAGS)
 def stats(x3, pmean, pm2):
     """Per-plane mean and sum of squared deviations, float64: (N, C, L) -> (N, C), (N, C)."""
     N, C, L = x3.shape
@@ -46,8 +51,8 @@ def stats(x3, pmean, pm2):
         pm2[n, c] = d2
 
 
-@njit(**KERNEL_FLAGS)
-def forward(x3, y3, off, scale, shift, code, consts):
+@njit(**ELEMENTWISE_FLAGS)
+def forward(x3, y3, off, off_lo, scale, shift, code, consts):
     """y = act((x - off) * scale + shift), per channel. y3 may be x3 (in-place)."""
     N, C, L = x3.shape
     p = consts[0]
@@ -56,13 +61,14 @@ def forward(x3, y3, off, scale, shift, code, consts):
         n = q // C
         c = q - n * C
         o = off[c]
+        ol = off_lo[c]
         s = scale[c]
         b = shift[c]
         for i in range(L):
-            y3[n, c, i] = act.forward((x3[n, c, i] - o) * s + b, code, p, one)
+            y3[n, c, i] = act.forward((x3[n, c, i] - o - ol) * s + b, code, p, one)
 
 
-@njit(**KERNEL_FLAGS)
+@njit(**REDUCE_FLAGS)
 def backward_reduce(t3, dy3, off, scale, shift, code, consts, from_output, psum, pdot):
     """Per-plane sum(g) and sum(g * (u - off)), float64: (N, C, L) -> (N, C), (N, C)."""
     N, C, L = t3.shape
@@ -98,8 +104,8 @@ def backward_reduce(t3, dy3, off, scale, shift, code, consts, from_output, psum,
         pdot[n, c] = sgu
 
 
-@njit(**KERNEL_FLAGS)
-def backward_elemt(t3, dy3, dx3, off, scale, shift, code, consts, from_output, k_g, k_u, k_0):
+@njit(**ELEMENTWISE_FLAGS)
+def backward_elemt(t3, dy3, dx3, off, off_lo, scale, shift, code, consts, from_output, k_g, k_u, k_0):
     """dx = k_g * g + k_u * (u - off) + k_0, per channel."""
     N, C, L = t3.shape
     p = consts[0]
@@ -109,6 +115,7 @@ def backward_elemt(t3, dy3, dx3, off, scale, shift, code, consts, from_output, k
         n = q // C
         c = q - n * C
         o = off[c]
+        ol = off_lo[c]
         s = scale[c]
         b = shift[c]
         kg = k_g[c]
@@ -118,12 +125,12 @@ def backward_elemt(t3, dy3, dx3, off, scale, shift, code, consts, from_output, k
             for i in range(L):
                 t = t3[n, c, i]
                 g = dy3[n, c, i] * act.grad_from_y(t, code, p, one)
-                dx3[n, c, i] = kg * g + ku * (act.inverse(t, code, p, one, floor) - o) + k0
+                dx3[n, c, i] = kg * g + ku * (act.inverse(t, code, p, one, floor) - o - ol) + k0
         elif code == act.IDENTITY:
             for i in range(L):
-                dx3[n, c, i] = kg * dy3[n, c, i] + ku * (t3[n, c, i] - o) + k0
+                dx3[n, c, i] = kg * dy3[n, c, i] + ku * (t3[n, c, i] - o - ol) + k0
         else:
             for i in range(L):
                 t = t3[n, c, i]
-                g = dy3[n, c, i] * act.grad((t - o) * s + b, code, p, one)
-                dx3[n, c, i] = kg * g + ku * (t - o) + k0
+                g = dy3[n, c, i] * act.grad((t - o - ol) * s + b, code, p, one)
+                dx3[n, c, i] = kg * g + ku * (t - o - ol) + k0

@@ -20,10 +20,10 @@ import numpy as np
 from numba import njit, prange
 
 from . import numba_act as act
-from ._numba import KERNEL_FLAGS
+from ._numba import ELEMENTWISE_FLAGS, REDUCE_FLAGS
 
 
-@njit(**KERNEL_FLAGS)
+@njit(**REDUCE_FLAGS)
 def stats(x2, nchunk, block, pmean, pm2, pcount):
     """Per-chunk mean, sum of squared deviations and count: (R, C) -> (nchunk, C) x2, (nchunk,)."""
     R, C = x2.shape
@@ -63,18 +63,18 @@ def stats(x2, nchunk, block, pmean, pm2, pcount):
         pcount[k] = na
 
 
-@njit(**KERNEL_FLAGS)
-def forward(x2, y2, off, scale, shift, code, consts):
+@njit(**ELEMENTWISE_FLAGS)
+def forward(x2, y2, off, off_lo, scale, shift, code, consts):
     """y = act((x - off) * scale + shift), per channel. y2 may be x2 (in-place)."""
     R, C = x2.shape
     p = consts[0]
     one = consts[1]
     for r in prange(R):
         for c in range(C):
-            y2[r, c] = act.forward((x2[r, c] - off[c]) * scale[c] + shift[c], code, p, one)
+            y2[r, c] = act.forward((x2[r, c] - off[c] - off_lo[c]) * scale[c] + shift[c], code, p, one)
 
 
-@njit(**KERNEL_FLAGS)
+@njit(**REDUCE_FLAGS)
 def backward_reduce(t2, dy2, nchunk, off, scale, shift, code, consts, from_output, psum, pdot):
     """Per-chunk sum(g) and sum(g * (u - off)), float64: (R, C) -> (nchunk, C), (nchunk, C)."""
     R, C = t2.shape
@@ -110,8 +110,8 @@ def backward_reduce(t2, dy2, nchunk, off, scale, shift, code, consts, from_outpu
             pdot[k, c] = sgu[c]
 
 
-@njit(**KERNEL_FLAGS)
-def backward_elemt(t2, dy2, dx2, off, scale, shift, code, consts, from_output, k_g, k_u, k_0):
+@njit(**ELEMENTWISE_FLAGS)
+def backward_elemt(t2, dy2, dx2, off, off_lo, scale, shift, code, consts, from_output, k_g, k_u, k_0):
     """dx = k_g * g + k_u * (u - off) + k_0, per channel."""
     R, C = t2.shape
     p = consts[0]
@@ -122,12 +122,12 @@ def backward_elemt(t2, dy2, dx2, off, scale, shift, code, consts, from_output, k
             for c in range(C):
                 t = t2[r, c]
                 g = dy2[r, c] * act.grad_from_y(t, code, p, one)
-                dx2[r, c] = k_g[c] * g + k_u[c] * (act.inverse(t, code, p, one, floor) - off[c]) + k_0[c]
+                dx2[r, c] = k_g[c] * g + k_u[c] * (act.inverse(t, code, p, one, floor) - off[c] - off_lo[c]) + k_0[c]
         elif code == act.IDENTITY:
             for c in range(C):
-                dx2[r, c] = k_g[c] * dy2[r, c] + k_u[c] * (t2[r, c] - off[c]) + k_0[c]
+                dx2[r, c] = k_g[c] * dy2[r, c] + k_u[c] * (t2[r, c] - off[c] - off_lo[c]) + k_0[c]
         else:
             for c in range(C):
                 t = t2[r, c]
-                g = dy2[r, c] * act.grad((t - off[c]) * scale[c] + shift[c], code, p, one)
-                dx2[r, c] = k_g[c] * g + k_u[c] * (t - off[c]) + k_0[c]
+                g = dy2[r, c] * act.grad((t - off[c] - off_lo[c]) * scale[c] + shift[c], code, p, one)
+                dx2[r, c] = k_g[c] * g + k_u[c] * (t - off[c] - off_lo[c]) + k_0[c]
