@@ -132,6 +132,21 @@ def _to(a: np.ndarray, x: Tensor) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------- statistics
+def _chan_merge(pmean: np.ndarray, pm2: np.ndarray, pcount: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Merge partial (mean, m2, count) into the whole's (Chan et al.): (parts, C) -> (C,), (C,).
+
+        mean = sum(count_p * mean_p) / count,  m2 = sum(m2_p) + sum(count_p * (mean_p - mean)^2)
+
+    The means are taken relative to the first part's, so a constant channel gives mean exactly
+    that constant and m2 exactly 0, whatever the magnitude.
+    """
+    count = pcount.sum()
+    shift = pmean[0]
+    mean = shift + (pcount[:, None] * (pmean - shift)).sum(0) / count  # (parts, C) -> (C,)
+    m2 = pm2.sum(0) + (pcount[:, None] * (pmean - mean) ** 2).sum(0)  # (parts, C) -> (C,)
+    return mean, m2
+
+
 def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance, one read of x, float64: (N, C, *) -> (C,), (C,)."""
     planar, rows = _kernels()
@@ -142,10 +157,7 @@ def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
         pmean = np.empty((n, c), np.float64)
         pm2 = np.empty((n, c), np.float64)
         planar.stats(xv, pmean, pm2)
-        # Chan's merge of N equal-count planes: (N, C) -> (C,)
-        mean = pmean.mean(0)
-        m2 = pm2.sum(0) + length * ((pmean - mean) ** 2).sum(0)
-        count = n * length
+        pcount = np.full(n, float(length))
     else:
         r, c = xv.shape
         nchunk = _nchunk(r, _kernels.numba.get_num_threads())
@@ -154,12 +166,8 @@ def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
         pm2 = np.empty((nchunk, c), np.float64)
         pcount = np.empty(nchunk, np.float64)
         rows.stats(xv, nchunk, block, pmean, pm2, pcount)
-        # Chan's merge of chunks with unequal counts: (nchunk, C) -> (C,)
-        count = r
-        w = (pcount / count)[:, None]
-        mean = (w * pmean).sum(0)
-        m2 = pm2.sum(0) + (pcount[:, None] * (pmean - mean) ** 2).sum(0)
-    var = m2 / count
+    mean, m2 = _chan_merge(pmean, pm2, pcount)
+    var = m2 / pcount.sum()
     dtype = _stats_dtype(x)
     return torch.from_numpy(mean).to(dtype), torch.from_numpy(var).to(dtype)
 
