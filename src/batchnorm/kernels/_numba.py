@@ -6,6 +6,13 @@ the source in `kernels/__pycache__`. When that directory is not writable (a syst
 read-only install), NUMBA_CACHE_DIR is pointed at a per-user directory *before* Numba is imported,
 because Numba reads it once at import. An explicit NUMBA_CACHE_DIR from the user always wins.
 
+Threading layer: unless NUMBA_THREADING_LAYER says otherwise, the kernels run on Numba's own
+"workqueue" pool, not OpenMP. torch ships its own libgomp, so an OpenMP layer would be a second
+OpenMP runtime whose threads spin-wait against torch's on the same cores (measured on 2 cores:
+BN forward + backward 1.5-2x slower than with workqueue), and GNU OpenMP breaks in forked
+processes (DataLoader workers). workqueue must not be entered by two threads at once, so the
+drivers serialize their launches with `LAUNCH_LOCK` (each launch already uses every core).
+
 Parallel writers (pytest-xdist workers, several training processes) are safe: Numba writes each
 cache file to a temporary name and renames it into place, so a reader sees either the old or the
 new file, and the worst case of a race is one extra compilation.
@@ -14,10 +21,14 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["load", "cache_dir", "REDUCE_FLAGS", "ELEMENTWISE_FLAGS"]
+__all__ = ["load", "cache_dir", "REDUCE_FLAGS", "ELEMENTWISE_FLAGS", "LAUNCH_LOCK"]
+
+# One parallel kernel at a time per process (see the threading layer above).
+LAUNCH_LOCK = threading.Lock()
 
 # parallel: prange over planes / row chunks; cache: compile once per machine, not per process.
 # Reductions may reassociate their float64 sums (that is what lets LLVM vectorize them); nothing
@@ -64,5 +75,7 @@ def load() -> ModuleType:
             os.environ["NUMBA_CACHE_DIR"] = str(fallback)
         import numba
 
+        if not os.environ.get("NUMBA_THREADING_LAYER"):
+            numba.config.THREADING_LAYER = "workqueue"
         _numba = numba
     return _numba

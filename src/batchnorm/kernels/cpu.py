@@ -156,7 +156,8 @@ def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
         n, c, length = xv.shape
         pmean = np.empty((n, c), np.float64)
         pm2 = np.empty((n, c), np.float64)
-        planar.stats(xv, pmean, pm2)
+        with _numba.LAUNCH_LOCK:
+            planar.stats(xv, pmean, pm2)
         pcount = np.full(n, float(length))
     else:
         r, c = xv.shape
@@ -165,7 +166,8 @@ def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
         pmean = np.empty((nchunk, c), np.float64)
         pm2 = np.empty((nchunk, c), np.float64)
         pcount = np.empty(nchunk, np.float64)
-        rows.stats(xv, nchunk, block, pmean, pm2, pcount)
+        with _numba.LAUNCH_LOCK:
+            rows.stats(xv, nchunk, block, pmean, pm2, pcount)
     mean, m2 = _chan_merge(pmean, pm2, pcount)
     var = m2 / pcount.sum()
     dtype = _stats_dtype(x)
@@ -192,7 +194,8 @@ def normalize_act(
     shift = _to(_f64(bias, x, 0.0), x)
     y = _empty(x, layout) if out is None else out
     kernels = planar if layout == PLANAR else rows
-    kernels.forward(_view(x, layout), _view(y, layout), off, off_lo, scale, shift, CODES[activation], _consts(x, param))
+    with _numba.LAUNCH_LOCK:
+        kernels.forward(_view(x, layout), _view(y, layout), off, off_lo, scale, shift, CODES[activation], _consts(x, param))
     return y if out is not None else y.contiguous(memory_format=output_memory_format(x))
 
 
@@ -238,13 +241,15 @@ def backward_reduce_act(
         n, c, _ = tv.shape
         psum = np.empty((n, c), np.float64)
         pdot = np.empty((n, c), np.float64)
-        planar.backward_reduce(tv, dyv, *args, psum, pdot)
+        with _numba.LAUNCH_LOCK:
+            planar.backward_reduce(tv, dyv, *args, psum, pdot)
     else:
         r, c = tv.shape
         nchunk = _nchunk(r, _kernels.numba.get_num_threads())
         psum = np.empty((nchunk, c), np.float64)
         pdot = np.empty((nchunk, c), np.float64)
-        rows.backward_reduce(tv, dyv, nchunk, *args, psum, pdot)
+        with _numba.LAUNCH_LOCK:
+            rows.backward_reduce(tv, dyv, nchunk, *args, psum, pdot)
     sum_g = psum.sum(0)  # (parts, C) -> (C,)
     # sum(g * (u - off64)) = sum(g * (u - off)) - (off64 - off) * sum(g), in float64
     sum_g_xhat = (pdot.sum(0) - (off64 - off.astype(np.float64)) * sum_g) * mul  # (parts, C) -> (C,)
@@ -276,7 +281,7 @@ def backward_elemt_act(
     k_0 = -k_g * _f64(mean_g, saved, 0.0)
     dx = _empty(saved, layout)
     kernels = planar if layout == PLANAR else rows
-    kernels.backward_elemt(
+    args = (
         _view(saved, layout),
         _view(_as_layout(dy, layout), layout),
         _view(dx, layout),
@@ -290,6 +295,8 @@ def backward_elemt_act(
         _to(k_u, saved),
         _to(k_0, saved),
     )
+    with _numba.LAUNCH_LOCK:
+        kernels.backward_elemt(*args)
     return dx.contiguous(memory_format=output_memory_format(saved))
 
 
