@@ -130,21 +130,6 @@ def batch_norm(
 
     check_batch_size(x)
     y, mean, var = BatchNormTrain.apply(x, weight, bias, eps)
-    track_batch(x, running_mean, running_var, mean, var, momentum, layer)
-    return y
-
-
-def track_batch(
-    x: Tensor,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    mean: Tensor,
-    var: Tensor,
-    momentum: float,
-    layer: object = None,
-) -> None:
-    """After a training forward on x: update the running statistics given, warning about skipped
-    channels (the part of `batch_norm` shared with `batchnorm.act.batch_norm_act`)."""
     count = x.numel() // x.shape[1] if x.shape[1] else 0
     if count > 0 and (running_mean is not None or running_var is not None):
         skipped = update_running_stats(running_mean, running_var, mean, var, count, momentum)
@@ -155,6 +140,7 @@ def track_batch(
                 f"{who}: the batch statistics of channels {channels} are not finite (NaN or Inf in "
                 f"the input); their running_mean/running_var were kept, the other channels updated",
                 RuntimeWarning,
-                stacklevel=5 if layer is not None else 3,
+                stacklevel=3 if layer is not None else 2,
             )
+    return y
 

@@ -182,3 +182,16 @@ def test_gradcheck(activation, param, fmt, path, request):
     assert torch.autograd.gradcheck(evaluate, (x, w, b))
     if activation != "relu":  # relu'' is 0 a.e. but the finite differences straddle kinks
         assert torch.autograd.gradgradcheck(train, (x, w, b))
+
+
+@pytest.mark.parametrize("path", ["force_kernels", "force_reference"])
+def test_non_finite_batch_keeps_running_statistics(path, request):
+    """As BatchNorm: a channel with NaN in the batch keeps its running values, with a warning."""
+    request.getfixturevalue(path)
+    layer = batchnorm.BatchNormAct2d(3, activation="leaky_relu")
+    x = randn((4, 3, 5, 5))
+    x[0, 1, 0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match=r"channels \[1\]"):
+        layer(x)
+    assert layer.running_mean[1] == 0 and layer.running_var[1] == 1
+    assert layer.running_mean[0] != 0
