@@ -7,8 +7,8 @@ Usage (from the repository root):
 For each layout the kernels take (planar NCHW, rows (N, C), rows channels_last) and a ladder of
 sizes, it times BatchNorm training forward + backward through the whole layer with the kernels
 forced on (kernels.FORCE = "cpu") and forced off ("reference"), interleaved, median of rounds,
-and prints the ratio. kernels.MIN_NUMEL is set to the smallest size from which the kernels win
-at every larger size of the ladder (the result is recorded in docs/performance.md). Below that,
+and prints the ratio. kernels.MIN_NUMEL is set to the smallest size at which the kernels win and
+keep winning at the next two sizes of the ladder (the run is recorded in docs/performance.md). Below that,
 the fixed cost of launching parallel Numba kernels (drivers, NumPy views, thread wake-up) is
 larger than what they save on a tensor that fits in cache.
 """
@@ -74,12 +74,13 @@ def main():
             ref, fast = (statistics.median(samples[f]) * 1e3 for f in ("reference", "cpu"))
             wins.append((x.numel(), ref / fast))
             print(f"{x.numel():>10} {ref:>13.3f} {fast:>11.3f} {ref / fast:>6.2f}")
-        # smallest size from which the kernels win everywhere above
-        threshold = LADDER[-1]
-        for numel, ratio in reversed(wins):
-            if ratio < 1.0:
+        # the smallest size at which the kernels win and keep winning at the next two sizes
+        # (one noisy sample on a shared machine should not move the threshold by 10x)
+        threshold = None
+        for i, (numel, ratio) in enumerate(wins):
+            if all(r > 1.0 for _, r in wins[i : i + 3]):
+                threshold = numel
                 break
-            threshold = numel
         thresholds[layout] = threshold
     print("\nMIN_NUMEL =", thresholds, "(current:", kernels.MIN_NUMEL, ")")
 
