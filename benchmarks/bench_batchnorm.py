@@ -282,7 +282,9 @@ def report(rows, stack, memory, latency, args, elapsed):
         "",
         "Produced by `" + " ".join(["PYTHONPATH=src python benchmarks/bench_batchnorm.py", *sys.argv[1:]]) + "`",
         "",
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, float32; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, float32, "
+        f"load average {os.getloadavg()[0]:.1f} at the end of the run (above the CPU count, other "
+        f"processes shared the cores and the numbers are noisy); "
         f"{args.rounds} interleaved rounds, median; total {elapsed:.0f} s. "
         "ratio = eager time / ours (higher is better); GB/s = ideal bytes (8 passes training, 2 eval) / time; "
         "bound = fraction of the bandwidth bound (ideal bytes at the same-size copy speed of this run).",
@@ -296,9 +298,10 @@ def report(rows, stack, memory, latency, args, elapsed):
         lines += [f"## {title}", "", "| shape | eager ms | compile ms | ours ms | ratio | compile ratio | ours GB/s | bound |", "|---|---|---|---|---|---|---|---|"]
         for r in sel:
             comp = r.ms.get("compile")
+            comp_ratio = f"{r.ratio('compile'):.2f}x" if comp else "n/a"
             lines.append(
                 f"| {r.name} | {fmt_ms(r.ms['eager'])} | {fmt_ms(comp) if comp else 'n/a'} | {fmt_ms(r.ms['ours'])} | "
-                f"**{r.ratio():.2f}x** | {r.ratio('compile'):.2f}x | {r.gbs():.1f} | {r.bound():.0%} |"
+                f"**{r.ratio():.2f}x** | {comp_ratio} | {r.gbs():.1f} | {r.bound():.0%} |"
             )
         lines.append("")
     if stack is not None:
