@@ -165,3 +165,14 @@ def test_nan_propagates(fmt):
     mean, var = cpu.batch_stats(x)
     assert torch.isnan(mean[1]) and torch.isnan(var[1])
     assert torch.isfinite(mean[[0, 2]]).all() and torch.isfinite(var[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("fmt", [None, torch.channels_last], ids=["NCHW", "NHWC"])
+def test_large_outputs_on_huge_pages_are_correct(fmt):
+    """Outputs above 8 MiB get MADV_HUGEPAGE before the kernels' first write: same values."""
+    x, dy, weight, bias, mean, invstd = make_case((64, 32, 32, 33), fmt, torch.float32)
+    assert x.numel() * 4 >= cpu._HUGE_PAGE_MIN_BYTES
+    assert_close(cpu.normalize(x, mean, invstd, weight, bias), reference.normalize(x, mean, invstd, weight, bias), torch.float32)
+    n = x.numel() // x.shape[1]
+    dx = cpu.backward_elemt(dy, x, mean, invstd, weight, mean / n, invstd / n)
+    assert_close(dx, reference.backward_elemt(dy, x, mean, invstd, weight, mean / n, invstd / n), torch.float32)
