@@ -68,7 +68,8 @@ def layout_of(x: Tensor) -> str | None:
     if x.device.type != "cpu" or x.dtype not in _DTYPES or x.dim() < 2 or x.numel() == 0:
         return None
     if x.is_contiguous():
-        return PLANAR if x.dim() > 2 and x[0, 0].numel() > 1 else ROWS
+        shape = x.shape
+        return PLANAR if x.numel() > shape[0] * shape[1] else ROWS  # spatial size > 1
     if (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)) or (
         x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)
     ):
