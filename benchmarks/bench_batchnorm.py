@@ -283,8 +283,10 @@ def report(rows, stack, memory, latency, args, elapsed):
         "Produced by `" + " ".join(["PYTHONPATH=src python benchmarks/bench_batchnorm.py", *sys.argv[1:]]) + "`",
         "",
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, float32, "
-        f"load average {os.getloadavg()[0]:.1f} at the end of the run (above the CPU count, other "
-        f"processes shared the cores and the numbers are noisy); "
+        f"load average {os.getloadavg()[0]:.1f} at the end of the run"
+        + (" (**above the CPU count: other processes shared the cores; torch eager's OpenMP threads suffer "
+           "most from that, so these ratios overstate ours -- rerun on a quiet machine**)" if os.getloadavg()[0] > (os.cpu_count() or 1) else "")
+        + "; "
         f"{args.rounds} interleaved rounds, median; total {elapsed:.0f} s. "
         "ratio = eager time / ours (higher is better); GB/s = ideal bytes (8 passes training, 2 eval) / time; "
         "bound = fraction of the bandwidth bound (ideal bytes at the same-size copy speed of this run).",
