@@ -2,11 +2,14 @@
 
 Drop-in `BatchNorm1d/2d/3d` (subclasses of torch's, with our own forward and hand-derived
 backward), the pure functions behind them in `batchnorm.functional`, and the tools BN users keep
-rewriting: `freeze`/`unfreeze` and `convert`. For scale and deployment (docs/scale.md):
-`SyncBatchNorm` on any torch.distributed backend, `fold` for inference, `recalibrate` for exact
-running statistics, and the small-batch layers `GhostBatchNorm*d` and `BatchRenorm*d`.
+rewriting: `freeze`/`unfreeze` and `convert`. `BatchNormAct1d/2d/3d` fuse BN with an activation
+(and can save memory in place); on the CPU, float32/float64 tensors run on Numba kernels. For
+scale and deployment (docs/scale.md): `SyncBatchNorm` on any torch.distributed backend, `fold` for
+inference, `recalibrate` for exact running statistics, and the small-batch layers
+`GhostBatchNorm*d` and `BatchRenorm*d`.
 """
 from . import functional
+from .act import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .tools import convert, fold, fold_weights, freeze, is_frozen, recalibrate, unfreeze
 from .sync import SyncBatchNorm
@@ -20,6 +23,9 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchNormAct1d",
+    "BatchNormAct2d",
+    "BatchNormAct3d",
     "convert",
     "freeze",
     "unfreeze",

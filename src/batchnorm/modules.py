@@ -50,20 +50,23 @@ class _BatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         # Running statistics are updated only when tracked; in eval they are read, never written.
         running = not self.training or self.track_running_stats
-        y = F.batch_norm(
+        y = self._batch_norm(
             x,
             self.running_mean if running else None,
             self.running_var if running else None,
-            self.weight,
-            self.bias,
             training=use_batch_stats,
             momentum=momentum,
-            eps=self.eps,
-            layer=self,
         )
         if update:  # counted after the forward succeeded, so a rejected input changes nothing
             self.num_batches_tracked.add_(1)
         return y
+
+    def _batch_norm(self, x: Tensor, running_mean, running_var, *, training: bool, momentum: float) -> Tensor:
+        """The normalization itself, given the bookkeeping's decisions (BatchNormAct overrides it)."""
+        return F.batch_norm(
+            x, running_mean, running_var, self.weight, self.bias,
+            training=training, momentum=momentum, eps=self.eps, layer=self,
+        )
 
 
 class BatchNorm1d(_BatchNorm, torch.nn.BatchNorm1d):

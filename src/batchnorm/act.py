@@ -1,0 +1,129 @@
+"""BatchNormAct1d/2d/3d: batch norm and an activation in one fused layer, and its function.
+
+    batch_norm_act(x, running_mean, running_var, weight, bias, *, training, momentum, eps,
+                   activation, activation_param, inplace) -> y = act(batch_norm(x))
+
+The layers subclass BatchNorm1d/2d/3d (so `isinstance(m, torch.nn.BatchNorm2d)` holds and the
+state_dict is a BN state_dict: a BN checkpoint loads into a BatchNormAct and back) and add the
+activation: "identity", "relu", "leaky_relu" (activation_param = slope, default 0.01), "elu"
+(activation_param = alpha, default 1.0), "silu". On the CPU fast path BN and the activation run
+in one kernel forward and one backward (`autograd_act.py` has the math).
+
+inplace=True is the memory-saving mode of In-Place Activated BatchNorm (Rota Bulo et al., 2018):
+the output is written over the input and backward keeps only the output. It needs an invertible
+activation (identity, leaky_relu, elu); relu raises and suggests leaky_relu. Channels whose
+|weight| is below 1e-3 are computed with weight +-1e-3 in this mode (`autograd_act.INPLACE_MIN_WEIGHT`).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+from .autograd_act import BatchNormActEval, BatchNormActTrain
+from .functional import check_batch_size, check_input, update_running_stats
+from .kernels.activations import check_activation
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+
+__all__ = ["batch_norm_act", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d"]
+
+
+def batch_norm_act(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    *,
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    activation: str = "relu",
+    activation_param: float | None = None,
+    inplace: bool = False,
+    layer: object = None,
+) -> Tensor:
+    """act(batch_norm(x)) with `batchnorm.functional.batch_norm`'s semantics for the BN part.
+
+    With inplace=True x is overwritten by the result (which is returned) and must not be needed
+    elsewhere; autograd raises if it is (a leaf that requires grad, or a tensor saved for backward).
+    """
+    param = check_activation(activation, activation_param, inplace)
+    check_input(x, running_mean, running_var, weight, bias)
+    if not training:
+        for name, v in (("running_mean", running_mean), ("running_var", running_var)):
+            if v is None:
+                raise RuntimeError(f"{name} must be defined in evaluation mode")
+        return BatchNormActEval.apply(x, running_mean, running_var, weight, bias, eps, activation, param, inplace)
+    check_batch_size(x)
+    y, mean, var = BatchNormActTrain.apply(x, weight, bias, eps, activation, param, inplace)
+    _track_batch(x, running_mean, running_var, mean, var, momentum, layer)
+    return y
+
+
+def _track_batch(x, running_mean, running_var, mean, var, momentum, layer) -> None:
+    """The running-statistics update of `functional.batch_norm` after a training forward: same
+    rule (`update_running_stats`), same warning about non-finite channels."""
+    count = x.numel() // x.shape[1] if x.shape[1] else 0
+    if count > 0 and (running_mean is not None or running_var is not None):
+        skipped = update_running_stats(running_mean, running_var, mean, var, count, momentum)
+        if bool(skipped.any()):
+            channels = skipped.nonzero().flatten().tolist()
+            who = repr(layer) if layer is not None else "batch_norm_act"
+            warnings.warn(
+                f"{who}: the batch statistics of channels {channels} are not finite (NaN or Inf in "
+                f"the input); their running_mean/running_var were kept, the other channels updated",
+                RuntimeWarning,
+                stacklevel=5 if layer is not None else 3,
+            )
+
+
+class _BatchNormAct:
+    """The activation part shared by the three classes; BN's bookkeeping is _BatchNorm's."""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        activation: str = "relu",
+        activation_param: float | None = None,
+        inplace: bool = False,
+    ) -> None:
+        param = check_activation(activation, activation_param, inplace)  # fail before allocating
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.activation = activation
+        self.activation_param = param
+        self.inplace = inplace
+
+    def extra_repr(self) -> str:
+        extra = f", activation={self.activation!r}"
+        if self.activation in ("leaky_relu", "elu"):
+            extra += f", activation_param={self.activation_param}"
+        return super().extra_repr() + extra + (", inplace=True" if self.inplace else "")
+
+    def _batch_norm(self, x: Tensor, running_mean, running_var, *, training: bool, momentum: float) -> Tensor:
+        return batch_norm_act(
+            x, running_mean, running_var, self.weight, self.bias,
+            training=training, momentum=momentum, eps=self.eps,
+            activation=self.activation, activation_param=self.activation_param, inplace=self.inplace,
+            layer=self,
+        )
+
+
+class BatchNormAct1d(_BatchNormAct, BatchNorm1d):
+    """act(BatchNorm1d(x)) over (N, C) or (N, C, L)."""
+
+
+class BatchNormAct2d(_BatchNormAct, BatchNorm2d):
+    """act(BatchNorm2d(x)) over (N, C, H, W)."""
+
+
+class BatchNormAct3d(_BatchNormAct, BatchNorm3d):
+    """act(BatchNorm3d(x)) over (N, C, D, H, W)."""

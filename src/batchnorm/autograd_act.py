@@ -1,0 +1,156 @@
+"""BN fused with an activation: autograd Functions, forward and hand-derived backward side by side.
+
+Per channel, with n elements, BN's derivation (autograd.py, docs/derivation.md) extended by the
+activation y = act(z):
+
+    xhat = (x - mean) * invstd,        z = weight * xhat + bias,        y = act(z)
+
+    g            = dy * act'(z)                 the gradient reaching BN's output z
+    dbias        = sum_g      = sum(g)
+    dweight      = sum_g_xhat = sum(g * xhat)
+    dx (batch statistics) = weight * invstd * (g - sum_g / n - xhat * sum_g_xhat / n)
+    dx (given statistics) = weight * invstd * g
+
+i.e. BN's backward with dy replaced by g. The kernels compute g on the fly from the saved tensor,
+so the fused layer keeps one tensor for backward, and reads it twice (one reduction, one dx pass)
+where BN followed by a separate activation keeps two and reads four.
+
+Memory-saving mode (In-Place Activated BatchNorm, Rota Bulo et al., CVPR 2018), `inplace=True`:
+y is written over x and only y (plus the (C,) vectors) is kept. Backward recovers
+
+    z = act^-1(y),    xhat = (z - bias) / weight,    act'(z) from y
+
+which needs an invertible activation (identity; leaky_relu, elu with a positive parameter) and
+a weight away from zero. The weight guard: in this mode the layer uses
+
+    weight_used = sign(weight) * max(|weight|, INPLACE_MIN_WEIGHT)       (sign(0) = +1)
+
+in the forward as well, so the inversion is exact for the function actually computed. A channel
+with |weight| >= 1e-3 (every channel of a usual network) computes exactly what inplace=False
+computes; a channel below it behaves as if its weight were +-1e-3, and its gradient passes
+straight through to the parameter (as if weight_used = weight), so it can still move out of the
+band. The price of a small weight is accuracy, not failure: xhat inherits the rounding error of
+z divided by |weight_used|, at most 1e3 ulps of |z| + |bias| at the guard. (inplace_abn instead
+uses |weight| + eps, which flips the sign of negative weights.)
+
+Second-order gradients (create_graph=True) recompute everything from x in differentiable torch
+ops through `reference_act`, as `autograd.py` does; in inplace mode x no longer exists, so double
+backward raises.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import kernels
+from .kernels import reference, reference_act
+
+__all__ = ["BatchNormActTrain", "BatchNormActEval", "INPLACE_MIN_WEIGHT", "guarded_weight"]
+
+INPLACE_MIN_WEIGHT = 1e-3
+
+
+def guarded_weight(weight: Tensor | None) -> Tensor | None:
+    """sign(weight) * max(|weight|, INPLACE_MIN_WEIGHT) with sign(0) = +1: the weight in-place mode uses."""
+    if weight is None:
+        return None
+    w = weight.detach()
+    return torch.where(w >= 0, w.clamp(min=INPLACE_MIN_WEIGHT), w.clamp(max=-INPLACE_MIN_WEIGHT))
+
+
+def _no_double_backward_inplace(inplace: bool) -> None:
+    if inplace:
+        raise RuntimeError(
+            "double backward (create_graph=True) is not supported with inplace=True: the input was "
+            "overwritten by the output; use inplace=False for higher-order gradients"
+        )
+
+
+def _param_grads(weight, bias, sum_g, sum_g_xhat, need_weight: bool, need_bias: bool):
+    """dweight = sum_g_xhat, dbias = sum_g, only where asked for, in the parameter's dtype."""
+    dweight = sum_g_xhat.to(weight.dtype) if weight is not None and need_weight else None
+    dbias = sum_g.to(bias.dtype) if bias is not None and need_bias else None
+    return dweight, dbias
+
+
+class BatchNormActTrain(torch.autograd.Function):
+    """act(BN(x)) with the batch's statistics: (x, weight, bias, eps, activation, param, inplace)
+    -> (y, mean, var). mean and the biased var (C,) are not differentiable (for the running update).
+    With inplace=True, y is x, overwritten."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps: float, activation: str, param: float, inplace: bool):
+        impl = kernels.implementation(x, fused=True)
+        mean, var = impl.batch_stats(x)  # (N, C, *) -> (C,), (C,)
+        invstd = torch.rsqrt(var + eps)
+        if inplace:
+            weight_used = guarded_weight(weight)
+            y = impl.normalize_act(x, mean, invstd, weight_used, bias, activation, param, out=x)
+            ctx.mark_dirty(x)
+            ctx.save_for_backward(y, weight_used, bias, mean, invstd)
+        else:
+            y = impl.normalize_act(x, mean, invstd, weight, bias, activation, param)
+            ctx.save_for_backward(x, weight, bias, mean, invstd)
+        ctx.eps, ctx.activation, ctx.param, ctx.inplace = eps, activation, param, inplace
+        ctx.has_weight = weight is not None
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, dy: Tensor, _dmean, _dvar):
+        saved, weight, bias, mean, invstd = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True: the statistics must depend on x in the graph for double backward.
+            _no_double_backward_inplace(ctx.inplace)
+            impl = reference_act
+            mean, var = reference.batch_stats(saved)
+            invstd = torch.rsqrt(var + ctx.eps)
+        else:
+            impl = kernels.implementation(saved, fused=True)
+        args = (saved, mean, invstd, weight, bias, ctx.activation, ctx.param)
+        sum_g, sum_g_xhat = impl.backward_reduce_act(dy, *args, ctx.inplace)  # (N, C, *) -> (C,), (C,)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            n = max(saved.numel() // saved.shape[1] if saved.shape[1] else 0, 1)
+            dx = impl.backward_elemt_act(dy, *args, ctx.inplace, sum_g / n, sum_g_xhat / n)
+        # In-place mode saved weight_used; its gradient passes straight through to weight.
+        dweight, dbias = _param_grads(weight, bias, sum_g, sum_g_xhat, *ctx.needs_input_grad[1:3])
+        return dx, dweight, dbias, None, None, None, None
+
+
+class BatchNormActEval(torch.autograd.Function):
+    """act(BN(x)) with given statistics: (x, mean, var, weight, bias, eps, activation, param,
+    inplace) -> y. The statistics are constants: no gradient flows to them, as in torch."""
+
+    @staticmethod
+    def forward(ctx, x, mean, var, weight, bias, eps: float, activation: str, param: float, inplace: bool):
+        impl = kernels.implementation(x, fused=True)
+        invstd = torch.rsqrt(var.to(reference.compute_dtype(x)) + eps)
+        if inplace:
+            weight_used = guarded_weight(weight)
+            y = impl.normalize_act(x, mean, invstd, weight_used, bias, activation, param, out=x)
+            ctx.mark_dirty(x)
+            ctx.save_for_backward(y, weight_used, bias, mean, invstd)
+        else:
+            y = impl.normalize_act(x, mean, invstd, weight, bias, activation, param)
+            ctx.save_for_backward(x, weight, bias, mean, invstd)
+        ctx.activation, ctx.param, ctx.inplace = activation, param, inplace
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        saved, weight, bias, mean, invstd = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            _no_double_backward_inplace(ctx.inplace)
+            impl = reference_act
+        else:
+            impl = kernels.implementation(saved, fused=True)
+        args = (saved, mean, invstd, weight, bias, ctx.activation, ctx.param, ctx.inplace)
+        dx = dweight = dbias = None
+        if ctx.needs_input_grad[0]:
+            zeros = torch.zeros_like(invstd)
+            dx = impl.backward_elemt_act(dy, *args, zeros, zeros)  # weight * invstd * g
+        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+            sum_g, sum_g_xhat = impl.backward_reduce_act(dy, *args)  # (N, C, *) -> (C,), (C,)
+            dweight, dbias = _param_grads(weight, bias, sum_g, sum_g_xhat, *ctx.needs_input_grad[3:5])
+        return dx, None, None, dweight, dbias, None, None, None, None

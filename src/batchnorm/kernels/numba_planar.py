@@ -1,0 +1,136 @@
+"""Numba kernels for the planar layout: contiguous (N, C, L), (N, C, H, W), (N, C, D, H, W).
+
+Any such tensor is a stack of N * C contiguous planes (N, C, L) with L = prod(spatial) > 1; each
+plane belongs to one channel. The kernels run in parallel over planes (prange over N * C), so a
+plane is read start to end by one thread: the access is sequential and the plane stays in L1/L2
+between the passes a kernel makes over it.
+
+Statistics (one read of x from memory): each plane's mean and sum of squared deviations are
+computed by two passes over the cached plane with float64 accumulators, then the planes of a
+channel are merged by Chan's formula in the driver (`cpu.py`). No E[x^2] - E[x]^2 anywhere, so
+|mean| >> std loses nothing.
+
+Fused activations: `code`/`consts` select and parametrize the activation (`numba_act`);
+consts = (param, 1, floor) in x's dtype. `from_output` selects the in-place (memory-saving) mode,
+where the saved tensor t is the output y and z is recovered by inverting the activation; otherwise
+t is the input x. In both modes the per-channel vectors are chosen by the driver so that
+
+    xhat = (u - off) * mul,   u = t (from input) or act^-1(t) (from output),
+
+and the kernels only accumulate sums of g * (u - off), g = dy * act'(z); the driver multiplies by
+`mul`. Elementwise passes compute in x's dtype with per-channel constants precomputed in float64.
+
+The float64 mean is passed as off + off_lo, both in x's dtype (off_lo is what rounding the mean
+to x's dtype lost): `(x - off) - off_lo` keeps the mean's precision where x is close to it, which
+is what matters when |mean| >> std. The reductions take only `off` and the driver subtracts
+off_lo * sum(g) in float64.
+"""
+import numpy as np
+from numba import njit, prange
+
+from . import numba_act as act
+from ._numba import ELEMENTWISE_FLAGS, REDUCE_FLAGS
+
+
+@njit(**REDUCE_FLAGS)
+def stats(x3, pmean, pm2):
+    """Per-plane mean and sum of squared deviations, float64: (N, C, L) -> (N, C), (N, C)."""
+    N, C, L = x3.shape
+    for q in prange(N * C):
+        n = q // C
+        c = q - n * C
+        s = 0.0
+        for i in range(L):
+            s += x3[n, c, i]
+        m = s / L
+        d2 = 0.0
+        for i in range(L):  # second pass hits the cache: the plane was just read
+            d = x3[n, c, i] - m
+            d2 += d * d
+        pmean[n, c] = m
+        pm2[n, c] = d2
+
+
+@njit(**ELEMENTWISE_FLAGS)
+def forward(x3, y3, off, off_lo, scale, shift, code, consts):
+    """y = act((x - off) * scale + shift), per channel. y3 may be x3 (in-place)."""
+    N, C, L = x3.shape
+    p = consts[0]
+    one = consts[1]
+    for q in prange(N * C):
+        n = q // C
+        c = q - n * C
+        o = off[c]
+        ol = off_lo[c]
+        s = scale[c]
+        b = shift[c]
+        for i in range(L):
+            y3[n, c, i] = act.forward((x3[n, c, i] - o - ol) * s + b, code, p, one)
+
+
+@njit(**REDUCE_FLAGS)
+def backward_reduce(t3, dy3, off, scale, shift, code, consts, from_output, psum, pdot):
+    """Per-plane sum(g) and sum(g * (u - off)), float64: (N, C, L) -> (N, C), (N, C)."""
+    N, C, L = t3.shape
+    p = consts[0]
+    one = consts[1]
+    floor = consts[2]
+    for q in prange(N * C):
+        n = q // C
+        c = q - n * C
+        o = off[c]
+        s = scale[c]
+        b = shift[c]
+        sg = 0.0
+        sgu = 0.0
+        if from_output:
+            for i in range(L):
+                t = t3[n, c, i]
+                g = dy3[n, c, i] * act.grad_from_y(t, code, p, one)
+                sg += g
+                sgu += g * (act.inverse(t, code, p, one, floor) - o)
+        elif code == act.IDENTITY:
+            for i in range(L):
+                g = dy3[n, c, i]
+                sg += g
+                sgu += g * (t3[n, c, i] - o)
+        else:
+            for i in range(L):
+                t = t3[n, c, i]
+                g = dy3[n, c, i] * act.grad((t - o) * s + b, code, p, one)
+                sg += g
+                sgu += g * (t - o)
+        psum[n, c] = sg
+        pdot[n, c] = sgu
+
+
+@njit(**ELEMENTWISE_FLAGS)
+def backward_elemt(t3, dy3, dx3, off, off_lo, scale, shift, code, consts, from_output, k_g, k_u, k_0):
+    """dx = k_g * g + k_u * (u - off) + k_0, per channel."""
+    N, C, L = t3.shape
+    p = consts[0]
+    one = consts[1]
+    floor = consts[2]
+    for q in prange(N * C):
+        n = q // C
+        c = q - n * C
+        o = off[c]
+        ol = off_lo[c]
+        s = scale[c]
+        b = shift[c]
+        kg = k_g[c]
+        ku = k_u[c]
+        k0 = k_0[c]
+        if from_output:
+            for i in range(L):
+                t = t3[n, c, i]
+                g = dy3[n, c, i] * act.grad_from_y(t, code, p, one)
+                dx3[n, c, i] = kg * g + ku * (act.inverse(t, code, p, one, floor) - o - ol) + k0
+        elif code == act.IDENTITY:
+            for i in range(L):
+                dx3[n, c, i] = kg * dy3[n, c, i] + ku * (t3[n, c, i] - o - ol) + k0
+        else:
+            for i in range(L):
+                t = t3[n, c, i]
+                g = dy3[n, c, i] * act.grad((t - o - ol) * s + b, code, p, one)
+                dx3[n, c, i] = kg * g + ku * (t - o - ol) + k0

@@ -1,0 +1,186 @@
+"""Numba kernels for the rows layout: (R, C) with the channels contiguous.
+
+BatchNorm1d's (N, C), and channels_last (N, H, W, C) / channels_last_3d (N, D, H, W, C) storage
+viewed as (N * spatial, C). Every row holds one value of every channel, so the reductions run in
+parallel over chunks of rows, each chunk keeping float64 per-channel accumulators (vectorized
+along C), and the driver (`cpu.py`) merges the chunks. Elementwise passes run in parallel over rows.
+
+Statistics (one read of x from memory): a chunk walks its rows in blocks small enough to stay in
+cache (`block` rows, about 64 KB); each block gets an exact two-pass mean and sum of squared
+deviations, and blocks are merged into the chunk by Chan's formula:
+
+    delta = mean_b - mean_a,  n = n_a + n_b
+    mean  = mean_a + delta * n_b / n
+    m2    = m2_a + m2_b + delta^2 * n_a * n_b / n
+
+`code`, `consts`, `from_output`, `off`, `scale`, `shift` and the k's mean what they mean in
+`numba_planar` (the two files are the same math on two layouts).
+
+Each kernel calls its inner loop once per common activation with the code as a constant, so that
+the loop LLVM sees holds one activation and vectorizes along C (with the code as a runtime value
+in the loop, the channels_last BN+ReLU forward measured 10x slower than identity).
+"""
+import numpy as np
+from numba import njit, prange
+
+from . import numba_act as act
+from ._numba import ELEMENTWISE_FLAGS, REDUCE_FLAGS
+
+
+@njit(**REDUCE_FLAGS)
+def stats(x2, nchunk, block, pmean, pm2, pcount):
+    """Per-chunk mean, sum of squared deviations and count: (R, C) -> (nchunk, C) x2, (nchunk,)."""
+    R, C = x2.shape
+    step = (R + nchunk - 1) // nchunk
+    for k in prange(nchunk):
+        r0 = k * step
+        r1 = min(R, r0 + step)
+        mean = np.zeros(C, np.float64)
+        m2 = np.zeros(C, np.float64)
+        bmean = np.empty(C, np.float64)
+        bm2 = np.empty(C, np.float64)
+        na = 0
+        for b0 in range(r0, r1, block):
+            b1 = min(r1, b0 + block)
+            nb = b1 - b0
+            for c in range(C):
+                bmean[c] = 0.0
+                bm2[c] = 0.0
+            for r in range(b0, b1):
+                for c in range(C):
+                    bmean[c] += x2[r, c]
+            for c in range(C):
+                bmean[c] /= nb
+            for r in range(b0, b1):  # the block is still in cache
+                for c in range(C):
+                    d = x2[r, c] - bmean[c]
+                    bm2[c] += d * d
+            n = na + nb
+            for c in range(C):
+                delta = bmean[c] - mean[c]
+                mean[c] += delta * nb / n
+                m2[c] += bm2[c] + delta * delta * (na * nb / n)
+            na = n
+        for c in range(C):
+            pmean[k, c] = mean[c]
+            pm2[k, c] = m2[c]
+        pcount[k] = na
+
+
+@njit(inline="always")
+def _forward_row(x2, y2, r, off, off_lo, scale, shift, code, p, one):
+    for c in range(x2.shape[1]):
+        y2[r, c] = act.forward((x2[r, c] - off[c] - off_lo[c]) * scale[c] + shift[c], code, p, one)
+
+
+@njit(**ELEMENTWISE_FLAGS)
+def forward(x2, y2, off, off_lo, scale, shift, code, consts):
+    """y = act((x - off) * scale + shift), per channel. y2 may be x2 (in-place)."""
+    R, C = x2.shape
+    p = consts[0]
+    one = consts[1]
+    for r in prange(R):
+        # The activation as a constant per loop (see numba_act): one vectorized loop each.
+        if code == act.IDENTITY:
+            _forward_row(x2, y2, r, off, off_lo, scale, shift, act.IDENTITY, p, one)
+        elif code == act.RELU:
+            _forward_row(x2, y2, r, off, off_lo, scale, shift, act.RELU, p, one)
+        elif code == act.LEAKY_RELU:
+            _forward_row(x2, y2, r, off, off_lo, scale, shift, act.LEAKY_RELU, p, one)
+        else:
+            _forward_row(x2, y2, r, off, off_lo, scale, shift, code, p, one)
+
+
+@njit(inline="always")
+def _reduce_rows(t2, dy2, r0, r1, off, scale, shift, code, p, one, floor, from_output, sg, sgu):
+    C = t2.shape[1]
+    for r in range(r0, r1):
+        if from_output:
+            for c in range(C):
+                t = t2[r, c]
+                g = dy2[r, c] * act.grad_from_y(t, code, p, one)
+                sg[c] += g
+                sgu[c] += g * (act.inverse(t, code, p, one, floor) - off[c])
+        elif code == act.IDENTITY:
+            for c in range(C):
+                g = dy2[r, c]
+                sg[c] += g
+                sgu[c] += g * (t2[r, c] - off[c])
+        else:
+            for c in range(C):
+                t = t2[r, c]
+                g = dy2[r, c] * act.grad((t - off[c]) * scale[c] + shift[c], code, p, one)
+                sg[c] += g
+                sgu[c] += g * (t - off[c])
+
+
+@njit(**REDUCE_FLAGS)
+def backward_reduce(t2, dy2, nchunk, off, scale, shift, code, consts, from_output, psum, pdot):
+    """Per-chunk sum(g) and sum(g * (u - off)), float64: (R, C) -> (nchunk, C), (nchunk, C)."""
+    R, C = t2.shape
+    p = consts[0]
+    one = consts[1]
+    floor = consts[2]
+    step = (R + nchunk - 1) // nchunk
+    for k in prange(nchunk):
+        r0 = k * step
+        r1 = min(R, r0 + step)
+        sg = np.zeros(C, np.float64)
+        sgu = np.zeros(C, np.float64)
+        if from_output:
+            if code == act.LEAKY_RELU:
+                _reduce_rows(t2, dy2, r0, r1, off, scale, shift, act.LEAKY_RELU, p, one, floor, True, sg, sgu)
+            else:
+                _reduce_rows(t2, dy2, r0, r1, off, scale, shift, code, p, one, floor, True, sg, sgu)
+        elif code == act.IDENTITY:
+            _reduce_rows(t2, dy2, r0, r1, off, scale, shift, act.IDENTITY, p, one, floor, False, sg, sgu)
+        elif code == act.RELU:
+            _reduce_rows(t2, dy2, r0, r1, off, scale, shift, act.RELU, p, one, floor, False, sg, sgu)
+        elif code == act.LEAKY_RELU:
+            _reduce_rows(t2, dy2, r0, r1, off, scale, shift, act.LEAKY_RELU, p, one, floor, False, sg, sgu)
+        else:
+            _reduce_rows(t2, dy2, r0, r1, off, scale, shift, code, p, one, floor, False, sg, sgu)
+        for c in range(C):
+            psum[k, c] = sg[c]
+            pdot[k, c] = sgu[c]
+
+
+@njit(inline="always")
+def _elemt_row(t2, dy2, dx2, r, off, off_lo, scale, shift, code, p, one, floor, from_output, k_g, k_u, k_0):
+    C = t2.shape[1]
+    if from_output:
+        for c in range(C):
+            t = t2[r, c]
+            g = dy2[r, c] * act.grad_from_y(t, code, p, one)
+            dx2[r, c] = k_g[c] * g + k_u[c] * (act.inverse(t, code, p, one, floor) - off[c] - off_lo[c]) + k_0[c]
+    elif code == act.IDENTITY:
+        for c in range(C):
+            dx2[r, c] = k_g[c] * dy2[r, c] + k_u[c] * (t2[r, c] - off[c] - off_lo[c]) + k_0[c]
+    else:
+        for c in range(C):
+            t = t2[r, c]
+            g = dy2[r, c] * act.grad((t - off[c] - off_lo[c]) * scale[c] + shift[c], code, p, one)
+            dx2[r, c] = k_g[c] * g + k_u[c] * (t - off[c] - off_lo[c]) + k_0[c]
+
+
+@njit(**ELEMENTWISE_FLAGS)
+def backward_elemt(t2, dy2, dx2, off, off_lo, scale, shift, code, consts, from_output, k_g, k_u, k_0):
+    """dx = k_g * g + k_u * (u - off) + k_0, per channel."""
+    R, C = t2.shape
+    p = consts[0]
+    one = consts[1]
+    floor = consts[2]
+    for r in prange(R):
+        if from_output:
+            if code == act.LEAKY_RELU:
+                _elemt_row(t2, dy2, dx2, r, off, off_lo, scale, shift, act.LEAKY_RELU, p, one, floor, True, k_g, k_u, k_0)
+            else:
+                _elemt_row(t2, dy2, dx2, r, off, off_lo, scale, shift, code, p, one, floor, True, k_g, k_u, k_0)
+        elif code == act.IDENTITY:
+            _elemt_row(t2, dy2, dx2, r, off, off_lo, scale, shift, act.IDENTITY, p, one, floor, False, k_g, k_u, k_0)
+        elif code == act.RELU:
+            _elemt_row(t2, dy2, dx2, r, off, off_lo, scale, shift, act.RELU, p, one, floor, False, k_g, k_u, k_0)
+        elif code == act.LEAKY_RELU:
+            _elemt_row(t2, dy2, dx2, r, off, off_lo, scale, shift, act.LEAKY_RELU, p, one, floor, False, k_g, k_u, k_0)
+        else:
+            _elemt_row(t2, dy2, dx2, r, off, off_lo, scale, shift, code, p, one, floor, False, k_g, k_u, k_0)

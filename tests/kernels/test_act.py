@@ -1,0 +1,197 @@
+"""BatchNormAct1d/2d/3d against torch: BatchNorm*d followed by the activation, same inputs.
+
+Outputs, input and parameter gradients, running buffers, in training and eval, on the kernels
+and on the reference path; plus construction errors, state_dict compatibility and gradcheck of
+the fused Function.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import batchnorm
+from batchnorm.autograd_act import BatchNormActEval, BatchNormActTrain
+from conftest import CL, CL3, randn
+
+TORCH_ACT = {
+    "identity": lambda z, p: z,
+    "relu": lambda z, p: F.relu(z),
+    "leaky_relu": lambda z, p: F.leaky_relu(z, p),
+    "elu": lambda z, p: F.elu(z, p),
+    "silu": lambda z, p: F.silu(z),
+}
+ACTIVATIONS = [("identity", None), ("relu", None), ("leaky_relu", 0.2), ("elu", 0.5), ("silu", None)]
+CLASSES = {
+    2: (batchnorm.BatchNormAct1d, torch.nn.BatchNorm1d),
+    3: (batchnorm.BatchNormAct1d, torch.nn.BatchNorm1d),
+    4: (batchnorm.BatchNormAct2d, torch.nn.BatchNorm2d),
+    5: (batchnorm.BatchNormAct3d, torch.nn.BatchNorm3d),
+}
+INPUTS = [
+    ("NC", (16, 5), None),
+    ("NCL", (4, 5, 9), None),
+    ("NCHW", (4, 5, 6, 7), None),
+    ("NHWC", (4, 5, 6, 7), CL),
+    ("NCDHW", (2, 5, 3, 4, 5), None),
+    ("NDHWC", (2, 5, 3, 4, 5), CL3),
+]
+CONFIGS = [
+    ("default", {}),
+    ("no_affine", {"affine": False}),
+    ("no_tracking", {"track_running_stats": False}),
+    ("cumulative", {"momentum": None}),
+]
+
+
+def make_pair(rank, channels, activation, param, dtype=torch.float64, **kwargs):
+    ours_cls, torch_cls = CLASSES[rank]
+    ours = ours_cls(channels, activation=activation, activation_param=param, dtype=dtype, **kwargs)
+    theirs = torch_cls(channels, dtype=dtype, **kwargs)
+    if ours.weight is not None:
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            ours.weight.copy_(torch.rand(channels, generator=g) + 0.5)
+            ours.bias.copy_(torch.randn(channels, generator=g))
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+def run(module, x, dy, act=None, param=None):
+    xi = x.detach().clone(memory_format=torch.preserve_format).requires_grad_()
+    y = module(xi)
+    if act is not None:
+        y = TORCH_ACT[act](y, param if param is not None else {"leaky_relu": 0.01, "elu": 1.0}.get(act))
+    params = [p for p in module.parameters()]
+    grads = torch.autograd.grad(y, [xi, *params], dy)
+    return y, grads
+
+
+def compare(ours, theirs, x, act, param, steps=2, tol=1e-10):
+    for step in range(steps):
+        dy = randn(x.shape, dtype=x.dtype, seed=10 + step)
+        y1, g1 = run(ours, x, dy)
+        y2, g2 = run(theirs, x, dy, act, param)
+        torch.testing.assert_close(y1, y2, rtol=tol, atol=tol)
+        assert y1.stride() == y2.stride()
+        for a, b in zip(g1, g2):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+        for name, buf in theirs.named_buffers():
+            torch.testing.assert_close(getattr(ours, name), buf, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("path", ["force_kernels", "force_reference"])
+@pytest.mark.parametrize("activation, param", ACTIVATIONS, ids=[a for a, _ in ACTIVATIONS])
+@pytest.mark.parametrize("shape, fmt", [pytest.param(s, f, id=i) for i, s, f in INPUTS])
+def test_training_and_eval_match_torch(shape, fmt, activation, param, path, request):
+    request.getfixturevalue(path)
+    ours, theirs = make_pair(len(shape), shape[1], activation, param)
+    x = randn(shape, dtype=torch.float64, fmt=fmt, loc=1.0, scale=2.0)
+    compare(ours, theirs, x, activation, param)
+    ours.eval(), theirs.eval()
+    compare(ours, theirs, x, activation, param, steps=1)
+
+
+@pytest.mark.parametrize("path", ["force_kernels", "force_reference"])
+@pytest.mark.parametrize("config", [pytest.param(c[1], id=c[0]) for c in CONFIGS])
+@pytest.mark.parametrize("shape, fmt", [pytest.param(s, f, id=i) for i, s, f in INPUTS if i in ("NC", "NHWC")])
+def test_configurations_match_torch(shape, fmt, config, path, request):
+    activation, param = "leaky_relu", 0.2
+    request.getfixturevalue(path)
+    ours, theirs = make_pair(len(shape), shape[1], activation, param, **config)
+    x = randn(shape, dtype=torch.float64, fmt=fmt, loc=1.0, scale=2.0)
+    compare(ours, theirs, x, activation, param)
+    ours.eval(), theirs.eval()
+    compare(ours, theirs, x, activation, param, steps=1)
+
+
+@pytest.mark.parametrize("activation, param", ACTIVATIONS, ids=[a for a, _ in ACTIVATIONS])
+def test_float32_on_kernels_matches_torch(activation, param, force_kernels):
+    ours, theirs = make_pair(4, 8, activation, param, dtype=torch.float32)
+    x = randn((8, 8, 12, 12), dtype=torch.float32)
+    compare(ours, theirs, x, activation, param, tol=2e-5)
+
+
+def test_state_dict_is_a_batchnorm_state_dict():
+    ours = batchnorm.BatchNormAct2d(6, activation="leaky_relu", activation_param=0.1)
+    theirs = torch.nn.BatchNorm2d(6)
+    theirs(randn((4, 6, 3, 3)))
+    ours.load_state_dict(theirs.state_dict())
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    for k, v in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[k], v)
+    assert isinstance(ours, torch.nn.BatchNorm2d) and isinstance(ours, batchnorm.BatchNorm2d)
+
+
+def test_repr_names_the_activation():
+    text = repr(batchnorm.BatchNormAct2d(4, activation="elu", activation_param=0.5, inplace=True))
+    assert "activation='elu'" in text and "activation_param=0.5" in text and "inplace=True" in text
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"activation": "gelu"}, "activation must be one of"),
+        ({"activation": "relu", "activation_param": 0.3}, "activation_param applies to"),
+        ({"activation": "relu", "inplace": True}, "leaky_relu"),
+        ({"activation": "silu", "inplace": True}, "invertible"),
+        ({"activation": "leaky_relu", "activation_param": 0.0, "inplace": True}, "activation_param > 0"),
+        ({"activation": "elu", "activation_param": -1.0, "inplace": True}, "activation_param > 0"),
+    ],
+    ids=["unknown", "param_on_relu", "relu_inplace", "silu_inplace", "slope0_inplace", "negative_alpha_inplace"],
+)
+def test_construction_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        batchnorm.BatchNormAct2d(4, **kwargs)
+
+
+def test_wrong_rank_is_refused_as_for_batchnorm():
+    with pytest.raises(ValueError, match="expected 4D input"):
+        batchnorm.BatchNormAct2d(3)(torch.randn(4, 3))
+
+
+GRADCHECK_CASES = [
+    # the kernels (gradcheck calls them hundreds of times: a few cases), then the reference
+    ("kernels-leaky_relu-NCHW", "force_kernels", "leaky_relu", 0.2, None),
+    ("kernels-silu-NHWC", "force_kernels", "silu", 0.0, CL),
+    ("kernels-elu-NHWC", "force_kernels", "elu", 0.5, CL),
+    ("reference-relu-NCHW", "force_reference", "relu", 0.0, None),
+    ("reference-leaky_relu-NHWC", "force_reference", "leaky_relu", 0.2, CL),
+    ("reference-elu-NCHW", "force_reference", "elu", 0.5, None),
+    ("reference-silu-NCHW", "force_reference", "silu", 0.0, None),
+]
+
+
+@pytest.mark.parametrize("path, activation, param, fmt", [pytest.param(*c[1:], id=c[0]) for c in GRADCHECK_CASES])
+def test_gradcheck(activation, param, fmt, path, request):
+    request.getfixturevalue(path)
+    # relu's kink: keep inputs away from z = 0 so finite differences are valid (shift by the bias)
+    x = randn((3, 2, 3, 3), dtype=torch.float64, fmt=fmt).requires_grad_()
+    w = torch.tensor([1.2, 0.7], dtype=torch.float64, requires_grad=True)
+    b = torch.tensor([0.3, -0.4], dtype=torch.float64, requires_grad=True)
+
+    def train(x, w, b):
+        return BatchNormActTrain.apply(x, w, b, 1e-5, activation, param, False)[0]
+
+    mean, var = torch.rand(2, dtype=torch.float64), torch.rand(2, dtype=torch.float64) + 0.5
+
+    def evaluate(x, w, b):
+        return BatchNormActEval.apply(x, mean, var, w, b, 1e-5, activation, param, False)
+
+    assert torch.autograd.gradcheck(train, (x, w, b))
+    assert torch.autograd.gradcheck(evaluate, (x, w, b))
+    if activation != "relu":  # relu'' is 0 a.e. but the finite differences straddle kinks
+        assert torch.autograd.gradgradcheck(train, (x, w, b))
+
+
+@pytest.mark.parametrize("path", ["force_kernels", "force_reference"])
+def test_non_finite_batch_keeps_running_statistics(path, request):
+    """As BatchNorm: a channel with NaN in the batch keeps its running values, with a warning."""
+    request.getfixturevalue(path)
+    layer = batchnorm.BatchNormAct2d(3, activation="leaky_relu")
+    x = randn((4, 3, 5, 5))
+    x[0, 1, 0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match=r"channels \[1\]"):
+        layer(x)
+    assert layer.running_mean[1] == 0 and layer.running_var[1] == 1
+    assert layer.running_mean[0] != 0

@@ -1,0 +1,66 @@
+"""The kernels' accuracy against a float64 computation: never worse than torch eager's.
+
+Same measure as the core's numerics tests: max|got - exact| / max|exact| for y, dx, dweight,
+dbias, with the exact values computed in float64 on the (exactly widened) float32 input; ours
+may exceed torch's by at most one float32 eps (a coin toss at that granularity). Here every
+input goes through the Numba kernels, including the cases where torch loses digits (|mean| >> std).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import batchnorm
+from batchnorm.kernels import reference
+from conftest import CL, CL3, randn
+
+# The layer keeps the float64 batch mean (reference.stats_dtype) only from the core revision that
+# introduced it; before that the mean is rounded to float32 upstream of any kernel.
+pytestmark = pytest.mark.skipif(
+    not hasattr(reference, "stats_dtype"), reason="needs the core's float64 batch statistics (reference.stats_dtype)"
+)
+
+EPS32 = torch.finfo(torch.float32).eps
+CASES = [
+    ("NCHW", (8, 4, 12, 12), None),
+    ("NHWC", (8, 4, 12, 12), CL),
+    ("NC", (2048, 4), None),
+    ("NCL", (16, 4, 65), None),
+    ("NDHWC", (4, 4, 4, 6, 6), CL3),
+]
+DATA = [("randn", 0.0, 1.0), ("mean1e3", 1e3, 1.0), ("mean1e4_std1e-2", 1e4, 1e-2)]
+
+
+def exact(x, weight, bias, dy, eps):
+    x64 = x.double().requires_grad_()
+    w64, b64 = weight.double().requires_grad_(), bias.double().requires_grad_()
+    dims = [0, *range(2, x.dim())]
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    mean, var = x64.mean(dims, keepdim=True), x64.var(dims, keepdim=True, unbiased=False)
+    y = (x64 - mean) / torch.sqrt(var + eps) * w64.view(view) + b64.view(view)
+    return (y.detach(), *torch.autograd.grad(y, (x64, w64, b64), dy.double()))
+
+
+def errors(module, x, dy, want):
+    xi = x.detach().clone(memory_format=torch.preserve_format).requires_grad_()
+    y = module(xi)
+    got = (y, *torch.autograd.grad(y, (xi, module.weight, module.bias), dy))
+    return [((g.double() - w).abs().max() / w.abs().max()).item() for g, w in zip(got, want)]
+
+
+@pytest.mark.parametrize("loc, scale", [pytest.param(l, s, id=i) for i, l, s in DATA])
+@pytest.mark.parametrize("shape, fmt", [pytest.param(s, f, id=i) for i, s, f in CASES])
+def test_kernels_at_least_as_accurate_as_torch(shape, fmt, loc, scale, force_kernels):
+    x = randn(shape, fmt=fmt, loc=loc, scale=scale)
+    dy = randn(shape, fmt=fmt, seed=1)
+    cls = {2: batchnorm.BatchNorm1d, 3: batchnorm.BatchNorm1d, 4: batchnorm.BatchNorm2d, 5: batchnorm.BatchNorm3d}[x.dim()]
+    ours = cls(shape[1])
+    theirs = getattr(torch.nn, cls.__name__)(shape[1])
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5), ours.bias.uniform_(-1, 1)
+    theirs.load_state_dict(ours.state_dict())
+    want = exact(x, ours.weight.detach(), ours.bias.detach(), dy, ours.eps)
+    mine, torchs = errors(ours, x, dy, want), errors(theirs, x, dy, want)
+    for name, a, b in zip(("y", "dx", "dweight", "dbias"), mine, torchs):
+        assert a <= b + EPS32, (name, mine, torchs)
+    assert mine[0] < 8 * EPS32, mine  # y within a few ulps, whatever the mean

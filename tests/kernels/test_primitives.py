@@ -1,0 +1,178 @@
+"""Every Numba kernel against the plain-PyTorch reference, on every layout and dtype.
+
+The four BN primitives (`reference.py`) and the fused BN+activation ones (`reference_act.py`),
+including the memory-saving mode that works from the output. Same inputs, same per-channel
+vectors; the kernels must agree to a few ulps and lay their outputs out as the reference does.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from batchnorm.kernels import cpu, reference, reference_act
+from batchnorm.autograd_act import guarded_weight
+from conftest import DTYPES, LAYOUT_PARAMS, assert_close, randn
+
+ACTIVATIONS = [("identity", 0.0), ("relu", 0.0), ("leaky_relu", 0.1), ("elu", 0.7), ("silu", 0.0)]
+INVERTIBLE = [("identity", 0.0), ("leaky_relu", 0.1), ("elu", 0.7)]
+
+
+def make_case(shape, fmt, dtype, seed=0):
+    """x with a large-ish mean (so centering matters), dy, and per-channel vectors."""
+    x = randn(shape, dtype=dtype, fmt=fmt, loc=3.0, scale=2.0, seed=seed)
+    dy = randn(shape, dtype=dtype, fmt=fmt, seed=seed + 1)
+    c = shape[1]
+    g = torch.Generator().manual_seed(seed + 2)
+    weight = (torch.rand(c, generator=g, dtype=torch.float64) + 0.5).to(dtype)
+    bias = torch.randn(c, generator=g, dtype=torch.float64).to(dtype)
+    mean, var = reference.batch_stats(x)
+    invstd = torch.rsqrt(var + 1e-5)
+    return x, dy, weight, bias, mean, invstd
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, fmt", LAYOUT_PARAMS)
+def test_layout_is_taken(shape, fmt, dtype):
+    x = randn(shape, dtype=dtype, fmt=fmt)
+    assert cpu.layout_of(x) is not None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, fmt", LAYOUT_PARAMS)
+def test_batch_stats(shape, fmt, dtype):
+    x = randn(shape, dtype=dtype, fmt=fmt, loc=3.0, scale=2.0)
+    mean, var = cpu.batch_stats(x)
+    ref_mean, ref_var = reference.batch_stats(x)
+    assert mean.dtype == ref_mean.dtype and var.dtype == ref_var.dtype
+    assert_close(mean, ref_mean, dtype)
+    assert_close(var, ref_var, dtype)
+
+
+def test_batch_stats_is_exact_for_constant_channels():
+    """A constant channel has var exactly 0 (no E[x^2] - E[x]^2 cancellation), any layout."""
+    for x in (torch.full((4, 3, 5, 7), 1e4), torch.full((4, 3, 5, 7), 1e4).contiguous(memory_format=torch.channels_last)):
+        mean, var = cpu.batch_stats(x)
+        assert (var == 0).all() and (mean == 1e4).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, fmt", LAYOUT_PARAMS)
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+def test_normalize(shape, fmt, dtype, affine):
+    x, _, weight, bias, mean, invstd = make_case(shape, fmt, dtype)
+    w, b = (weight, bias) if affine else (None, None)
+    for m in (mean, None):
+        y = cpu.normalize(x, m, invstd, w, b)
+        want = reference.normalize(x, m, invstd, w, b)
+        assert y.dtype == want.dtype and y.stride() == want.stride()
+        assert_close(y, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, fmt", LAYOUT_PARAMS)
+def test_backward_reduce_and_elemt(shape, fmt, dtype):
+    x, dy, weight, _, mean, invstd = make_case(shape, fmt, dtype)
+    sums = cpu.backward_reduce(dy, x, mean, invstd)
+    want = reference.backward_reduce(dy, x, mean, invstd)
+    for got, ref in zip(sums, want):
+        assert got.dtype == ref.dtype
+        assert_close(got, ref, dtype)
+    n = x.numel() // x.shape[1]
+    mean_dy, mean_dy_xhat = want[0] / n, want[1] / n
+    for w in (weight, None):
+        dx = cpu.backward_elemt(dy, x, mean, invstd, w, mean_dy, mean_dy_xhat)
+        ref_dx = reference.backward_elemt(dy, x, mean, invstd, w, mean_dy, mean_dy_xhat)
+        assert dx.stride() == ref_dx.stride()
+        assert_close(dx, ref_dx, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dy_in_another_layout(dtype):
+    """dy need not share x's memory format (autograd hands over whatever the next op produced)."""
+    x, dy, weight, _, mean, invstd = make_case((4, 6, 5, 7), torch.channels_last, dtype)
+    dy = dy.contiguous()
+    for got, want in zip(cpu.backward_reduce(dy, x, mean, invstd), reference.backward_reduce(dy, x, mean, invstd)):
+        assert_close(got, want, dtype)
+    dx = cpu.backward_elemt(dy, x, mean, invstd, weight, mean * 0.1, invstd * 0.1)
+    assert_close(dx, reference.backward_elemt(dy, x, mean, invstd, weight, mean * 0.1, invstd * 0.1), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, fmt", LAYOUT_PARAMS)
+@pytest.mark.parametrize("activation, param", ACTIVATIONS, ids=[a for a, _ in ACTIVATIONS])
+def test_fused_activation_from_input(shape, fmt, dtype, activation, param):
+    x, dy, weight, bias, mean, invstd = make_case(shape, fmt, dtype)
+    args = (mean, invstd, weight, bias, activation, param)
+    y = cpu.normalize_act(x, *args)
+    assert_close(y, reference_act.normalize_act(x, *args), dtype)
+    sums = cpu.backward_reduce_act(dy, x, *args, False)
+    want = reference_act.backward_reduce_act(dy, x, *args, False)
+    for got, ref in zip(sums, want):
+        assert_close(got, ref, dtype)
+    n = x.numel() // x.shape[1]
+    dx = cpu.backward_elemt_act(dy, x, *args, False, want[0] / n, want[1] / n)
+    assert_close(dx, reference_act.backward_elemt_act(dy, x, *args, False, want[0] / n, want[1] / n), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, fmt", LAYOUT_PARAMS)
+@pytest.mark.parametrize("activation, param", INVERTIBLE, ids=[a for a, _ in INVERTIBLE])
+def test_fused_activation_from_output(shape, fmt, dtype, activation, param):
+    """Memory-saving mode: the kernels recover z and xhat from y as the reference does, and both
+    agree with the from-input computation on the same layer."""
+    x, dy, weight, bias, mean, invstd = make_case(shape, fmt, dtype)
+    weight = weight * torch.where(torch.arange(shape[1]) % 2 == 0, 1.0, -1.0).to(dtype)  # both signs
+    args = (mean, invstd, weight, bias, activation, param)
+    y = cpu.normalize_act(x, *args)
+    out = x.clone(memory_format=torch.preserve_format)
+    assert cpu.normalize_act(out, *args, out=out) is out
+    assert_close(out, y, dtype)
+    sums = cpu.backward_reduce_act(dy, y, *args, True)
+    want = reference_act.backward_reduce_act(dy, y, *args, True)
+    from_input = reference_act.backward_reduce_act(dy, x, *args, False)
+    for got, ref, ref_x in zip(sums, want, from_input):
+        assert_close(got, ref, dtype)
+        torch.testing.assert_close(ref.double(), ref_x.double(), rtol=1e-4 if dtype == torch.float32 else 1e-9, atol=1e-4 if dtype == torch.float32 else 1e-9)
+    n = x.numel() // x.shape[1]
+    dx = cpu.backward_elemt_act(dy, y, *args, True, want[0] / n, want[1] / n)
+    assert_close(dx, reference_act.backward_elemt_act(dy, y, *args, True, want[0] / n, want[1] / n), dtype)
+
+
+def test_elu_inverse_stays_finite_when_saturated():
+    """Far below the mean elu's output rounds to -alpha; the inverse clamps instead of -inf."""
+    x = torch.zeros(4, 2, 8)
+    x[0, :, 0] = -40.0  # z = -40 * invstd: e^z underflows in float32
+    mean = torch.zeros(2)
+    invstd = torch.ones(2)
+    y = cpu.normalize_act(x, mean, invstd, None, None, "elu", 1.0)
+    sums = cpu.backward_reduce_act(torch.ones_like(x), y, mean, invstd, None, None, "elu", 1.0, True)
+    dx = cpu.backward_elemt_act(torch.ones_like(x), y, mean, invstd, None, None, "elu", 1.0, True, sums[0] / 32, sums[1] / 32)
+    assert all(torch.isfinite(s).all() for s in sums) and torch.isfinite(dx).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_guarded_weight(dtype):
+    w = torch.tensor([0.0, 1e-5, -1e-5, 0.5, -2.0], dtype=dtype)
+    assert guarded_weight(w).tolist() == pytest.approx([1e-3, 1e-3, -1e-3, 0.5, -2.0])
+    assert guarded_weight(None) is None
+
+
+@pytest.mark.parametrize("fmt", [None, torch.channels_last], ids=["NCHW", "NHWC"])
+def test_nan_propagates(fmt):
+    """A NaN in one channel gives NaN statistics for that channel only (no fast-math shortcut)."""
+    x = randn((4, 3, 5, 7), fmt=fmt)
+    x[1, 1, 2, 3] = float("nan")
+    mean, var = cpu.batch_stats(x)
+    assert torch.isnan(mean[1]) and torch.isnan(var[1])
+    assert torch.isfinite(mean[[0, 2]]).all() and torch.isfinite(var[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("fmt", [None, torch.channels_last], ids=["NCHW", "NHWC"])
+def test_large_outputs_on_huge_pages_are_correct(fmt):
+    """Outputs above 8 MiB get MADV_HUGEPAGE before the kernels' first write: same values."""
+    x, dy, weight, bias, mean, invstd = make_case((64, 32, 32, 33), fmt, torch.float32)
+    assert x.numel() * 4 >= cpu._HUGE_PAGE_MIN_BYTES
+    assert_close(cpu.normalize(x, mean, invstd, weight, bias), reference.normalize(x, mean, invstd, weight, bias), torch.float32)
+    n = x.numel() // x.shape[1]
+    dx = cpu.backward_elemt(dy, x, mean, invstd, weight, mean / n, invstd / n)
+    assert_close(dx, reference.backward_elemt(dy, x, mean, invstd, weight, mean / n, invstd / n), torch.float32)
