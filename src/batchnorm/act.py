@@ -16,13 +16,11 @@ activation (identity, leaky_relu, elu); relu raises and suggests leaky_relu. Cha
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import Tensor
 
 from .autograd_act import BatchNormActEval, BatchNormActTrain
-from .functional import check_batch_size, check_input, update_running_stats
+from .functional import check_arguments, track_batch
 from .kernels.activations import check_activation
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
@@ -50,33 +48,13 @@ def batch_norm_act(
     elsewhere; autograd raises if it is (a leaf that requires grad, or a tensor saved for backward).
     """
     param = check_activation(activation, activation_param, inplace)
-    check_input(x, running_mean, running_var, weight, bias)
+    check_arguments(x, running_mean, running_var, weight, bias, training=training, eps=eps)
     if not training:
-        for name, v in (("running_mean", running_mean), ("running_var", running_var)):
-            if v is None:
-                raise RuntimeError(f"{name} must be defined in evaluation mode")
         return BatchNormActEval.apply(x, running_mean, running_var, weight, bias, eps, activation, param, inplace)
-    check_batch_size(x)
     y, mean, var = BatchNormActTrain.apply(x, weight, bias, eps, activation, param, inplace)
-    _track_batch(x, running_mean, running_var, mean, var, momentum, layer)
-    return y
-
-
-def _track_batch(x, running_mean, running_var, mean, var, momentum, layer) -> None:
-    """The running-statistics update of `functional.batch_norm` after a training forward: same
-    rule (`update_running_stats`), same warning about non-finite channels."""
     count = x.numel() // x.shape[1] if x.shape[1] else 0
-    if count > 0 and (running_mean is not None or running_var is not None):
-        skipped = update_running_stats(running_mean, running_var, mean, var, count, momentum)
-        if bool(skipped.any()):
-            channels = skipped.nonzero().flatten().tolist()
-            who = repr(layer) if layer is not None else "batch_norm_act"
-            warnings.warn(
-                f"{who}: the batch statistics of channels {channels} are not finite (NaN or Inf in "
-                f"the input); their running_mean/running_var were kept, the other channels updated",
-                RuntimeWarning,
-                stacklevel=5 if layer is not None else 3,
-            )
+    track_batch(running_mean, running_var, mean, var, count, momentum, who=repr(layer) if layer is not None else "batch_norm_act")
+    return y
 
 
 class _BatchNormAct:

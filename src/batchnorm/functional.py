@@ -34,6 +34,8 @@ __all__ = [
     "check_input",
     "check_batch_size",
     "check_dtypes",
+    "check_arguments",
+    "track_batch",
 ]
 
 
@@ -171,7 +173,27 @@ def batch_norm(
 
     `layer` only names the caller in the warning about non-finite statistics (modules pass self).
     """
-    # The checks run in torch's order, so that a call with several mistakes gets torch's error.
+    check_arguments(x, running_mean, running_var, weight, bias, training=training, eps=eps)
+    if not training:
+        return BatchNormEval.apply(x, running_mean, running_var, weight, bias, eps)
+    y, mean, var = BatchNormTrain.apply(x, weight, bias, eps)
+    count = x.numel() // x.shape[1] if x.shape[1] else 0
+    track_batch(running_mean, running_var, mean, var, count, momentum, who=repr(layer) if layer is not None else "batch_norm")
+    return y
+
+
+def check_arguments(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    *,
+    training: bool,
+    eps: float,
+) -> None:
+    """Every check of `batch_norm`'s arguments, in torch's order, so that a call with several
+    mistakes gets torch's error."""
     check_input(x)  # the rank first: every other check reads x.shape[1]
     if training:
         check_batch_size(x)
@@ -185,30 +207,36 @@ def batch_norm(
             if v is None:
                 raise RuntimeError(f"{name} must be defined in evaluation mode")
             check_input(x, **{name: v})
-        check_input(x, running_mean, running_var, weight, bias)
-        check_dtypes(x, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
-        return BatchNormEval.apply(x, running_mean, running_var, weight, bias, eps)
-
     check_input(x, running_mean, running_var, weight, bias)
-    if (running_mean is None) != (running_var is None):
+    if training and (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
     check_dtypes(x, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
-    y, mean, var = BatchNormTrain.apply(x, weight, bias, eps)
-    count = x.numel() // x.shape[1] if x.shape[1] else 0
-    if count > 0 and (running_mean is not None or running_var is not None):
-        skipped = ~(torch.isfinite(mean) & torch.isfinite(var))  # (C,): what update_running_stats keeps
-        # Warn before updating: under `-W error` the warning raises, and a rejected batch must
-        # leave every running statistic as it was, not half-updated. Meta tensors (shape
-        # inference) have no values to inspect, and torch runs them fine.
-        if skipped.device.type != "meta" and bool(skipped.any()):
-            channels = skipped.nonzero().flatten().tolist()
-            who = repr(layer) if layer is not None else "batch_norm"
-            warnings.warn(
-                f"{who}: the batch statistics of channels {channels} are not finite (NaN or Inf in "
-                f"the input); their running_mean/running_var were kept, the other channels updated",
-                RuntimeWarning,
-                stacklevel=_caller_outside_batchnorm(),
-            )
-        update_running_stats(running_mean, running_var, mean, var, count, momentum)
-    return y
 
+
+def track_batch(
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    count: int,
+    momentum: float,
+    who: str,
+) -> None:
+    """After a training forward over `count` elements per channel: warn about non-finite channels
+    (naming `who`), then apply the momentum rule (`update_running_stats`) to the running
+    statistics, if any."""
+    if count == 0 or (running_mean is None and running_var is None):
+        return  # an empty batch leaves the running statistics alone, as in torch
+    skipped = ~(torch.isfinite(mean) & torch.isfinite(var))  # (C,): what update_running_stats keeps
+    # Warn before updating: under `-W error` the warning raises, and a rejected batch must leave
+    # every running statistic as it was, not half-updated. Meta tensors (shape inference) have no
+    # values to inspect, and torch runs them fine.
+    if skipped.device.type != "meta" and bool(skipped.any()):
+        channels = skipped.nonzero().flatten().tolist()
+        warnings.warn(
+            f"{who}: the batch statistics of channels {channels} are not finite (NaN or Inf in "
+            f"the input); their running_mean/running_var were kept, the other channels updated",
+            RuntimeWarning,
+            stacklevel=_caller_outside_batchnorm(),
+        )
+    update_running_stats(running_mean, running_var, mean, var, count, momentum)

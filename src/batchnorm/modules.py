@@ -37,15 +37,17 @@ class _BatchNorm(torch.nn.modules.batchnorm._BatchNorm):
                 f"(got {x.shape[1]} channels, input of shape {shape_of(x)})"
             )
 
+    def _momentum(self, update: bool) -> float:
+        """The weight of this batch in the running statistics; `momentum=None` is a cumulative
+        average, in which the k-th batch (counted once this one succeeds) gets weight 1/k."""
+        if self.momentum is not None:
+            return self.momentum
+        return 1.0 / (float(self.num_batches_tracked) + 1.0) if update else 0.0
+
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
         update = self.training and self.track_running_stats and self.num_batches_tracked is not None
-        if self.momentum is not None:
-            momentum = self.momentum
-        elif update:  # cumulative average: the k-th batch gets weight 1/k
-            momentum = 1.0 / (float(self.num_batches_tracked) + 1.0)
-        else:
-            momentum = 0.0
+        momentum = self._momentum(update)
         # Batch statistics in training, and in eval when there are no running statistics to use.
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         # Running statistics are updated only when tracked; in eval they are read, never written.

@@ -19,7 +19,6 @@ Running statistics must be tracked: r and d are defined by them.
 """
 from __future__ import annotations
 
-import warnings
 
 import torch
 from torch import Tensor
@@ -79,12 +78,8 @@ class _Renorm:
         if not self.training or self.running_mean is None:
             return super().forward(x)  # eval (or running stats removed): plain BatchNorm
         self._check_input_dim(x)
-        F.check_input(x, self.running_mean, self.running_var, self.weight, self.bias)
-        F.check_batch_size(x)
-        if self.momentum is not None:
-            momentum = self.momentum
-        else:  # cumulative average: the k-th batch gets weight 1/k
-            momentum = 1.0 / (float(self.num_batches_tracked) + 1.0)
+        F.check_arguments(x, self.running_mean, self.running_var, self.weight, self.bias, training=True, eps=self.eps)
+        momentum = self._momentum(update=self.num_batches_tracked is not None)
         xhat, mean, var = BatchNormTrain.apply(x, None, None, self.eps)  # (N, C, *); (C,), (C,)
         r, d = renorm_correction(mean, var, self.running_mean, self.running_var, self.eps, self.r_max, self.d_max)
         dtype = compute_dtype(x)
@@ -95,15 +90,7 @@ class _Renorm:
             shift = shift + self.bias.to(dtype)
         y = (xhat.to(dtype) * channel_view(scale, x) + channel_view(shift, x)).to(x.dtype)
         count = x.numel() // x.shape[1] if x.shape[1] else 0
-        if count > 0:
-            skipped = F.update_running_stats(self.running_mean, self.running_var, mean, var, count, momentum)
-            if bool(skipped.any()):
-                warnings.warn(
-                    f"{self!r}: the batch statistics of channels {skipped.nonzero().flatten().tolist()} "
-                    f"are not finite (NaN or Inf in the input); their running statistics were kept",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+        F.track_batch(self.running_mean, self.running_var, mean, var, count, momentum, who=repr(self))
         if self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
         return y

@@ -30,7 +30,6 @@ synchronized forward is not supported (the collectives are not differentiable).
 """
 from __future__ import annotations
 
-import warnings
 
 import torch
 import torch.distributed as dist
@@ -224,24 +223,10 @@ class SyncBatchNorm(_BatchNorm):
         self._check_input_dim(x)
         F.check_input(x, self.running_mean, self.running_var, self.weight, self.bias)
         update = self.track_running_stats and self.num_batches_tracked is not None
-        if self.momentum is not None:
-            momentum = self.momentum
-        elif update:  # cumulative average: the k-th batch gets weight 1/k
-            momentum = 1.0 / (float(self.num_batches_tracked) + 1.0)
-        else:
-            momentum = 0.0
+        momentum = self._momentum(update)
         y, mean, var, count = SyncBatchNormTrain.apply(x, self.weight, self.bias, self.eps, group, size)
-        total = int(count)
-        if self.track_running_stats and total > 0 and self.running_mean is not None:
-            # Identical on every rank (same gathered statistics), so the buffers stay in sync.
-            skipped = F.update_running_stats(self.running_mean, self.running_var, mean, var, total, momentum)
-            if bool(skipped.any()):
-                warnings.warn(
-                    f"{self!r}: the global batch statistics of channels {skipped.nonzero().flatten().tolist()} "
-                    f"are not finite (NaN or Inf in the input); their running statistics were kept",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+        # The global statistics are identical on every rank, so the buffers stay in sync.
+        F.track_batch(self.running_mean, self.running_var, mean, var, int(count), momentum, who=repr(self))
         if update:
             self.num_batches_tracked.add_(1)
         return y
