@@ -26,7 +26,7 @@ from types import ModuleType
 
 from torch import Tensor
 
-from . import cpu, reference, reference_act
+from . import _numba, cpu, reference, reference_act
 
 __all__ = ["implementation", "reference", "reference_act", "cpu", "MIN_NUMEL", "FORCE"]
 
@@ -66,4 +66,5 @@ def implementation(x: Tensor, *, fused: bool = False) -> ModuleType:
     layout = cpu.layout_of(x)
     if layout is None or (FORCE != "cpu" and x.numel() < MIN_NUMEL[layout]):
         return slow
-    return cpu if _numba_available() else slow
+    # In a forked child of a process running GNU OpenMP the kernels cannot launch (see _numba).
+    return cpu if _numba_available() and _numba.usable() else slow
