@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import batchnorm
 from batchnorm.autograd_act import BatchNormActEval, BatchNormActTrain
-from conftest import CL, CL3, randn
+from kernel_helpers import CL, CL3, randn
 
 TORCH_ACT = {
     "identity": lambda z, p: z,

@@ -11,7 +11,7 @@ import torch
 import batchnorm
 from batchnorm import kernels
 from batchnorm.kernels import cpu, reference, reference_act
-from conftest import randn
+from kernel_helpers import randn
 
 SRC = os.path.dirname(os.path.dirname(os.path.abspath(batchnorm.__file__)))
 

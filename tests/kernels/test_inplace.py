@@ -11,7 +11,7 @@ import torch
 
 import batchnorm
 from batchnorm.autograd_act import INPLACE_MIN_WEIGHT
-from conftest import CL, randn
+from kernel_helpers import CL, randn
 
 INVERTIBLE = [("identity", None), ("leaky_relu", 0.1), ("elu", 1.0)]
 PATHS = ["force_kernels", "force_reference"]

@@ -12,7 +12,7 @@ import torch
 
 import batchnorm
 from batchnorm.kernels import reference
-from conftest import CL, CL3, randn
+from kernel_helpers import CL, CL3, randn
 
 # The layer keeps the float64 batch mean (reference.stats_dtype) only from the core revision that
 # introduced it; before that the mean is rounded to float32 upstream of any kernel.

@@ -11,7 +11,7 @@ import torch
 
 from batchnorm.kernels import cpu, reference, reference_act
 from batchnorm.autograd_act import guarded_weight
-from conftest import DTYPES, LAYOUT_PARAMS, assert_close, randn
+from kernel_helpers import DTYPES, LAYOUT_PARAMS, assert_close, randn
 
 ACTIVATIONS = [("identity", 0.0), ("relu", 0.0), ("leaky_relu", 0.1), ("elu", 0.7), ("silu", 0.0)]
 INVERTIBLE = [("identity", 0.0), ("leaky_relu", 0.1), ("elu", 0.7)]

@@ -8,7 +8,7 @@ import torch
 
 import batchnorm
 from batchnorm.kernels import cpu, reference
-from conftest import assert_close, randn
+from kernel_helpers import assert_close, randn
 
 
 def test_concurrent_calls_from_threads():
