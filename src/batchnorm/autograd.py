@@ -30,7 +30,7 @@ def _count(x: Tensor) -> int:
     return x.numel() // x.shape[1] if x.shape[1] else 0
 
 
-def _param_grads(weight, bias, sum_dy, sum_dy_xhat, need_weight: bool, need_bias: bool):
+def param_grads(weight, bias, sum_dy, sum_dy_xhat, need_weight: bool, need_bias: bool):
     """dweight = sum_dy_xhat, dbias = sum_dy, each only where asked for, in the parameter's dtype."""
     dweight = sum_dy_xhat.to(weight.dtype) if weight is not None and need_weight else None
     dbias = sum_dy.to(bias.dtype) if bias is not None and need_bias else None
@@ -78,7 +78,7 @@ class BatchNormTrain(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             n = max(_count(x), 1)  # an empty batch has empty dx; avoid 0/0 in the means
             dx = impl.backward_elemt(dy, x, mean, invstd, weight, sum_dy / n, sum_dy_xhat / n)
-        dweight, dbias = _param_grads(weight, bias, sum_dy, sum_dy_xhat, *ctx.needs_input_grad[1:3])
+        dweight, dbias = param_grads(weight, bias, sum_dy, sum_dy_xhat, *ctx.needs_input_grad[1:3])
         return dx, dweight, dbias, None
 
 
@@ -114,5 +114,5 @@ class BatchNormEval(torch.autograd.Function):
         dweight = dbias = None
         if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
             sum_dy, sum_dy_xhat = impl.backward_reduce(dy, x, mean, invstd)  # (N, C, *) -> (C,), (C,)
-            dweight, dbias = _param_grads(weight, bias, sum_dy, sum_dy_xhat, *ctx.needs_input_grad[3:5])
+            dweight, dbias = param_grads(weight, bias, sum_dy, sum_dy_xhat, *ctx.needs_input_grad[3:5])
         return dx, None, None, dweight, dbias, None

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from . import kernels
+from .autograd import param_grads  # dweight = sum(g * xhat), dbias = sum(g): BN's, with dy -> g
 from .kernels import reference, reference_act
 
 __all__ = ["BatchNormActTrain", "BatchNormActEval", "INPLACE_MIN_WEIGHT", "guarded_weight"]
@@ -66,11 +67,18 @@ def _no_double_backward_inplace(inplace: bool) -> None:
         )
 
 
-def _param_grads(weight, bias, sum_g, sum_g_xhat, need_weight: bool, need_bias: bool):
-    """dweight = sum_g_xhat, dbias = sum_g, only where asked for, in the parameter's dtype."""
-    dweight = sum_g_xhat.to(weight.dtype) if weight is not None and need_weight else None
-    dbias = sum_g.to(bias.dtype) if bias is not None and need_bias else None
-    return dweight, dbias
+def _normalize_act_and_save(ctx, impl, x, mean, invstd, weight, bias, activation, param, inplace):
+    """y = act(weight * xhat + bias), saving what backward needs: x, or in place only y (written
+    over x) with the guarded weight the forward used, from which backward recovers xhat."""
+    if inplace:
+        weight_used = guarded_weight(weight)
+        y = impl.normalize_act(x, mean, invstd, weight_used, bias, activation, param, out=x)
+        ctx.mark_dirty(x)
+        ctx.save_for_backward(y, weight_used, bias, mean, invstd)
+    else:
+        y = impl.normalize_act(x, mean, invstd, weight, bias, activation, param)
+        ctx.save_for_backward(x, weight, bias, mean, invstd)
+    return y
 
 
 class BatchNormActTrain(torch.autograd.Function):
@@ -83,14 +91,7 @@ class BatchNormActTrain(torch.autograd.Function):
         impl = kernels.implementation(x, fused=True)
         mean, var = impl.batch_stats(x)  # (N, C, *) -> (C,), (C,)
         invstd = torch.rsqrt(var + eps)
-        if inplace:
-            weight_used = guarded_weight(weight)
-            y = impl.normalize_act(x, mean, invstd, weight_used, bias, activation, param, out=x)
-            ctx.mark_dirty(x)
-            ctx.save_for_backward(y, weight_used, bias, mean, invstd)
-        else:
-            y = impl.normalize_act(x, mean, invstd, weight, bias, activation, param)
-            ctx.save_for_backward(x, weight, bias, mean, invstd)
+        y = _normalize_act_and_save(ctx, impl, x, mean, invstd, weight, bias, activation, param, inplace)
         ctx.eps, ctx.activation, ctx.param, ctx.inplace = eps, activation, param, inplace
         ctx.has_weight = weight is not None
         ctx.mark_non_differentiable(mean, var)
@@ -114,7 +115,7 @@ class BatchNormActTrain(torch.autograd.Function):
             n = max(saved.numel() // saved.shape[1] if saved.shape[1] else 0, 1)
             dx = impl.backward_elemt_act(dy, *args, ctx.inplace, sum_g / n, sum_g_xhat / n)
         # In-place mode saved weight_used; its gradient passes straight through to weight.
-        dweight, dbias = _param_grads(weight, bias, sum_g, sum_g_xhat, *ctx.needs_input_grad[1:3])
+        dweight, dbias = param_grads(weight, bias, sum_g, sum_g_xhat, *ctx.needs_input_grad[1:3])
         return dx, dweight, dbias, None, None, None, None
 
 
@@ -126,14 +127,7 @@ class BatchNormActEval(torch.autograd.Function):
     def forward(ctx, x, mean, var, weight, bias, eps: float, activation: str, param: float, inplace: bool):
         impl = kernels.implementation(x, fused=True)
         invstd = torch.rsqrt(var.to(reference.compute_dtype(x)) + eps)
-        if inplace:
-            weight_used = guarded_weight(weight)
-            y = impl.normalize_act(x, mean, invstd, weight_used, bias, activation, param, out=x)
-            ctx.mark_dirty(x)
-            ctx.save_for_backward(y, weight_used, bias, mean, invstd)
-        else:
-            y = impl.normalize_act(x, mean, invstd, weight, bias, activation, param)
-            ctx.save_for_backward(x, weight, bias, mean, invstd)
+        y = _normalize_act_and_save(ctx, impl, x, mean, invstd, weight, bias, activation, param, inplace)
         ctx.activation, ctx.param, ctx.inplace = activation, param, inplace
         return y
 
@@ -152,5 +146,5 @@ class BatchNormActEval(torch.autograd.Function):
             dx = impl.backward_elemt_act(dy, *args, zeros, zeros)  # weight * invstd * g
         if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
             sum_g, sum_g_xhat = impl.backward_reduce_act(dy, *args)  # (N, C, *) -> (C,), (C,)
-            dweight, dbias = _param_grads(weight, bias, sum_g, sum_g_xhat, *ctx.needs_input_grad[3:5])
+            dweight, dbias = param_grads(weight, bias, sum_g, sum_g_xhat, *ctx.needs_input_grad[3:5])
         return dx, None, None, dweight, dbias, None, None, None, None

@@ -38,6 +38,7 @@ from torch.autograd.function import once_differentiable
 
 from . import functional as F
 from ._format import shape_of
+from .autograd import param_grads
 from .kernels import implementation
 from .modules import _BatchNorm
 
@@ -148,8 +149,8 @@ class SyncBatchNormTrain(torch.autograd.Function):
             mean_dy = (packed[:channels] / n).to(sum_dy.dtype)
             mean_dy_xhat = (packed[channels:] / n).to(sum_dy.dtype)
             dx = impl.backward_elemt(dy, x, mean, invstd, weight, mean_dy, mean_dy_xhat)
-        dweight = sum_dy_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-        dbias = sum_dy.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
+        # The rank's local sums: DDP adds them up over ranks like any other parameter gradient.
+        dweight, dbias = param_grads(weight, bias, sum_dy, sum_dy_xhat, *ctx.needs_input_grad[1:3])
         return dx, dweight, dbias, None, None, None
 
 
