@@ -53,7 +53,7 @@ def batch_norm_act(
         return BatchNormActEval.apply(x, running_mean, running_var, weight, bias, eps, activation, param, inplace)
     y, mean, var = BatchNormActTrain.apply(x, weight, bias, eps, activation, param, inplace)
     count = x.numel() // x.shape[1] if x.shape[1] else 0
-    track_batch(running_mean, running_var, mean, var, count, momentum, who=repr(layer) if layer is not None else "batch_norm_act")
+    track_batch(running_mean, running_var, mean, var, count, momentum, who=layer if layer is not None else "batch_norm_act")
     return y
 
 

@@ -18,16 +18,28 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch._functorch.utils import unwrap_dead_wrappers
 
 from . import kernels
 from .kernels import reference
 
-__all__ = ["BatchNormTrain", "BatchNormEval"]
+__all__ = ["BatchNormTrain", "BatchNormEval", "FastApply", "param_grads"]
 
 
-def _count(x: Tensor) -> int:
-    """Elements per channel: N * prod(spatial)."""
-    return x.numel() // x.shape[1] if x.shape[1] else 0
+class FastApply:
+    """`Function.apply` without torch's per-call argument binding.
+
+    A Function with `setup_context` (the form torch.func needs) pays ~20 us per call in
+    `Function.apply` for `inspect.signature(forward).bind(...)`, which only fills in defaulted
+    arguments. Every caller in this package passes all arguments positionally, so outside torch.func
+    transforms this goes straight to autograd's C++ `apply`; under a transform it takes torch's path.
+    """
+
+    @classmethod
+    def apply(cls, *args):
+        if torch._C._are_functorch_transforms_active():
+            return super().apply(*args)
+        return super(torch.autograd.Function, cls).apply(*unwrap_dead_wrappers(args))
 
 
 def param_grads(weight, bias, sum_dy, sum_dy_xhat, need_weight: bool, need_bias: bool):
@@ -37,10 +49,11 @@ def param_grads(weight, bias, sum_dy, sum_dy_xhat, need_weight: bool, need_bias:
     return dweight, dbias
 
 
-class BatchNormTrain(torch.autograd.Function):
-    """Normalize with the batch's own statistics: (x, weight, bias, eps) -> (y, mean, var).
+class BatchNormTrain(FastApply, torch.autograd.Function):
+    """Normalize with the batch's own statistics: (x, weight, bias, eps) -> (y, mean, var, invstd).
 
-    mean and the biased var (C,) are returned, not differentiable, for the running-statistics update.
+    mean, the biased var and invstd (C,) are returned, not differentiable: mean and var for the
+    running-statistics update, invstd = 1 / sqrt(var + eps) as the forward used it.
     """
 
     # forward without ctx plus setup_context: the form torch.func (grad, vmap, jacrev) requires
@@ -48,23 +61,19 @@ class BatchNormTrain(torch.autograd.Function):
 
     @staticmethod
     def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
-        impl = kernels.implementation(x)
-        mean, var = impl.batch_stats(x)  # (N, C, *) -> (C,), (C,)
-        invstd = torch.rsqrt(var + eps)
-        y = impl.normalize(x, mean, invstd, weight, bias)
-        return y, mean, var
+        # batch_stats, invstd, normalize: one kernel call on the fast path
+        return kernels.implementation(x).forward_train(x, weight, bias, eps)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, weight, bias, eps = inputs
-        _, mean, var = output
-        invstd = torch.rsqrt(var + eps)  # (C,): recomputed, bit for bit the forward's
+        _, mean, var, invstd = output
         ctx.save_for_backward(x, weight, bias, mean, invstd)
         ctx.eps = eps
-        ctx.mark_non_differentiable(mean, var)
+        ctx.mark_non_differentiable(mean, var, invstd)
 
     @staticmethod
-    def backward(ctx, dy: Tensor, _dmean, _dvar):
+    def backward(ctx, dy: Tensor, _dmean, _dvar, _dinvstd):
         x, weight, bias, mean, invstd = ctx.saved_tensors
         if torch.is_grad_enabled():
             # create_graph=True: the statistics must depend on x in the graph for double backward.
@@ -73,16 +82,13 @@ class BatchNormTrain(torch.autograd.Function):
             invstd = torch.rsqrt(var + ctx.eps)
         else:
             impl = kernels.implementation(x)
-        sum_dy, sum_dy_xhat = impl.backward_reduce(dy, x, mean, invstd)  # (N, C, *) -> (C,), (C,)
-        dx = None
-        if ctx.needs_input_grad[0]:
-            n = max(_count(x), 1)  # an empty batch has empty dx; avoid 0/0 in the means
-            dx = impl.backward_elemt(dy, x, mean, invstd, weight, sum_dy / n, sum_dy_xhat / n)
+        # backward_reduce, then backward_elemt with the sums' means: one kernel call on the fast path
+        dx, sum_dy, sum_dy_xhat = impl.backward_train(dy, x, mean, invstd, weight, ctx.needs_input_grad[0])
         dweight, dbias = param_grads(weight, bias, sum_dy, sum_dy_xhat, *ctx.needs_input_grad[1:3])
         return dx, dweight, dbias, None
 
 
-class BatchNormEval(torch.autograd.Function):
+class BatchNormEval(FastApply, torch.autograd.Function):
     """Normalize with given statistics (the running ones): (x, mean, var, weight, bias, eps) -> y.
 
     The statistics are constants here: no gradient flows to them, as in torch.

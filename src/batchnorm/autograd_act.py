@@ -67,18 +67,11 @@ def _no_double_backward_inplace(inplace: bool) -> None:
         )
 
 
-def _normalize_act_and_save(ctx, impl, x, mean, invstd, weight, bias, activation, param, inplace):
-    """y = act(weight * xhat + bias), saving what backward needs: x, or in place only y (written
-    over x) with the guarded weight the forward used, from which backward recovers xhat."""
-    if inplace:
-        weight_used = guarded_weight(weight)
-        y = impl.normalize_act(x, mean, invstd, weight_used, bias, activation, param, out=x)
-        ctx.mark_dirty(x)
-        ctx.save_for_backward(y, weight_used, bias, mean, invstd)
-    else:
-        y = impl.normalize_act(x, mean, invstd, weight, bias, activation, param)
-        ctx.save_for_backward(x, weight, bias, mean, invstd)
-    return y
+def _save_for_inplace(ctx, x, y, weight_used, bias, mean, invstd):
+    """In place, y was written over x: mark x dirty and keep y (not x) with the guarded weight the
+    forward used, from which backward recovers xhat."""
+    ctx.mark_dirty(x)
+    ctx.save_for_backward(y, weight_used, bias, mean, invstd)
 
 
 class BatchNormActTrain(torch.autograd.Function):
@@ -89,11 +82,15 @@ class BatchNormActTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps: float, activation: str, param: float, inplace: bool):
         impl = kernels.implementation(x, fused=True)
-        mean, var = impl.batch_stats(x)  # (N, C, *) -> (C,), (C,)
-        invstd = torch.rsqrt(var + eps)
-        y = _normalize_act_and_save(ctx, impl, x, mean, invstd, weight, bias, activation, param, inplace)
+        # batch_stats, invstd, normalize_act: one kernel call on the fast path
+        if inplace:
+            weight_used = guarded_weight(weight)
+            y, mean, var, invstd = impl.forward_train_act(x, weight_used, bias, eps, activation, param, out=x)
+            _save_for_inplace(ctx, x, y, weight_used, bias, mean, invstd)
+        else:
+            y, mean, var, invstd = impl.forward_train_act(x, weight, bias, eps, activation, param)
+            ctx.save_for_backward(x, weight, bias, mean, invstd)
         ctx.eps, ctx.activation, ctx.param, ctx.inplace = eps, activation, param, inplace
-        ctx.has_weight = weight is not None
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
 
@@ -108,12 +105,10 @@ class BatchNormActTrain(torch.autograd.Function):
             invstd = torch.rsqrt(var + ctx.eps)
         else:
             impl = kernels.implementation(saved, fused=True)
-        args = (saved, mean, invstd, weight, bias, ctx.activation, ctx.param)
-        sum_g, sum_g_xhat = impl.backward_reduce_act(dy, *args, ctx.inplace)  # (N, C, *) -> (C,), (C,)
-        dx = None
-        if ctx.needs_input_grad[0]:
-            n = max(saved.numel() // saved.shape[1] if saved.shape[1] else 0, 1)
-            dx = impl.backward_elemt_act(dy, *args, ctx.inplace, sum_g / n, sum_g_xhat / n)
+        # backward_reduce_act, then backward_elemt_act with the sums' means: one kernel call on the fast path
+        dx, sum_g, sum_g_xhat = impl.backward_train_act(
+            dy, saved, mean, invstd, weight, bias, ctx.activation, ctx.param, ctx.inplace, ctx.needs_input_grad[0]
+        )
         # In-place mode saved weight_used; its gradient passes straight through to weight.
         dweight, dbias = param_grads(weight, bias, sum_g, sum_g_xhat, *ctx.needs_input_grad[1:3])
         return dx, dweight, dbias, None, None, None, None
@@ -127,7 +122,13 @@ class BatchNormActEval(torch.autograd.Function):
     def forward(ctx, x, mean, var, weight, bias, eps: float, activation: str, param: float, inplace: bool):
         impl = kernels.implementation(x, fused=True)
         invstd = torch.rsqrt(var.to(reference.compute_dtype(x)) + eps)
-        y = _normalize_act_and_save(ctx, impl, x, mean, invstd, weight, bias, activation, param, inplace)
+        if inplace:
+            weight_used = guarded_weight(weight)
+            y = impl.normalize_act(x, mean, invstd, weight_used, bias, activation, param, out=x)
+            _save_for_inplace(ctx, x, y, weight_used, bias, mean, invstd)
+        else:
+            y = impl.normalize_act(x, mean, invstd, weight, bias, activation, param)
+            ctx.save_for_backward(x, weight, bias, mean, invstd)
         ctx.activation, ctx.param, ctx.inplace = activation, param, inplace
         return y
 

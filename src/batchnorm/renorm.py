@@ -80,7 +80,7 @@ class _Renorm:
         self._check_input_dim(x)
         F.check_arguments(x, self.running_mean, self.running_var, self.weight, self.bias, training=True, eps=self.eps)
         momentum = self._momentum(update=self.num_batches_tracked is not None)
-        xhat, mean, var = BatchNormTrain.apply(x, None, None, self.eps)  # (N, C, *); (C,), (C,)
+        xhat, mean, var, _ = BatchNormTrain.apply(x, None, None, self.eps)  # (N, C, *); (C,), (C,)
         r, d = renorm_correction(mean, var, self.running_mean, self.running_var, self.eps, self.r_max, self.d_max)
         dtype = compute_dtype(x)
         # y = xhat * (weight * r) + (weight * d + bias): BN with a corrected affine.
@@ -90,7 +90,7 @@ class _Renorm:
             shift = shift + self.bias.to(dtype)
         y = (xhat.to(dtype) * channel_view(scale, x) + channel_view(shift, x)).to(x.dtype)
         count = x.numel() // x.shape[1] if x.shape[1] else 0
-        F.track_batch(self.running_mean, self.running_var, mean, var, count, momentum, who=repr(self))
+        F.track_batch(self.running_mean, self.running_var, mean, var, count, momentum, who=self)
         if self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
         return y

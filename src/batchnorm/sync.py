@@ -227,7 +227,7 @@ class SyncBatchNorm(_BatchNorm):
         momentum = self._momentum(update)
         y, mean, var, count = SyncBatchNormTrain.apply(x, self.weight, self.bias, self.eps, group, size)
         # The global statistics are identical on every rank, so the buffers stay in sync.
-        F.track_batch(self.running_mean, self.running_var, mean, var, int(count), momentum, who=repr(self))
+        F.track_batch(self.running_mean, self.running_var, mean, var, int(count), momentum, who=self)
         if update:
             self.num_batches_tracked.add_(1)
         return y

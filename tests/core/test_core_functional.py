@@ -125,6 +125,39 @@ def test_update_running_stats_with_a_single_value_stores_the_biased_variance():
     assert running_mean.item() == 2.0 and running_var.item() == 0.0
 
 
+@pytest.mark.parametrize("running_dtype, stats_dtype", [(torch.float32, torch.float64), (torch.float64, torch.float64), (torch.float32, torch.float32)])
+@pytest.mark.parametrize("count", [1, 2, 37])
+def test_update_running_stats_numpy_and_torch_paths_agree_bit_for_bit(monkeypatch, running_dtype, stats_dtype, count):
+    """Plain CPU float vectors take a NumPy path (no per-op dispatch); it must be the torch path's
+    arithmetic exactly, non-finite channels included."""
+    g = torch.Generator().manual_seed(count)
+    mean = torch.randn(64, generator=g, dtype=torch.float64).mul(1e3).to(stats_dtype)
+    var = torch.rand(64, generator=g, dtype=torch.float64).mul(7).to(stats_dtype)
+    mean[3], var[5], mean[9] = float("nan"), float("inf"), float("-inf")
+    start = (torch.randn(64, generator=g).to(running_dtype), torch.rand(64, generator=g).to(running_dtype))
+    results = []
+    for numpy_path in (True, False):
+        if not numpy_path:
+            monkeypatch.setattr(F, "_numpy_views", lambda *tensors: None)
+        running = [t.clone() for t in start]
+        skipped = F.update_running_stats(*running, mean, var, count=count, momentum=0.1)
+        results.append((running, skipped))
+    (numpy_running, numpy_skipped), (torch_running, torch_skipped) = results
+    assert torch.equal(numpy_skipped, torch_skipped) and numpy_skipped.sum() == 3
+    for a, b in zip(numpy_running, torch_running):
+        assert a.dtype == running_dtype and torch.equal(a, b)
+
+
+def test_update_running_stats_leaves_other_tensors_to_torch():
+    """A tensor NumPy cannot view (here: one that requires grad) goes the torch way, same result."""
+    running_mean = torch.zeros(2)
+    running_var = torch.ones(2)
+    mean = torch.tensor([1.0, 2.0], requires_grad=True)
+    F.update_running_stats(running_mean, running_var, mean, torch.tensor([4.0, 4.0]), count=2, momentum=0.5)
+    torch.testing.assert_close(running_mean, torch.tensor([0.5, 1.0]))
+    torch.testing.assert_close(running_var, torch.tensor([4.5, 4.5]))
+
+
 class AtenOps(TorchDispatchMode):
     """Records the name of every aten op that runs underneath, whatever Python or C++ called it."""
 

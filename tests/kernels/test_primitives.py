@@ -176,3 +176,63 @@ def test_large_outputs_on_huge_pages_are_correct(fmt):
     n = x.numel() // x.shape[1]
     dx = cpu.backward_elemt(dy, x, mean, invstd, weight, mean / n, invstd / n)
     assert_close(dx, reference.backward_elemt(dy, x, mean, invstd, weight, mean / n, invstd / n), torch.float32)
+
+
+# ---------------------------------------------------------------- the training steps (one kernel call each)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, fmt", LAYOUT_PARAMS)
+@pytest.mark.parametrize("activation, param", ACTIVATIONS, ids=[a for a, _ in ACTIVATIONS])
+def test_forward_train_and_backward_train(shape, fmt, dtype, activation, param):
+    """forward_train_act / backward_train_act are the composition of the primitives, in one call."""
+    x, dy, weight, bias, _, _ = make_case(shape, fmt, dtype)
+    got = cpu.forward_train_act(x, weight, bias, 1e-3, activation, param)
+    want = reference_act.forward_train_act(x, weight, bias, 1e-3, activation, param)
+    assert got[0].stride() == want[0].stride()
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype
+        assert_close(g, w, dtype)
+    mean, invstd = want[1], want[3]
+    for need_dx in (True, False):
+        got = cpu.backward_train_act(dy, x, mean, invstd, weight, bias, activation, param, False, need_dx)
+        want = reference_act.backward_train_act(dy, x, mean, invstd, weight, bias, activation, param, False, need_dx)
+        assert (got[0] is None) == (want[0] is None) == (not need_dx)
+        if need_dx:
+            assert got[0].stride() == want[0].stride()
+            assert_close(got[0], want[0], dtype)
+        for g, w in zip(got[1:], want[1:]):
+            assert g.dtype == w.dtype
+            assert_close(g, w, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, fmt", LAYOUT_PARAMS)
+def test_plain_training_steps(shape, fmt, dtype):
+    """The plain (no activation) steps match the reference's, with and without affine."""
+    x, dy, weight, bias, _, _ = make_case(shape, fmt, dtype)
+    for w, b in ((weight, bias), (None, None)):
+        got = cpu.forward_train(x, w, b, 1e-5)
+        want = reference.forward_train(x, w, b, 1e-5)
+        for g, r in zip(got, want):
+            assert_close(g, r, dtype)
+        got = cpu.backward_train(dy, x, want[1], want[3], w)
+        ref = reference.backward_train(dy, x, want[1], want[3], w)
+        for g, r in zip(got, ref):
+            assert_close(g, r, dtype)
+
+
+@pytest.mark.parametrize("activation, param", INVERTIBLE, ids=[a for a, _ in INVERTIBLE])
+def test_training_steps_in_place(activation, param):
+    """Memory-saving mode: forward_train_act writes over x, backward_train_act works from y."""
+    x, dy, weight, bias, _, _ = make_case((4, 6, 5, 7), None, torch.float32)
+    weight = guarded_weight(weight * torch.where(torch.arange(6) % 2 == 0, 1.0, -1.0))
+    want = reference_act.forward_train_act(x, weight, bias, 1e-5, activation, param)
+    out = x.clone()
+    got = cpu.forward_train_act(out, weight, bias, 1e-5, activation, param, out=out)
+    assert got[0] is out
+    for g, w in zip(got, want):
+        assert_close(g, w, torch.float32)
+    mean, invstd = want[1], want[3]
+    got = cpu.backward_train_act(dy, out, mean, invstd, weight, bias, activation, param, True)
+    ref = reference_act.backward_train_act(dy, want[0], mean, invstd, weight, bias, activation, param, True)
+    for g, w in zip(got, ref):
+        torch.testing.assert_close(g.double(), w.double(), rtol=1e-4, atol=1e-4)

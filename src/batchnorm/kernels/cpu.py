@@ -1,6 +1,7 @@
 """The fast CPU implementation: Python drivers around the Numba kernels.
 
-Offers the four primitives of `reference` with the same signatures and semantics, plus their
+Offers the four primitives of `reference` and the two training steps composed of them
+(`forward_train`, `backward_train`) with the same signatures and semantics, plus their
 fused-activation forms (the ones `reference_act` defines), for float32/float64 CPU tensors in
 the layouts `layout_of` accepts:
 
@@ -10,7 +11,8 @@ the layouts `layout_of` accepts:
 
 Anything else (non-contiguous views, other dtypes or devices, empty tensors) is refused here;
 `kernels.implementation` sends it to the reference. Tensors are handed to Numba as zero-copy
-NumPy views; per-channel constants are computed in float64 and rounded once to x's dtype.
+NumPy views, per-channel vectors as float64 arrays; each function here is one call into
+`numba_steps`, which does the per-channel math and runs the parallel passes.
 
 Numerics: statistics and the backward sums are accumulated in float64 (see `numba_planar`,
 `numba_rows`); elementwise passes compute in x's dtype as `(x - mean) * scale + bias`, which keeps
@@ -19,7 +21,9 @@ the digits torch's `x * scale + shift` cancels away when |mean| >> std.
 from __future__ import annotations
 
 import ctypes
+import functools
 import sys
+import threading
 
 import numpy as np
 import torch
@@ -28,7 +32,7 @@ from torch import Tensor
 from . import _numba
 from .activations import CODES
 from . import reference
-from .reference import compute_dtype, output_memory_format
+from .reference import output_memory_format
 
 __all__ = [
     "layout_of",
@@ -36,31 +40,38 @@ __all__ = [
     "normalize",
     "backward_reduce",
     "backward_elemt",
+    "forward_train",
+    "backward_train",
     "normalize_act",
     "backward_reduce_act",
     "backward_elemt_act",
+    "forward_train_act",
+    "backward_train_act",
 ]
 
 PLANAR, ROWS, ROWS_CHANNELS_LAST = "planar", "rows", "rows_channels_last"
 _DTYPES = (torch.float32, torch.float64)
-_planar = _rows = None
+_steps = None
+_threads = threading.local()  # the thread count this Python thread last gave Numba (Numba's is per thread)
 
 
 def _kernels():
-    """Import Numba and the kernel modules on first use (never at `import batchnorm`)."""
-    global _planar, _rows
-    if _planar is None:
+    """Import Numba and the kernels on first use (never at `import batchnorm`); returns
+    (numba_steps, the thread count to use)."""
+    global _steps
+    if _steps is None:
         numba = _numba.load()
-        from . import numba_planar, numba_rows
+        from . import numba_steps
 
-        _planar, _rows = numba_planar, numba_rows
+        _steps = numba_steps
         _kernels.numba = numba
     # Follow torch's thread setting (torch.set_num_threads), within what Numba started with.
-    numba = _kernels.numba
-    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    if numba.get_num_threads() != threads:
-        numba.set_num_threads(threads)
-    return _planar, _rows
+    threads = torch.get_num_threads()
+    if getattr(_threads, "torch", None) != threads:
+        numba = _kernels.numba
+        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+        _threads.torch, _threads.numba = threads, numba.get_num_threads()
+    return _steps, _threads.numba
 
 
 def layout_of(x: Tensor) -> str | None:
@@ -96,27 +107,37 @@ def _as_layout(t: Tensor, layout: str) -> Tensor:
 
 
 def _f64(v: Tensor | None, like: Tensor, fill: float) -> np.ndarray:
-    """A per-channel vector (C,) as float64 NumPy; `fill` when the vector is absent."""
+    """A per-channel vector (C,) as float64 NumPy (zero-copy when it already is); `fill` when absent."""
     if v is None:
         return np.full(like.shape[1], fill, np.float64)
-    return v.detach().to(torch.float64).numpy()
+    return np.ascontiguousarray(v.detach().numpy(), np.float64)
 
 
 def _consts(x: Tensor, param: float) -> np.ndarray:
     """(activation parameter, 1, floor of the elu inverse) in x's dtype."""
-    dt = np.float32 if x.dtype == torch.float32 else np.float64
-    return np.array([param, 1.0, -1.0 + np.finfo(dt).eps], dt)
+    return _consts_of(x.dtype == torch.float32, param)
 
 
-# The dtype batch statistics come back in, as the reference returns them (float64 for float32 input
-# on branches where the reference keeps the float64 mean; x's dtype where it does not).
-_stats_dtype = getattr(reference, "stats_dtype", compute_dtype)
+@functools.lru_cache(maxsize=64)
+def _consts_of(float32: bool, param: float) -> np.ndarray:
+    dt = np.float32 if float32 else np.float64
+    return np.array([param, 1.0, -1.0 + np.finfo(dt).eps], dt)  # shared between calls: never written
 
 
-def _split(v64: np.ndarray, x: Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """A float64 vector as hi + lo in x's dtype: hi is v rounded, lo what the rounding lost."""
-    hi = _to(v64, x)
-    return hi, _to(v64 - hi.astype(np.float64), x)
+def _channels(x: Tensor, n: int) -> list[np.ndarray]:
+    """n fresh float64 (C,) vectors for a kernel to write."""
+    return [np.empty(x.shape[1], np.float64) for _ in range(n)]
+
+
+def _out(v: np.ndarray, x: Tensor) -> Tensor:
+    """A float64 result vector as the reference returns it: in `stats_dtype(x)`, which is float64
+    for every dtype these kernels take."""
+    return torch.from_numpy(v)
+
+
+def _in_dtype(v: np.ndarray, x: Tensor) -> Tensor:
+    """A float64 result vector rounded to x's dtype, as the reference's backward sums are."""
+    return torch.from_numpy(v).to(x.dtype)
 
 
 def _empty(x: Tensor, layout: str) -> Tensor:
@@ -163,59 +184,16 @@ def _advise_huge_pages(t: Tensor) -> None:
         _madvise(start, end - start, 14)  # MADV_HUGEPAGE
 
 
-def _nchunk(rows: int, threads: int) -> int:
-    """Row chunks for the rows reductions: a few per thread to balance, never more than rows."""
-    return max(1, min(rows, 4 * threads))
-
-
-def _to(a: np.ndarray, x: Tensor) -> np.ndarray:
-    return a.astype(np.float32 if x.dtype == torch.float32 else np.float64)
-
-
-# ---------------------------------------------------------------------------------- statistics
-def _chan_merge(pmean: np.ndarray, pm2: np.ndarray, pcount: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Merge partial (mean, m2, count) into the whole's (Chan et al.): (parts, C) -> (C,), (C,).
-
-        mean = sum(count_p * mean_p) / count,  m2 = sum(m2_p) + sum(count_p * (mean_p - mean)^2)
-
-    The means are taken relative to the first part's, so a constant channel gives mean exactly
-    that constant and m2 exactly 0, whatever the magnitude.
-    """
-    count = pcount.sum()
-    shift = pmean[0]
-    mean = shift + (pcount[:, None] * (pmean - shift)).sum(0) / count  # (parts, C) -> (C,)
-    m2 = pm2.sum(0) + (pcount[:, None] * (pmean - mean) ** 2).sum(0)  # (parts, C) -> (C,)
-    return mean, m2
-
-
+# ---------------------------------------------------------------------------------- forward
 def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance, one read of x, float64: (N, C, *) -> (C,), (C,)."""
-    planar, rows = _kernels()
-    layout = layout_of(x)
-    xv = _view(x, layout)
-    if layout == PLANAR:
-        n, c, length = xv.shape
-        pmean = np.empty((n, c), np.float64)
-        pm2 = np.empty((n, c), np.float64)
-        with _numba.LAUNCH_LOCK:
-            planar.stats(xv, pmean, pm2)
-        pcount = np.full(n, float(length))
-    else:
-        r, c = xv.shape
-        nchunk = _nchunk(r, _kernels.numba.get_num_threads())
-        block = max(1, min(r, 16384 // c))  # ~64 KB of float32 per block
-        pmean = np.empty((nchunk, c), np.float64)
-        pm2 = np.empty((nchunk, c), np.float64)
-        pcount = np.empty(nchunk, np.float64)
-        with _numba.LAUNCH_LOCK:
-            rows.stats(xv, nchunk, block, pmean, pm2, pcount)
-    mean, m2 = _chan_merge(pmean, pm2, pcount)
-    var = m2 / pcount.sum()
-    dtype = _stats_dtype(x)
-    return torch.from_numpy(mean).to(dtype), torch.from_numpy(var).to(dtype)
+    steps, threads = _kernels()
+    mean, var = _channels(x, 2)
+    with _numba.LAUNCH_LOCK:
+        steps.batch_stats(_view(x, layout_of(x)), threads, mean, var)
+    return _out(mean, x), _out(var, x)
 
 
-# ---------------------------------------------------------------------------------- forward
 def normalize_act(
     x: Tensor,
     mean: Tensor | None,
@@ -227,16 +205,12 @@ def normalize_act(
     out: Tensor | None = None,
 ) -> Tensor:
     """y = act((x - mean) * invstd * weight + bias); written into `out` (may be x) when given."""
-    planar, rows = _kernels()
+    steps, _ = _kernels()
     layout = layout_of(x)
-    invstd64 = _f64(invstd, x, 1.0)
-    off, off_lo = _split(_f64(mean, x, 0.0), x)
-    scale = _to(invstd64 * _f64(weight, x, 1.0), x)
-    shift = _to(_f64(bias, x, 0.0), x)
     y = _empty(x, layout) if out is None else out
-    kernels = planar if layout == PLANAR else rows
+    vectors = (_f64(mean, x, 0.0), _f64(invstd, x, 1.0), _f64(weight, x, 1.0), _f64(bias, x, 0.0))
     with _numba.LAUNCH_LOCK:
-        kernels.forward(_view(x, layout), _view(y, layout), off, off_lo, scale, shift, CODES[activation], _consts(x, param))
+        steps.normalize(_view(x, layout), _view(y, layout), *vectors, CODES[activation], _consts(x, param))
     return y if out is not None else y.contiguous(memory_format=output_memory_format(x))
 
 
@@ -245,15 +219,41 @@ def normalize(x: Tensor, mean: Tensor | None, invstd: Tensor, weight: Tensor | N
     return normalize_act(x, mean, invstd, weight, bias)
 
 
+def forward_train_act(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    activation: str = "identity",
+    param: float = 0.0,
+    out: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A training forward in one kernel call: batch_stats, invstd = 1 / sqrt(var + eps), then
+    normalize_act with them -> (y, mean, var, invstd); y written into `out` (may be x) when given."""
+    steps, threads = _kernels()
+    layout = layout_of(x)
+    y = _empty(x, layout) if out is None else out
+    mean, var, invstd = _channels(x, 3)
+    with _numba.LAUNCH_LOCK:
+        steps.forward_train(
+            _view(x, layout), _view(y, layout), _f64(weight, x, 1.0), _f64(bias, x, 0.0), float(eps),
+            CODES[activation], _consts(x, param), threads, mean, var, invstd,
+        )
+    if out is None:
+        y = y.contiguous(memory_format=output_memory_format(x))
+    return y, _out(mean, x), _out(var, x), _out(invstd, x)
+
+
+def forward_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
+    """batch_stats, then normalize with them: (x, weight, bias, eps) -> (y, mean, var, invstd)."""
+    return forward_train_act(x, weight, bias, eps)
+
+
 # ---------------------------------------------------------------------------------- backward
-def _channel_vectors(saved, mean, invstd, weight, bias, from_output):
-    """(off, mul, scale, shift) in float64 such that xhat = (u - off) * mul (see numba_planar)."""
-    w = _f64(weight, saved, 1.0)
-    b = _f64(bias, saved, 0.0)
-    invstd64 = _f64(invstd, saved, 1.0)
-    if from_output:  # z = xhat * w + b  =>  xhat = (z - b) / w
-        return b, 1.0 / w, invstd64 * w, b
-    return _f64(mean, saved, 0.0), invstd64, invstd64 * w, b
+def _backward_args(dy, saved, mean, invstd, weight, bias, activation, param, from_output):
+    """The arguments every backward kernel call shares, after (t, dy[, dx])."""
+    vectors = (_f64(mean, saved, 0.0), _f64(invstd, saved, 1.0), _f64(weight, saved, 1.0), _f64(bias, saved, 0.0))
+    return (*vectors, CODES[activation], _consts(saved, param), bool(from_output))
 
 
 def backward_reduce_act(
@@ -271,30 +271,13 @@ def backward_reduce_act(
 
     `saved` is x, or y when `from_output` (then weight must be the non-zero effective weight).
     """
-    planar, rows = _kernels()
+    steps, threads = _kernels()
     layout = layout_of(saved)
-    tv = _view(saved, layout)
-    dyv = _view(_as_layout(dy, layout), layout)
-    off64, mul, scale, shift = _channel_vectors(saved, mean, invstd, weight, bias, from_output)
-    off, _ = _split(off64, saved)
-    args = (off, _to(scale, saved), _to(shift, saved), CODES[activation], _consts(saved, param), from_output)
-    if layout == PLANAR:
-        n, c, _ = tv.shape
-        psum = np.empty((n, c), np.float64)
-        pdot = np.empty((n, c), np.float64)
-        with _numba.LAUNCH_LOCK:
-            planar.backward_reduce(tv, dyv, *args, psum, pdot)
-    else:
-        r, c = tv.shape
-        nchunk = _nchunk(r, _kernels.numba.get_num_threads())
-        psum = np.empty((nchunk, c), np.float64)
-        pdot = np.empty((nchunk, c), np.float64)
-        with _numba.LAUNCH_LOCK:
-            rows.backward_reduce(tv, dyv, nchunk, *args, psum, pdot)
-    sum_g = psum.sum(0)  # (parts, C) -> (C,)
-    # sum(g * (u - off64)) = sum(g * (u - off)) - (off64 - off) * sum(g), in float64
-    sum_g_xhat = (pdot.sum(0) - (off64 - off.astype(np.float64)) * sum_g) * mul  # (parts, C) -> (C,)
-    return torch.from_numpy(_to(sum_g, saved)), torch.from_numpy(_to(sum_g_xhat, saved))
+    sum_g, sum_g_xhat = _channels(saved, 2)
+    args = _backward_args(dy, saved, mean, invstd, weight, bias, activation, param, from_output)
+    with _numba.LAUNCH_LOCK:
+        steps.backward_reduce(_view(saved, layout), _view(_as_layout(dy, layout), layout), *args, threads, sum_g, sum_g_xhat)
+    return _in_dtype(sum_g, saved), _in_dtype(sum_g_xhat, saved)
 
 
 def backward_elemt_act(
@@ -310,35 +293,45 @@ def backward_elemt_act(
     mean_g: Tensor,
     mean_g_xhat: Tensor,
 ) -> Tensor:
-    """dx = weight * invstd * (g - mean_g - xhat * mean_g_xhat), g = dy * act'(z); like saved.
-
-    Written as k_g * g + k_u * (u - off) + k_0 with per-channel k's, see numba_planar.
-    """
-    planar, rows = _kernels()
+    """dx = weight * invstd * (g - mean_g - xhat * mean_g_xhat), g = dy * act'(z); like saved."""
+    steps, _ = _kernels()
     layout = layout_of(saved)
-    off, mul, scale, shift = _channel_vectors(saved, mean, invstd, weight, bias, from_output)
-    k_g = _f64(invstd, saved, 1.0) * _f64(weight, saved, 1.0)
-    k_u = -k_g * mul * _f64(mean_g_xhat, saved, 0.0)
-    k_0 = -k_g * _f64(mean_g, saved, 0.0)
     dx = _empty(saved, layout)
-    kernels = planar if layout == PLANAR else rows
-    args = (
-        _view(saved, layout),
-        _view(_as_layout(dy, layout), layout),
-        _view(dx, layout),
-        *_split(off, saved),
-        _to(scale, saved),
-        _to(shift, saved),
-        CODES[activation],
-        _consts(saved, param),
-        from_output,
-        _to(k_g, saved),
-        _to(k_u, saved),
-        _to(k_0, saved),
-    )
+    args = _backward_args(dy, saved, mean, invstd, weight, bias, activation, param, from_output)
     with _numba.LAUNCH_LOCK:
-        kernels.backward_elemt(*args)
+        steps.backward_elemt(
+            _view(saved, layout), _view(_as_layout(dy, layout), layout), _view(dx, layout), *args,
+            _f64(mean_g, saved, 0.0), _f64(mean_g_xhat, saved, 0.0),
+        )
     return dx.contiguous(memory_format=output_memory_format(saved))
+
+
+def backward_train_act(
+    dy: Tensor,
+    saved: Tensor,
+    mean: Tensor | None,
+    invstd: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    activation: str,
+    param: float,
+    from_output: bool,
+    need_dx: bool = True,
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    """A training backward in one kernel call: backward_reduce_act, then (if need_dx)
+    backward_elemt_act with the sums divided by the count -> (dx or None, sum_g, sum_g_xhat)."""
+    steps, threads = _kernels()
+    layout = layout_of(saved)
+    sum_g, sum_g_xhat = _channels(saved, 2)
+    args = _backward_args(dy, saved, mean, invstd, weight, bias, activation, param, from_output)
+    t = _view(saved, layout)
+    dx = _empty(saved, layout) if need_dx else None
+    dxv = _view(dx, layout) if need_dx else t[:0]  # no rows: the kernel skips the dx pass
+    with _numba.LAUNCH_LOCK:
+        steps.backward_train(t, _view(_as_layout(dy, layout), layout), dxv, *args, threads, sum_g, sum_g_xhat)
+    if need_dx:
+        dx = dx.contiguous(memory_format=output_memory_format(saved))
+    return dx, _in_dtype(sum_g, saved), _in_dtype(sum_g_xhat, saved)
 
 
 def backward_reduce(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor) -> tuple[Tensor, Tensor]:
@@ -349,3 +342,8 @@ def backward_reduce(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor) -> tupl
 def backward_elemt(dy, x, mean, invstd, weight, mean_dy, mean_dy_xhat) -> Tensor:
     """dx = weight * invstd * (dy - mean_dy - xhat * mean_dy_xhat), xhat = (x - mean) * invstd."""
     return backward_elemt_act(dy, x, mean, invstd, weight, None, "identity", 0.0, False, mean_dy, mean_dy_xhat)
+
+
+def backward_train(dy, x, mean, invstd, weight, need_dx=True):
+    """backward_reduce, then (if need_dx) backward_elemt -> (dx or None, sum_dy, sum_dy_xhat)."""
+    return backward_train_act(dy, x, mean, invstd, weight, None, "identity", 0.0, False, need_dx)

@@ -33,9 +33,14 @@ from ._numba import ELEMENTWISE_FLAGS, REDUCE_FLAGS
 
 
 @njit(**REDUCE_FLAGS)
-def stats(x3, pmean, pm2):
-    """Per-plane mean and sum of squared deviations, float64: (N, C, L) -> (N, C), (N, C)."""
+def partial_stats(x3, threads):
+    """Per-plane mean, sum of squared deviations and count, float64: (N, C, L) -> (N, C) x2, (N,).
+
+    (`threads` is unused: the planes are the parts; the rows layout needs it to size its chunks.)
+    """
     N, C, L = x3.shape
+    pmean = np.empty((N, C), np.float64)
+    pm2 = np.empty((N, C), np.float64)
     for q in prange(N * C):
         n = q // C
         c = q - n * C
@@ -49,6 +54,7 @@ def stats(x3, pmean, pm2):
             d2 += d * d
         pmean[n, c] = m
         pm2[n, c] = d2
+    return pmean, pm2, np.full(N, float(L))
 
 
 @njit(**ELEMENTWISE_FLAGS)
@@ -69,9 +75,11 @@ def forward(x3, y3, off, off_lo, scale, shift, code, consts):
 
 
 @njit(**REDUCE_FLAGS)
-def backward_reduce(t3, dy3, off, scale, shift, code, consts, from_output, psum, pdot):
+def partial_sums(t3, dy3, off, scale, shift, code, consts, from_output, threads):
     """Per-plane sum(g) and sum(g * (u - off)), float64: (N, C, L) -> (N, C), (N, C)."""
     N, C, L = t3.shape
+    psum = np.empty((N, C), np.float64)
+    pdot = np.empty((N, C), np.float64)
     p = consts[0]
     one = consts[1]
     floor = consts[2]
@@ -102,6 +110,7 @@ def backward_reduce(t3, dy3, off, scale, shift, code, consts, from_output, psum,
                 sgu += g * (t - o)
         psum[n, c] = sg
         pdot[n, c] = sgu
+    return psum, pdot
 
 
 @njit(**ELEMENTWISE_FLAGS)

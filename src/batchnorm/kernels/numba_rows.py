@@ -27,10 +27,21 @@ from . import numba_act as act
 from ._numba import ELEMENTWISE_FLAGS, REDUCE_FLAGS
 
 
+@njit(inline="always")
+def _nchunk(rows, threads):
+    """Row chunks of the reductions: a few per thread to balance the load, never more than rows."""
+    return max(1, min(rows, 4 * threads))
+
+
 @njit(**REDUCE_FLAGS)
-def stats(x2, nchunk, block, pmean, pm2, pcount):
+def partial_stats(x2, threads):
     """Per-chunk mean, sum of squared deviations and count: (R, C) -> (nchunk, C) x2, (nchunk,)."""
     R, C = x2.shape
+    nchunk = _nchunk(R, threads)
+    block = max(1, min(R, 16384 // C))  # ~64 KB of float32 per block
+    pmean = np.empty((nchunk, C), np.float64)
+    pm2 = np.empty((nchunk, C), np.float64)
+    pcount = np.empty(nchunk, np.float64)
     step = (R + nchunk - 1) // nchunk
     for k in prange(nchunk):
         r0 = k * step
@@ -65,6 +76,7 @@ def stats(x2, nchunk, block, pmean, pm2, pcount):
             pmean[k, c] = mean[c]
             pm2[k, c] = m2[c]
         pcount[k] = na
+    return pmean, pm2, pcount
 
 
 @njit(inline="always")
@@ -115,9 +127,12 @@ def _reduce_rows(t2, dy2, r0, r1, off, scale, shift, code, p, one, floor, from_o
 
 
 @njit(**REDUCE_FLAGS)
-def backward_reduce(t2, dy2, nchunk, off, scale, shift, code, consts, from_output, psum, pdot):
+def partial_sums(t2, dy2, off, scale, shift, code, consts, from_output, threads):
     """Per-chunk sum(g) and sum(g * (u - off)), float64: (R, C) -> (nchunk, C), (nchunk, C)."""
     R, C = t2.shape
+    nchunk = _nchunk(R, threads)
+    psum = np.empty((nchunk, C), np.float64)
+    pdot = np.empty((nchunk, C), np.float64)
     p = consts[0]
     one = consts[1]
     floor = consts[2]
@@ -143,6 +158,7 @@ def backward_reduce(t2, dy2, nchunk, off, scale, shift, code, consts, from_outpu
         for c in range(C):
             psum[k, c] = sg[c]
             pdot[k, c] = sgu[c]
+    return psum, pdot
 
 
 @njit(inline="always")

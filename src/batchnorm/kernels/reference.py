@@ -11,6 +11,11 @@ reuses the rest unchanged.
     backward_elemt(dy, x, mean, invstd, weight,
                    mean_dy, mean_dy_xhat)                   -> dx                   like x
 
+and the two training steps composed of them, which a fast implementation may run as one call:
+
+    forward_train(x, weight, bias, eps)                     -> y, mean, var, invstd
+    backward_train(dy, x, mean, invstd, weight, need_dx)    -> dx or None, sum_dy, sum_dy_xhat
+
 Every function here is written in differentiable torch ops, so the double-backward path of
 `batchnorm.autograd` can run through them with autograd recording.
 
@@ -40,6 +45,9 @@ __all__ = [
     "normalize",
     "backward_reduce",
     "backward_elemt",
+    "forward_train",
+    "backward_train",
+    "per_channel_count",
 ]
 
 
@@ -177,3 +185,30 @@ def backward_elemt(
     dx = (dy.to(dtype) - channel_view(mean_dy.to(dtype), x) - xhat * channel_view(mean_dy_xhat.to(dtype), x))
     dx = dx * channel_view(k.to(dtype), x)
     return dx.to(x.dtype).contiguous(memory_format=output_memory_format(x))
+
+
+def per_channel_count(x: Tensor) -> int:
+    """Elements per channel, N * prod(spatial); 1 for an empty batch, so that the means of its
+    (zero) sums are 0, not 0/0."""
+    return max(x.numel() // x.shape[1] if x.shape[1] else 0, 1)
+
+
+def forward_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
+    """A training forward: batch_stats, invstd = 1 / sqrt(var + eps), normalize with them.
+
+    -> y (like x), mean, var, invstd (C,) in `stats_dtype(x)`.
+    """
+    mean, var = batch_stats(x)
+    invstd = torch.rsqrt(var + eps)
+    return normalize(x, mean, invstd, weight, bias), mean, var, invstd
+
+
+def backward_train(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, need_dx: bool = True):
+    """A training backward: backward_reduce, then (if need_dx) backward_elemt with the sums'
+    per-channel means -> (dx or None, sum_dy, sum_dy_xhat)."""
+    sum_dy, sum_dy_xhat = backward_reduce(dy, x, mean, invstd)  # (N, C, *) -> (C,), (C,)
+    dx = None
+    if need_dx:
+        n = per_channel_count(x)
+        dx = backward_elemt(dy, x, mean, invstd, weight, sum_dy / n, sum_dy_xhat / n)
+    return dx, sum_dy, sum_dy_xhat

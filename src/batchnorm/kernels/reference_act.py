@@ -7,6 +7,9 @@ Same signatures as the fused functions of `cpu.py`:
                         from_output)                                              -> sum_g, sum_g_xhat
     backward_elemt_act(dy, saved, mean, invstd, weight, bias, activation, param,
                        from_output, mean_g, mean_g_xhat)                          -> dx
+    forward_train_act(x, weight, bias, eps, activation, param, out=None)          -> y, mean, var, invstd
+    backward_train_act(dy, saved, mean, invstd, weight, bias, activation, param,
+                       from_output, need_dx)                                      -> dx or None, sum_g, sum_g_xhat
 
 with z = xhat * weight + bias, y = act(z), g = dy * act'(z) (the gradient reaching BN's output):
 
@@ -24,9 +27,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .reference import batch_stats, channel_view, compute_dtype, output_memory_format, reduce_dims
+from .reference import batch_stats, channel_view, compute_dtype, output_memory_format, per_channel_count, reduce_dims
 
-__all__ = ["batch_stats", "activate", "activation_grad", "normalize_act", "backward_reduce_act", "backward_elemt_act"]
+__all__ = [
+    "batch_stats",
+    "activate",
+    "activation_grad",
+    "normalize_act",
+    "backward_reduce_act",
+    "backward_elemt_act",
+    "forward_train_act",
+    "backward_train_act",
+]
 
 
 def activate(z: Tensor, activation: str, param: float) -> Tensor:
@@ -118,3 +130,23 @@ def backward_elemt_act(dy, saved, mean, invstd, weight, bias, activation, param,
     dx = g - channel_view(mean_g.to(dtype), saved) - xhat * channel_view(mean_g_xhat.to(dtype), saved)
     dx = dx * channel_view(k.to(dtype), saved)
     return dx.to(saved.dtype).contiguous(memory_format=output_memory_format(saved))
+
+
+def forward_train_act(x, weight, bias, eps, activation="identity", param=0.0, out=None):
+    """A training forward: batch_stats, invstd = 1 / sqrt(var + eps), normalize_act with them
+    -> (y, mean, var, invstd); y written into `out` (may be x) when given."""
+    mean, var = batch_stats(x)
+    invstd = torch.rsqrt(var + eps)
+    return normalize_act(x, mean, invstd, weight, bias, activation, param, out), mean, var, invstd
+
+
+def backward_train_act(dy, saved, mean, invstd, weight, bias, activation, param, from_output, need_dx=True):
+    """A training backward: backward_reduce_act, then (if need_dx) backward_elemt_act with the
+    sums' per-channel means -> (dx or None, sum_g, sum_g_xhat)."""
+    args = (saved, mean, invstd, weight, bias, activation, param, from_output)
+    sum_g, sum_g_xhat = backward_reduce_act(dy, *args)  # (N, C, *) -> (C,), (C,)
+    dx = None
+    if need_dx:
+        n = per_channel_count(saved)
+        dx = backward_elemt_act(dy, *args, sum_g / n, sum_g_xhat / n)
+    return dx, sum_g, sum_g_xhat
