@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from torch._functorch.utils import unwrap_dead_wrappers
+from torch.autograd import forward_ad
 
 from . import kernels
 from .kernels import reference
@@ -27,18 +28,24 @@ __all__ = ["BatchNormTrain", "BatchNormEval", "FastApply", "param_grads"]
 
 
 class FastApply:
-    """`Function.apply` without torch's per-call argument binding.
+    """`Function.apply` without the costs that buy nothing on the common paths.
 
-    A Function with `setup_context` (the form torch.func needs) pays ~20 us per call in
-    `Function.apply` for `inspect.signature(forward).bind(...)`, which only fills in defaulted
-    arguments. Every caller in this package passes all arguments positionally, so outside torch.func
-    transforms this goes straight to autograd's C++ `apply`; under a transform it takes torch's path.
+    * No graph to record (grad mode off, or no input requires grad: eval under no_grad, statistics
+      recalibration): run `forward` directly. A graph node, `setup_context` and the saved tensors
+      would be thrown away.
+    * Otherwise skip torch's per-call argument binding: a Function with `setup_context` (the form
+      torch.func needs) pays ~20 us per call for `inspect.signature(forward).bind(...)`, which only
+      fills in defaulted arguments, and every caller here passes all arguments positionally.
+
+    Under torch.func transforms or forward-mode AD torch's own path runs unchanged.
     """
 
     @classmethod
     def apply(cls, *args):
-        if torch._C._are_functorch_transforms_active():
+        if torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0:
             return super().apply(*args)
+        if not (torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args)):
+            return cls.forward(*args)
         return super(torch.autograd.Function, cls).apply(*unwrap_dead_wrappers(args))
 
 

@@ -52,3 +52,32 @@ def test_jacrev_of_the_output(mode):
     x = randn((5, 3), dtype=torch.float64)
     jacobians = [jacrev(module)(x) for module in pair((5, 3), mode)]
     torch.testing.assert_close(jacobians[0], jacobians[1])
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_no_graph_is_recorded_when_nothing_needs_a_gradient(training):
+    """Without grad mode or inputs that require grad the Functions' forward runs directly (no graph
+    node): same output as torch, no grad_fn, running statistics updated as torch's."""
+    ours, ref = make_pair("2d", dtype=torch.float64)
+    ours.train(training), ref.train(training)
+    x = randn((4, 3, 5, 5), dtype=torch.float64, seed=3)
+    with torch.no_grad():
+        y = ours(x)
+    assert y.grad_fn is None
+    torch.testing.assert_close(y, ref(x).detach())
+    torch.testing.assert_close(ours.running_mean, ref.running_mean)
+    y = ours(x.requires_grad_())  # and the graph is there again as soon as an input needs it
+    assert y.grad_fn is not None
+
+
+def test_forward_mode_ad_is_refused_as_by_any_function_without_jvp():
+    """Forward-mode AD takes torch's own Function path, which refuses a Function without a jvp,
+    instead of silently dropping the tangent."""
+    import torch.autograd.forward_ad as fwAD
+
+    ours, _ = make_pair("2d", dtype=torch.float64)
+    x = randn((4, 3, 5, 5), dtype=torch.float64)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.ones_like(x))
+        with pytest.raises(RuntimeError, match="jvp"):
+            ours(dual)
