@@ -72,10 +72,10 @@ def test_no_graph_is_recorded_when_nothing_needs_a_gradient(training):
 
 def test_forward_mode_ad_is_refused_as_by_any_function_without_jvp():
     """Forward-mode AD takes torch's own Function path, which refuses a Function without a jvp,
-    instead of silently dropping the tangent."""
+    instead of silently dropping the tangent (affine=False: no parameter requires grad either)."""
     import torch.autograd.forward_ad as fwAD
 
-    ours, _ = make_pair("2d", dtype=torch.float64)
+    ours, _ = make_pair("2d", dtype=torch.float64, affine=False)
     x = randn((4, 3, 5, 5), dtype=torch.float64)
     with fwAD.dual_level():
         dual = fwAD.make_dual(x, torch.ones_like(x))
