@@ -23,11 +23,11 @@ import torch
 import batchnorm
 from batchnorm import kernels
 
-LADDER = [2**k for k in range(10, 22)]  # 1 Ki .. 2 Mi elements
+LADDER = [2**k for k in range(7, 22)]  # 128 .. 2 Mi elements (each layout's smallest shape is N = 2)
 LAYOUTS = {
-    "planar": lambda n: torch.randn(max(2, n // (16 * 64)), 16, 8, 8),
+    "planar": lambda n: torch.randn(max(2, n // (16 * 16)), 16, 4, 4),
     "rows": lambda n: torch.randn(max(2, n // 64), 64),
-    "rows_channels_last": lambda n: torch.randn(max(2, n // (16 * 64)), 16, 8, 8).contiguous(memory_format=torch.channels_last),
+    "rows_channels_last": lambda n: torch.randn(max(2, n // (16 * 16)), 16, 4, 4).contiguous(memory_format=torch.channels_last),
 }
 
 

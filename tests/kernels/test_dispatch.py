@@ -35,7 +35,7 @@ CHOICES = [
     ("NDHWC_large", lambda: big((8, 4, 8, 8), fmt=torch.channels_last_3d), cpu),
     ("NC_large", lambda: big((64,)), cpu),
     ("NCL_large", lambda: big((8, 33)), cpu),
-    ("small", lambda: randn((4, 3, 5, 5)), reference),
+    ("small", lambda: randn((4, 3, 5, 5)), cpu if kernels.MIN_NUMEL[cpu.PLANAR] <= 300 else reference),
     ("half", lambda: big((8, 16, 16)).half(), reference),
     ("bfloat16", lambda: big((8, 16, 16)).bfloat16(), reference),
     ("non_contiguous", lambda: big((8, 16, 32))[..., ::2], reference),
@@ -52,9 +52,27 @@ def test_choice(make_x, expected):
     assert fused is (cpu if expected is cpu else reference_act)
 
 
+def test_below_the_size_threshold_the_reference_runs(monkeypatch):
+    monkeypatch.setitem(kernels.MIN_NUMEL, cpu.PLANAR, 1000)
+    assert kernels.implementation(randn((4, 3, 5, 5))) is reference  # 300 elements
+    assert kernels.implementation(randn((4, 3, 10, 10))) is cpu  # 1200
+
+
+def test_torch_func_transforms_get_the_reference():
+    """vmap hands the forward batched tensors, which only torch ops can take."""
+    seen = []
+
+    def f(x):
+        seen.append(kernels.implementation(x))
+        return x
+
+    torch.func.vmap(f)(randn((3, 4, 8, 5, 5)))
+    assert seen == [reference]
+
+
 def test_every_namespace_offers_the_same_primitives():
-    plain = ("batch_stats", "normalize", "backward_reduce", "backward_elemt")
-    fused = ("normalize_act", "backward_reduce_act", "backward_elemt_act")
+    plain = ("batch_stats", "normalize", "backward_reduce", "backward_elemt", "forward_train", "backward_train")
+    fused = ("normalize_act", "backward_reduce_act", "backward_elemt_act", "forward_train_act", "backward_train_act")
     for ns in (reference, cpu):
         assert all(callable(getattr(ns, f)) for f in plain)
     for ns in (reference_act, cpu):

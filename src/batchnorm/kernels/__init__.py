@@ -7,13 +7,14 @@ are plain PyTorch and are the oracles every other implementation is tested again
 
     cpu            Numba kernels (`cpu.py`): float32/float64 CPU tensors, contiguous NCHW/NCDHW,
                    (N, C), (N, C, L), channels_last(_3d), at least `MIN_NUMEL` elements
-    reference      everything else: other dtypes and devices, non-contiguous views, small tensors
+    reference      everything else: other dtypes and devices, non-contiguous views, and any
+                   tensor under a torch.func transform (vmap, grad), which must run in torch ops
 
 `MIN_NUMEL` is measured, not guessed: benchmarks/dispatch_threshold.py times both paths through
 the whole layer (forward + backward) over a ladder of sizes and the threshold is the smallest size
-from which the kernels win on every layout; its output is recorded in docs/performance.md.
-Below it the per-call cost of launching parallel Numba kernels (tens of microseconds) exceeds
-what they save, and torch's vectorized ops on a tensor that fits in cache are faster.
+from which the kernels win on every layout; its output is recorded in docs/performance.md. On the
+2-core development machine that is every size: the threshold is 0, and the mechanism stays for
+machines where a parallel launch costs more.
 
 `BATCHNORM_KERNELS=reference` in the environment (or `kernels.FORCE = "reference"`) turns the
 fast path off; `FORCE = "cpu"` sends every supported tensor to it regardless of size (tests).
@@ -24,6 +25,7 @@ import os
 import warnings
 from types import ModuleType
 
+import torch
 from torch import Tensor
 
 from . import _numba, cpu, reference, reference_act
@@ -31,11 +33,11 @@ from . import _numba, cpu, reference, reference_act
 __all__ = ["implementation", "reference", "reference_act", "cpu", "MIN_NUMEL", "FORCE"]
 
 # Smallest tensor (elements) sent to the Numba kernels, per layout; see benchmarks/dispatch_threshold.py.
-# Measured (2 cores, float32, whole layer forward + backward): the kernels lose at 16 Ki elements
-# (0.3-0.5x: launch overhead) and win from 32 Ki on every layout (3-14x over the reference there,
-# where the reference's torch ops start to run multi-threaded). 32 Ki is also torch's own grain
-# size for going parallel.
-MIN_NUMEL = {cpu.PLANAR: 32768, cpu.ROWS: 32768, cpu.ROWS_CHANNELS_LAST: 32768}
+# Measured (2 cores, float32, whole layer forward + backward, docs/performance.md): since a
+# training step is one kernel call per direction, the kernels win at every size of the ladder, from
+# the smallest tensors (128-512 elements, 1.2-1.3x: both paths are then fixed per-call costs, ~0.27
+# ms against ~0.35 ms) to 2 Mi elements (8-10x). So no tensor is too small for them.
+MIN_NUMEL = {cpu.PLANAR: 0, cpu.ROWS: 0, cpu.ROWS_CHANNELS_LAST: 0}
 
 # None: choose by size; "reference": never use the kernels; "cpu": use them whenever they apply.
 FORCE: str | None = os.environ.get("BATCHNORM_KERNELS") or None
@@ -61,7 +63,8 @@ def implementation(x: Tensor, *, fused: bool = False) -> ModuleType:
     """The kernels for input `x`: a module with batch_stats, normalize, backward_reduce, backward_elemt
     (and normalize_act, backward_reduce_act, backward_elemt_act when `fused`)."""
     slow = reference_act if fused else reference
-    if FORCE == "reference":
+    # torch.func transforms (vmap's batched tensors, grad's wrappers) run the forward in torch ops
+    if FORCE == "reference" or torch._C._are_functorch_transforms_active():
         return slow
     layout = cpu.layout_of(x)
     if layout is None or (FORCE != "cpu" and x.numel() < MIN_NUMEL[layout]):
