@@ -16,7 +16,6 @@ activation (identity, leaky_relu, elu); relu raises and suggests leaky_relu. Cha
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from .autograd_act import BatchNormActEval, BatchNormActTrain

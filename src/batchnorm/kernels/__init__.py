@@ -28,9 +28,9 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from . import _numba, cpu, reference, reference_act
+from . import _numba, buffers, cpu, reference, reference_act
 
-__all__ = ["implementation", "reference", "reference_act", "cpu", "MIN_NUMEL", "FORCE"]
+__all__ = ["implementation", "reference", "reference_act", "cpu", "buffers", "MIN_NUMEL", "FORCE"]
 
 # Smallest tensor (elements) sent to the Numba kernels, per layout; see benchmarks/dispatch_threshold.py.
 # Measured (2 cores, float32, whole layer forward + backward, docs/performance.md): since a

@@ -20,18 +20,15 @@ the digits torch's `x * scale + shift` cancels away when |mean| >> std.
 """
 from __future__ import annotations
 
-import ctypes
 import functools
-import sys
 import threading
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from . import _numba
+from . import _numba, buffers
 from .activations import CODES
-from . import reference
 from .reference import output_memory_format
 
 __all__ = [
@@ -141,47 +138,10 @@ def _in_dtype(v: np.ndarray, x: Tensor) -> Tensor:
 
 
 def _empty(x: Tensor, layout: str) -> Tensor:
-    """An output for x, dense in the layout the kernels write (backed by huge pages when large)."""
+    """An output for x, dense in the layout the kernels write (large ones reused from `buffers`' cache)."""
     if layout == ROWS_CHANNELS_LAST:
-        out = torch.empty_like(x, memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
-    else:
-        out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    _advise_huge_pages(out)
-    return out
-
-
-_HUGE_PAGE_MIN_BYTES = 8 << 20
-_madvise = None
-
-
-def _advise_huge_pages(t: Tensor) -> None:
-    """Ask Linux for transparent huge pages behind a fresh large output, before its first touch.
-
-    A fresh allocation above glibc's mmap threshold (32 MiB at most) is new memory every time, and
-    the kernel's first write to it takes one page fault per 4 KiB: measured, 17 ms of faults for a
-    134 MB output, more than the 7 ms the pass itself takes. With MADV_HUGEPAGE the same memory
-    faults in 2 MiB pieces and the fresh output costs about what a reused one does (torch's
-    allocator does the same when THP_MEM_ALLOC_ENABLE=1 is set). A hint only: where it is not
-    available (other systems, THP disabled) nothing changes.
-    """
-    global _madvise
-    nbytes = t.untyped_storage().nbytes()
-    if nbytes < _HUGE_PAGE_MIN_BYTES or not sys.platform.startswith("linux"):
-        return
-    if _madvise is None:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-            _madvise = libc.madvise
-        except (OSError, AttributeError):
-            _madvise = False
-    if not _madvise:
-        return
-    page = 4096
-    start = (t.untyped_storage().data_ptr() + page - 1) // page * page
-    end = (t.untyped_storage().data_ptr() + nbytes) // page * page
-    if end > start:
-        _madvise(start, end - start, 14)  # MADV_HUGEPAGE
+        return buffers.empty(x, torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    return buffers.empty(x, torch.contiguous_format)
 
 
 # ---------------------------------------------------------------------------------- forward
