@@ -35,9 +35,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+# torch.compile compiles in this process, not in a pool of worker processes that would stay around
+# and share the cores with the timed code (set before torch is imported).
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
-import batchnorm
+import torch  # noqa: E402
+
+import batchnorm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CL = torch.channels_last

@@ -11,8 +11,10 @@ the layouts `layout_of` accepts:
 
 Anything else (non-contiguous views, other dtypes or devices, empty tensors) is refused here;
 `kernels.implementation` sends it to the reference. Tensors are handed to Numba as zero-copy
-NumPy views, per-channel vectors as float64 arrays; each function here is one call into
-`numba_steps`, which does the per-channel math and runs the parallel passes.
+NumPy views, per-channel vectors as float64 arrays. Each function runs the layout's parallel
+passes (`numba_planar`, `numba_rows`) with the compiled per-channel math between them
+(`numba_channels`): a training forward is two passes and one math call, a backward two passes and
+three math calls, with no NumPy or torch op on the per-channel vectors in Python.
 
 Numerics: statistics and the backward sums are accumulated in float64 (see `numba_planar`,
 `numba_rows`); elementwise passes compute in x's dtype as `(x - mean) * scale + bias`, which keeps
@@ -48,19 +50,19 @@ __all__ = [
 
 PLANAR, ROWS, ROWS_CHANNELS_LAST = "planar", "rows", "rows_channels_last"
 _DTYPES = (torch.float32, torch.float64)
-_steps = None
+_planar = _rows = _channels_math = None
 _threads = threading.local()  # the thread count this Python thread last gave Numba (Numba's is per thread)
 
 
-def _kernels():
-    """Import Numba and the kernels on first use (never at `import batchnorm`); returns
-    (numba_steps, the thread count to use)."""
-    global _steps
-    if _steps is None:
+def _kernels(layout: str = PLANAR):
+    """Import Numba and the kernels on first use (never at `import batchnorm`); returns (the
+    layout's passes, the per-channel math, the thread count to use)."""
+    global _planar, _rows, _channels_math
+    if _planar is None:
         numba = _numba.load()
-        from . import numba_steps
+        from . import numba_channels, numba_planar, numba_rows
 
-        _steps = numba_steps
+        _planar, _rows, _channels_math = numba_planar, numba_rows, numba_channels
         _kernels.numba = numba
     # Follow torch's thread setting (torch.set_num_threads), within what Numba started with.
     threads = torch.get_num_threads()
@@ -68,7 +70,7 @@ def _kernels():
         numba = _kernels.numba
         numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
         _threads.torch, _threads.numba = threads, numba.get_num_threads()
-    return _steps, _threads.numba
+    return (_planar if layout == PLANAR else _rows), _channels_math, _threads.numba
 
 
 def layout_of(x: Tensor) -> str | None:
@@ -147,10 +149,12 @@ def _empty(x: Tensor, layout: str) -> Tensor:
 # ---------------------------------------------------------------------------------- forward
 def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance, one read of x, float64: (N, C, *) -> (C,), (C,)."""
-    steps, threads = _kernels()
+    layout = layout_of(x)
+    passes, math, threads = _kernels(layout)
     mean, var = _channels(x, 2)
     with _numba.LAUNCH_LOCK:
-        steps.batch_stats(_view(x, layout_of(x)), threads, mean, var)
+        partials = passes.partial_stats(_view(x, layout), threads)
+    math.merge_stats(*partials, mean, var)
     return _out(mean, x), _out(var, x)
 
 
@@ -165,12 +169,13 @@ def normalize_act(
     out: Tensor | None = None,
 ) -> Tensor:
     """y = act((x - mean) * invstd * weight + bias); written into `out` (may be x) when given."""
-    steps, _ = _kernels()
     layout = layout_of(x)
+    passes, math, _ = _kernels(layout)
+    xv = _view(x, layout)
     y = _empty(x, layout) if out is None else out
-    vectors = (_f64(mean, x, 0.0), _f64(invstd, x, 1.0), _f64(weight, x, 1.0), _f64(bias, x, 0.0))
+    constants = math.normalize_constants(xv, _f64(mean, x, 0.0), _f64(invstd, x, 1.0), _f64(weight, x, 1.0), _f64(bias, x, 0.0))
     with _numba.LAUNCH_LOCK:
-        steps.normalize(_view(x, layout), _view(y, layout), *vectors, CODES[activation], _consts(x, param))
+        passes.forward(xv, _view(y, layout), *constants, CODES[activation], _consts(x, param))
     return y if out is not None else y.contiguous(memory_format=output_memory_format(x))
 
 
@@ -188,17 +193,19 @@ def forward_train_act(
     param: float = 0.0,
     out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """A training forward in one kernel call: batch_stats, invstd = 1 / sqrt(var + eps), then
-    normalize_act with them -> (y, mean, var, invstd); y written into `out` (may be x) when given."""
-    steps, threads = _kernels()
+    """A training forward: batch_stats, invstd = 1 / sqrt(var + eps), then normalize_act with them
+    -> (y, mean, var, invstd); y written into `out` (may be x) when given. Two passes over x and
+    one call of per-channel math between them."""
     layout = layout_of(x)
+    passes, math, threads = _kernels(layout)
+    xv = _view(x, layout)
     y = _empty(x, layout) if out is None else out
     mean, var, invstd = _channels(x, 3)
     with _numba.LAUNCH_LOCK:
-        steps.forward_train(
-            _view(x, layout), _view(y, layout), _f64(weight, x, 1.0), _f64(bias, x, 0.0), float(eps),
-            CODES[activation], _consts(x, param), threads, mean, var, invstd,
-        )
+        partials = passes.partial_stats(xv, threads)
+    constants = math.train_constants(xv, *partials, _f64(weight, x, 1.0), _f64(bias, x, 0.0), float(eps), mean, var, invstd)
+    with _numba.LAUNCH_LOCK:
+        passes.forward(xv, _view(y, layout), *constants, CODES[activation], _consts(x, param))
     if out is None:
         y = y.contiguous(memory_format=output_memory_format(x))
     return y, _out(mean, x), _out(var, x), _out(invstd, x)
@@ -210,10 +217,38 @@ def forward_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
 
 
 # ---------------------------------------------------------------------------------- backward
-def _backward_args(dy, saved, mean, invstd, weight, bias, activation, param, from_output):
-    """The arguments every backward kernel call shares, after (t, dy[, dx])."""
-    vectors = (_f64(mean, saved, 0.0), _f64(invstd, saved, 1.0), _f64(weight, saved, 1.0), _f64(bias, saved, 0.0))
-    return (*vectors, CODES[activation], _consts(saved, param), bool(from_output))
+class _Backward:
+    """What every backward pass over (saved, dy) shares: the arrays, the per-channel vectors as
+    float64, the activation. `reduce` and `elemt` are the two passes with their math."""
+
+    def __init__(self, dy, saved, mean, invstd, weight, bias, activation, param, from_output):
+        self.layout = layout_of(saved)
+        self.passes, self.math, self.threads = _kernels(self.layout)
+        self.saved = saved
+        self.t = _view(saved, self.layout)
+        self.dy = _view(_as_layout(dy, self.layout), self.layout)
+        self.vectors = (_f64(mean, saved, 0.0), _f64(invstd, saved, 1.0), _f64(weight, saved, 1.0), _f64(bias, saved, 0.0))
+        self.act = (CODES[activation], _consts(saved, param))
+        self.from_output = bool(from_output)
+
+    def reduce(self) -> tuple[np.ndarray, np.ndarray]:
+        """sum_g, sum_g_xhat (C,) float64."""
+        off, scale, shift = self.math.reduce_constants(self.t, *self.vectors, self.from_output)
+        with _numba.LAUNCH_LOCK:
+            partials = self.passes.partial_sums(self.t, self.dy, off, scale, shift, *self.act, self.from_output, self.threads)
+        sum_g, sum_g_xhat = _channels(self.saved, 2)
+        self.math.finish_sums(*partials, self.t, *self.vectors, self.from_output, sum_g, sum_g_xhat)
+        return sum_g, sum_g_xhat
+
+    def elemt(self, constants) -> Tensor:
+        """dx from the dx pass's constants (see numba_channels.elemt_constants)."""
+        dx = _empty(self.saved, self.layout)
+        off, off_lo, scale, shift, k_g, k_u, k_0 = constants
+        with _numba.LAUNCH_LOCK:
+            self.passes.backward_elemt(
+                self.t, self.dy, _view(dx, self.layout), off, off_lo, scale, shift, *self.act, self.from_output, k_g, k_u, k_0
+            )
+        return dx.contiguous(memory_format=output_memory_format(self.saved))
 
 
 def backward_reduce_act(
@@ -231,13 +266,8 @@ def backward_reduce_act(
 
     `saved` is x, or y when `from_output` (then weight must be the non-zero effective weight).
     """
-    steps, threads = _kernels()
-    layout = layout_of(saved)
-    sum_g, sum_g_xhat = _channels(saved, 2)
-    args = _backward_args(dy, saved, mean, invstd, weight, bias, activation, param, from_output)
-    with _numba.LAUNCH_LOCK:
-        steps.backward_reduce(_view(saved, layout), _view(_as_layout(dy, layout), layout), *args, threads, sum_g, sum_g_xhat)
-    return _in_dtype(sum_g, saved), _in_dtype(sum_g_xhat, saved)
+    sums = _Backward(dy, saved, mean, invstd, weight, bias, activation, param, from_output).reduce()
+    return tuple(_in_dtype(s, saved) for s in sums)
 
 
 def backward_elemt_act(
@@ -254,16 +284,9 @@ def backward_elemt_act(
     mean_g_xhat: Tensor,
 ) -> Tensor:
     """dx = weight * invstd * (g - mean_g - xhat * mean_g_xhat), g = dy * act'(z); like saved."""
-    steps, _ = _kernels()
-    layout = layout_of(saved)
-    dx = _empty(saved, layout)
-    args = _backward_args(dy, saved, mean, invstd, weight, bias, activation, param, from_output)
-    with _numba.LAUNCH_LOCK:
-        steps.backward_elemt(
-            _view(saved, layout), _view(_as_layout(dy, layout), layout), _view(dx, layout), *args,
-            _f64(mean_g, saved, 0.0), _f64(mean_g_xhat, saved, 0.0),
-        )
-    return dx.contiguous(memory_format=output_memory_format(saved))
+    b = _Backward(dy, saved, mean, invstd, weight, bias, activation, param, from_output)
+    means = (_f64(mean_g, saved, 0.0), _f64(mean_g_xhat, saved, 0.0))
+    return b.elemt(b.math.elemt_constants(b.t, *b.vectors, b.from_output, *means))
 
 
 def backward_train_act(
@@ -278,19 +301,11 @@ def backward_train_act(
     from_output: bool,
     need_dx: bool = True,
 ) -> tuple[Tensor | None, Tensor, Tensor]:
-    """A training backward in one kernel call: backward_reduce_act, then (if need_dx)
-    backward_elemt_act with the sums divided by the count -> (dx or None, sum_g, sum_g_xhat)."""
-    steps, threads = _kernels()
-    layout = layout_of(saved)
-    sum_g, sum_g_xhat = _channels(saved, 2)
-    args = _backward_args(dy, saved, mean, invstd, weight, bias, activation, param, from_output)
-    t = _view(saved, layout)
-    dx = _empty(saved, layout) if need_dx else None
-    dxv = _view(dx, layout) if need_dx else t[:0]  # no rows: the kernel skips the dx pass
-    with _numba.LAUNCH_LOCK:
-        steps.backward_train(t, _view(_as_layout(dy, layout), layout), dxv, *args, threads, sum_g, sum_g_xhat)
-    if need_dx:
-        dx = dx.contiguous(memory_format=output_memory_format(saved))
+    """A training backward: backward_reduce_act, then (if need_dx) backward_elemt_act with the
+    sums divided by the count -> (dx or None, sum_g, sum_g_xhat)."""
+    b = _Backward(dy, saved, mean, invstd, weight, bias, activation, param, from_output)
+    sum_g, sum_g_xhat = b.reduce()
+    dx = b.elemt(b.math.train_elemt_constants(b.t, *b.vectors, b.from_output, sum_g, sum_g_xhat)) if need_dx else None
     return dx, _in_dtype(sum_g, saved), _in_dtype(sum_g_xhat, saved)
 
 

@@ -7,22 +7,22 @@ between the passes a kernel makes over it.
 
 Statistics (one read of x from memory): each plane's mean and sum of squared deviations are
 computed by two passes over the cached plane with float64 accumulators, then the planes of a
-channel are merged by Chan's formula in the driver (`cpu.py`). No E[x^2] - E[x]^2 anywhere, so
+channel are merged by Chan's formula in `numba_channels`. No E[x^2] - E[x]^2 anywhere, so
 |mean| >> std loses nothing.
 
 Fused activations: `code`/`consts` select and parametrize the activation (`numba_act`);
 consts = (param, 1, floor) in x's dtype. `from_output` selects the in-place (memory-saving) mode,
 where the saved tensor t is the output y and z is recovered by inverting the activation; otherwise
-t is the input x. In both modes the per-channel vectors are chosen by the driver so that
+t is the input x. In both modes the per-channel vectors are chosen (`numba_channels`) so that
 
     xhat = (u - off) * mul,   u = t (from input) or act^-1(t) (from output),
 
-and the kernels only accumulate sums of g * (u - off), g = dy * act'(z); the driver multiplies by
+and the kernels only accumulate sums of g * (u - off), g = dy * act'(z); `numba_channels` multiplies by
 `mul`. Elementwise passes compute in x's dtype with per-channel constants precomputed in float64.
 
 The float64 mean is passed as off + off_lo, both in x's dtype (off_lo is what rounding the mean
 to x's dtype lost): `(x - off) - off_lo` keeps the mean's precision where x is close to it, which
-is what matters when |mean| >> std. The reductions take only `off` and the driver subtracts
+is what matters when |mean| >> std. The reductions take only `off` and `numba_channels` subtracts
 off_lo * sum(g) in float64.
 """
 import numpy as np

@@ -3,7 +3,7 @@
 BatchNorm1d's (N, C), and channels_last (N, H, W, C) / channels_last_3d (N, D, H, W, C) storage
 viewed as (N * spatial, C). Every row holds one value of every channel, so the reductions run in
 parallel over chunks of rows, each chunk keeping float64 per-channel accumulators (vectorized
-along C), and the driver (`cpu.py`) merges the chunks. Elementwise passes run in parallel over rows.
+along C), and `numba_channels` merges the chunks. Elementwise passes run in parallel over rows.
 
 Statistics (one read of x from memory): a chunk walks its rows in blocks small enough to stay in
 cache (`block` rows, about 64 KB); each block gets an exact two-pass mean and sum of squared
