@@ -244,8 +244,9 @@ def check_arguments(
         for name, v in (("running_mean", running_mean), ("running_var", running_var)):
             if v is None:
                 raise RuntimeError(f"{name} must be defined in evaluation mode")
-            check_input(x, **{name: v})
-    check_input(x, running_mean, running_var, weight, bias)
+            if running_var is None:  # running_mean is given: it must fit before running_var's absence is reported
+                check_input(x, **{name: v})
+    check_input(x, running_mean, running_var, weight, bias)  # in torch's order: running_mean, running_var, weight, bias
     if training and (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
     check_dtypes(x, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
