@@ -42,6 +42,7 @@ os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 import torch  # noqa: E402
 
 import batchnorm  # noqa: E402
+from batchnorm.tools import saved_bytes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CL = torch.channels_last
@@ -213,20 +214,6 @@ def bench_stack(rounds, budget_ms, use_compile, shape=(32, 3, 56, 56)):
 
 
 # ------------------------------------------------------------------------------ saved bytes
-def saved_bytes(model, x) -> int:
-    storages = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = model(x)
-    del y
-    return sum(storages.values())
-
-
 def memory_table():
     x = torch.randn(32, 3, 56, 56)
     rows = []

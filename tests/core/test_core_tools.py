@@ -322,3 +322,18 @@ def test_convert_registries_are_not_shared_with_the_old_module():
     assert "extra" not in old._buffers and "extra" not in old._non_persistent_buffers_set
     assert len(old._forward_pre_hooks) == 0
     assert "extra" not in new.state_dict()
+
+
+# ---------------------------------------------------------------- saved_bytes
+def test_saved_bytes_counts_each_saved_storage_once():
+    """x * x saves x twice (one storage); a Linear saves its input and its weight."""
+    from batchnorm.tools import saved_bytes
+
+    x = torch.randn(8, 5, dtype=torch.float64, requires_grad=True)
+    assert saved_bytes(lambda t: t * t, x) == 8 * 5 * 8
+    linear = torch.nn.Linear(5, 3, bias=False)
+    x32 = torch.randn(8, 5, requires_grad=True)
+    assert saved_bytes(linear, x32) == (8 * 5 + 3 * 5) * 4
+    with torch.no_grad():  # the forward runs with grad enabled whatever the caller's mode
+        assert saved_bytes(linear, x32) == (8 * 5 + 3 * 5) * 4
+    assert saved_bytes(lambda t: t + 1, x) == 0  # addition saves nothing

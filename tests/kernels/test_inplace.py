@@ -11,6 +11,7 @@ import torch
 
 import batchnorm
 from batchnorm.autograd_act import INPLACE_MIN_WEIGHT
+from batchnorm.tools import saved_bytes
 from kernel_helpers import CL, randn
 
 INVERTIBLE = [("identity", None), ("leaky_relu", 0.1), ("elu", 1.0)]
@@ -112,21 +113,6 @@ def test_no_grad_inference_overwrites_input():
 
 
 # --------------------------------------------------------------------------- saved bytes
-def saved_bytes(model, x) -> int:
-    """Bytes of distinct storages autograd keeps for backward during model(x)."""
-    storages = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = model(x)
-    del y
-    return sum(storages.values())
-
-
 def conv_stack(norm_act, depth=4, channels=16):
     """An image stem (3 -> channels) and depth conv-BN-act layers, as in a ResNet/VGG trunk.
 

@@ -2,6 +2,7 @@
 from .convert import convert
 from .fold import fold, fold_weights
 from .freeze import freeze, is_frozen, unfreeze
+from .memory import saved_bytes
 from .recalibrate import recalibrate
 
-__all__ = ["convert", "freeze", "unfreeze", "is_frozen", "fold", "fold_weights", "recalibrate"]
+__all__ = ["convert", "freeze", "unfreeze", "is_frozen", "fold", "fold_weights", "recalibrate", "saved_bytes"]
