@@ -1,8 +1,9 @@
 """The one dispatch point between the math and its implementations.
 
 `implementation(x)` returns the namespace of kernels to use for input `x`. Every namespace offers
-the four primitives of `batchnorm.kernels.reference` with the same signatures and semantics; with
-`fused=True` it also offers the fused BN+activation functions of `reference_act`. The references
+the four primitives of `batchnorm.kernels.reference` and the two training steps composed of them
+(`forward_train`, `backward_train`) with the same signatures and semantics; with `fused=True` it
+also offers the fused BN+activation functions of `reference_act`. The references
 are plain PyTorch and are the oracles every other implementation is tested against.
 
     cpu            Numba kernels (`cpu.py`): float32/float64 CPU tensors, contiguous NCHW/NCDHW,
@@ -34,7 +35,8 @@ __all__ = ["implementation", "reference", "reference_act", "cpu", "buffers", "MI
 
 # Smallest tensor (elements) sent to the Numba kernels, per layout; see benchmarks/dispatch_threshold.py.
 # Measured (2 cores, float32, whole layer forward + backward, docs/performance.md): since a
-# training step is one kernel call per direction, the kernels win at every size of the ladder, from
+# training step is two passes and a little compiled math per direction, the kernels win at every
+# size of the ladder, from
 # the smallest tensors (128-512 elements, 1.2-1.3x: both paths are then fixed per-call costs, ~0.27
 # ms against ~0.35 ms) to 2 Mi elements (8-10x). So no tensor is too small for them.
 MIN_NUMEL = {cpu.PLANAR: 0, cpu.ROWS: 0, cpu.ROWS_CHANNELS_LAST: 0}
