@@ -163,3 +163,19 @@ def test_progress_bar_is_quiet_off_a_terminal():
         assert bar.disable
     finally:
         bar.close()
+
+
+@pytest.mark.parametrize("build", [lambda: models.circles_net("bn"), lambda: models.mnist_cnn("bn")], ids=["circles_mlp", "cnn"])
+def test_lab_training_runs_on_the_fast_path(monkeypatch, digits, build):
+    """The lab's layers (BatchNorm1d in the MLPs, BatchNorm2d in the CNN) take the Numba kernels by
+    default, forward and backward: no opt-in, whatever the (small) tensor size."""
+    from batchnorm.kernels import cpu
+
+    calls = []
+    for name in ("forward_train", "backward_train"):
+        original = getattr(cpu, name)
+        monkeypatch.setattr(cpu, name, lambda *args, _f=original, _n=name: calls.append(_n) or _f(*args))
+    model = build()
+    x = torch.randn(16, 2) if isinstance(model[0], nn.Linear) else digits.x_train[:16]
+    model(x).sum().backward()
+    assert "forward_train" in calls and "backward_train" in calls
