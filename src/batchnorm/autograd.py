@@ -68,7 +68,7 @@ class BatchNormTrain(FastApply, torch.autograd.Function):
 
     @staticmethod
     def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
-        # batch_stats, invstd, normalize: one kernel call on the fast path
+        # batch_stats, invstd, normalize (on the fast path: two passes, the math between them compiled)
         return kernels.implementation(x).forward_train(x, weight, bias, eps)
 
     @staticmethod
@@ -89,7 +89,7 @@ class BatchNormTrain(FastApply, torch.autograd.Function):
             invstd = torch.rsqrt(var + ctx.eps)
         else:
             impl = kernels.implementation(x)
-        # backward_reduce, then backward_elemt with the sums' means: one kernel call on the fast path
+        # backward_reduce, then backward_elemt with the sums' means (fast path: two passes)
         dx, sum_dy, sum_dy_xhat = impl.backward_train(dy, x, mean, invstd, weight, ctx.needs_input_grad[0])
         dweight, dbias = param_grads(weight, bias, sum_dy, sum_dy_xhat, *ctx.needs_input_grad[1:3])
         return dx, dweight, dbias, None

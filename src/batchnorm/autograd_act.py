@@ -82,7 +82,7 @@ class BatchNormActTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps: float, activation: str, param: float, inplace: bool):
         impl = kernels.implementation(x, fused=True)
-        # batch_stats, invstd, normalize_act: one kernel call on the fast path
+        # batch_stats, invstd, normalize_act (on the fast path: two passes, the math between them compiled)
         if inplace:
             weight_used = guarded_weight(weight)
             y, mean, var, invstd = impl.forward_train_act(x, weight_used, bias, eps, activation, param, out=x)
@@ -105,7 +105,7 @@ class BatchNormActTrain(torch.autograd.Function):
             invstd = torch.rsqrt(var + ctx.eps)
         else:
             impl = kernels.implementation(saved, fused=True)
-        # backward_reduce_act, then backward_elemt_act with the sums' means: one kernel call on the fast path
+        # backward_reduce_act, then backward_elemt_act with the sums' means (fast path: two passes)
         dx, sum_g, sum_g_xhat = impl.backward_train_act(
             dy, saved, mean, invstd, weight, bias, ctx.activation, ctx.param, ctx.inplace, ctx.needs_input_grad[0]
         )
