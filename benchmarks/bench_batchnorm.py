@@ -11,7 +11,9 @@ What is measured, per shape and layout (float32, torch's default thread count):
   * eval      BatchNorm eval forward under no_grad
   * stack     a conv-BN-ReLU stack, training forward + backward
 The competitors of one configuration run in turn inside each round (interleaved), so a noisy
-neighbour slows all of them alike; the reported time is the median over rounds.
+neighbour slows all of them alike, and the rounds of every configuration are spread over the whole
+run (round 1 of all of them, then round 2, ...), so a slow minute does not fall on a few
+configurations only; the reported time is the median over rounds.
 
 GB/s and the bandwidth bound: a training forward + backward must move at least 8 tensor-sized
 passes (forward: read x for the statistics, read x and write y; backward: read dy and x for the
@@ -92,17 +94,38 @@ def timeit(fn, reps):
     return (time.perf_counter() - start) / reps * 1e3
 
 
+def calibrate(fns: dict, budget_ms: float) -> dict:
+    """Warm every competitor up (JIT, torch.compile, allocator) and choose its repetitions per
+    round, so that each gets about budget_ms per round whatever its speed."""
+    for fn in fns.values():
+        fn(), fn()
+    return {k: max(1, int(budget_ms / max(timeit(fn, 1), 1e-3))) for k, fn in fns.items()}
+
+
 def interleaved(fns: dict, rounds: int, budget_ms: float) -> dict:
     """Median ms per call of each fn, competitors interleaved within every round."""
-    for fn in fns.values():  # warm up (JIT, torch.compile, allocator)
-        fn(), fn()
-    # each competitor gets about budget_ms per round, whatever its speed
-    reps = {k: max(1, int(budget_ms / max(timeit(fn, 1), 1e-3))) for k, fn in fns.items()}
+    reps = calibrate(fns, budget_ms)
     samples = {k: [] for k in fns}
     for _ in range(rounds):
         for k, fn in fns.items():
             samples[k].append(timeit(fn, reps[k]))
     return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def spread_rounds(configs: list, rounds: int) -> None:
+    """Round r of every configuration, then round r + 1 of every configuration, ...: each
+    configuration's rounds are spread over the whole run, so a slow minute of a shared machine
+    (runs on the 2-core VM drift by +-30% over minutes) lands on every configuration alike instead
+    of on the few measured during it. Within a round the competitors run back to back. Fills each
+    config's row.ms with the median per competitor."""
+    samples = [{k: [] for k in fns} for _, fns, _ in configs]
+    for _ in range(rounds):
+        for (row, fns, reps), config_samples in zip(configs, samples):
+            for k, fn in fns.items():
+                config_samples[k].append(timeit(fn, reps[k]))
+    for (row, _, _), config_samples in zip(configs, samples):
+        row.ms = {k: statistics.median(v) for k, v in config_samples.items()}
+        row.copy_ms = row.ms.pop("copy")
 
 
 def layer(kind, c, rank, ours: bool, act: bool):
@@ -119,9 +142,6 @@ def maybe_compile(module, enabled):
     if not enabled:
         return None
     try:
-        # every configuration compiles the same forward code object: without a reset dynamo's
-        # recompile limit (8) would silently send later configurations to eager
-        torch._dynamo.reset()
         compiled = torch.compile(module, dynamic=False)
         return compiled
     except Exception as err:  # noqa: BLE001 - any failure means "skip"
@@ -147,7 +167,8 @@ def eval_step(module, x):
     return step
 
 
-def bench_config(kind, name, shape, fmt, rounds, budget_ms, use_compile):
+def prepare_config(kind, name, shape, fmt, budget_ms, use_compile):
+    """(row, competitors, repetitions per round) of one configuration, warmed up."""
     x = torch.randn(shape)
     if fmt is not None:
         x = x.contiguous(memory_format=fmt)
@@ -173,15 +194,14 @@ def bench_config(kind, name, shape, fmt, rounds, budget_ms, use_compile):
     xd = x.detach()
     fns["copy"] = lambda: out.copy_(xd)
     try:
-        row.ms = interleaved(fns, rounds, budget_ms)
+        reps = calibrate(fns, budget_ms)
     except Exception as err:  # noqa: BLE001 - torch.compile failing at first call
         if "compile" not in fns:
             raise
         print(f"  torch.compile failed on {name}: {type(err).__name__}", file=sys.stderr)
         fns.pop("compile")
-        row.ms = interleaved(fns, rounds, budget_ms)
-    row.copy_ms = row.ms.pop("copy")
-    return row
+        reps = calibrate(fns, budget_ms)
+    return row, fns, reps
 
 
 def conv_stack(ours: bool, inplace=False, channels=64, depth=4):
@@ -281,7 +301,7 @@ def report(rows, stack, memory, latency, args, elapsed):
         + (" (**above the CPU count: other processes shared the cores; torch eager's OpenMP threads suffer "
            "most from that, so these ratios overstate ours -- rerun on a quiet machine**)" if os.getloadavg()[0] > (os.cpu_count() or 1) else "")
         + "; "
-        f"{args.rounds} interleaved rounds, median; total {elapsed:.0f} s. "
+        f"{args.rounds} interleaved rounds per configuration, spread over the run, median; total {elapsed:.0f} s. "
         "ratio = eager time / ours (higher is better); GB/s = ideal bytes (8 passes training, 2 eval) / time; "
         "bound = fraction of the bandwidth bound (ideal bytes at the same-size copy speed of this run).",
         "",
@@ -358,11 +378,18 @@ def main():
     start = time.perf_counter()
     latency = None if args.no_latency else first_call_latency()
     print(f"first call: {latency}", file=sys.stderr, flush=True)
-    rows = []
+    # Every configuration compiles the same forward code objects and all stay alive for the
+    # spread rounds: without a higher limit dynamo would send the ninth one on to eager, silently.
+    torch._dynamo.config.recompile_limit = 256
+    configs = []
     for kind in ("bn", "bn_relu", "eval"):
         for name, shape, fmt in LARGE + SMALL:
-            print(f"{time.perf_counter() - start:6.1f}s {kind} {name}", file=sys.stderr, flush=True)
-            rows.append(bench_config(kind, name, shape, fmt, args.rounds, args.budget_ms, not args.no_compile))
+            print(f"{time.perf_counter() - start:6.1f}s preparing {kind} {name}", file=sys.stderr, flush=True)
+            configs.append(prepare_config(kind, name, shape, fmt, args.budget_ms, not args.no_compile))
+    print(f"{time.perf_counter() - start:6.1f}s {args.rounds} rounds over {len(configs)} configurations", file=sys.stderr, flush=True)
+    spread_rounds(configs, args.rounds)
+    rows = [row for row, _, _ in configs]
+    del configs
     stack = bench_stack(args.rounds, args.budget_ms, not args.no_compile)
     memory = memory_table()
     report(rows, stack, memory, latency, args, time.perf_counter() - start)
