@@ -14,7 +14,7 @@ which run pass, math, pass:
 
 None of them calls a pass itself: a compiled function that calls a parallel kernel gets that kernel
 linked in and optimized again at its own compilation (measured: 0.9 s of cold-cache compile per such
-caller, where these take ~0.1 s). `like` is the tensor's array, read only for its dtype. The meaning
+caller, where these take ~0.3-0.5 s). `like` is the tensor's array, read only for its dtype. The meaning
 of off/off_lo, mul, scale, shift, the k's and `from_output` is explained in `numba_planar`.
 """
 import numpy as np
@@ -24,7 +24,7 @@ MATH_FLAGS = dict(cache=True, nogil=True)
 
 
 # Written as loops over channels, not NumPy array expressions: same arithmetic, and each function
-# compiles in ~0.1-0.3 s where array expressions took up to 2.5 s (a cold-cache first call counts).
+# compiles in ~0.3-0.5 s where array expressions took up to 2.5 s (a cold-cache first call counts).
 @njit
 def _rounded(v, like):
     """v rounded to like's dtype."""
