@@ -128,9 +128,9 @@ def _channels(x: Tensor, n: int) -> list[np.ndarray]:
     return [np.empty(x.shape[1], np.float64) for _ in range(n)]
 
 
-def _out(v: np.ndarray, x: Tensor) -> Tensor:
-    """A float64 result vector as the reference returns it: in `stats_dtype(x)`, which is float64
-    for every dtype these kernels take."""
+def _out(v: np.ndarray) -> Tensor:
+    """A float64 statistics vector as a tensor: the reference returns statistics in
+    `stats_dtype(x)`, which is float64 for every dtype these kernels take."""
     return torch.from_numpy(v)
 
 
@@ -155,7 +155,7 @@ def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     with _numba.LAUNCH_LOCK:
         partials = passes.partial_stats(_view(x, layout), threads)
     math.merge_stats(*partials, mean, var)
-    return _out(mean, x), _out(var, x)
+    return _out(mean), _out(var)
 
 
 def normalize_act(
@@ -208,7 +208,7 @@ def forward_train_act(
         passes.forward(xv, _view(y, layout), *constants, CODES[activation], _consts(x, param))
     if out is None:
         y = y.contiguous(memory_format=output_memory_format(x))
-    return y, _out(mean, x), _out(var, x), _out(invstd, x)
+    return y, _out(mean), _out(var), _out(invstd)
 
 
 def forward_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):

@@ -129,6 +129,7 @@ def train_constants(like, pmean, pm2, pcount, w, b, eps, mean, var, invstd):
     _merge(pmean, pm2, pcount, mean, var)
     for c in range(mean.shape[0]):
         invstd[c] = 1.0 / np.sqrt(var[c] + eps)
+    # normalize_constants' two lines, written out: a shared helper measured ~0.25 s more cold compile
     off, off_lo = _split(mean, like)
     return off, off_lo, _product(invstd, w, like), _rounded(b, like)
 
