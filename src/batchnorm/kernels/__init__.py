@@ -37,8 +37,8 @@ __all__ = ["implementation", "reference", "reference_act", "cpu", "buffers", "MI
 # Measured (2 cores, float32, whole layer forward + backward, docs/performance.md): since a
 # training step is two passes and a little compiled math per direction, the kernels win at every
 # size of the ladder, from
-# the smallest tensors (128-512 elements, 1.2-1.3x: both paths are then fixed per-call costs, ~0.27
-# ms against ~0.35 ms) to 2 Mi elements (8-10x). So no tensor is too small for them.
+# the smallest tensors (128-1024 elements, 1.1-1.3x: both paths are then fixed per-call costs, ~0.3
+# ms against ~0.35 ms) to 1-2 Mi elements (6-11x). So no tensor is too small for them.
 MIN_NUMEL = {cpu.PLANAR: 0, cpu.ROWS: 0, cpu.ROWS_CHANNELS_LAST: 0}
 
 # None: choose by size; "reference": never use the kernels; "cpu": use them whenever they apply.

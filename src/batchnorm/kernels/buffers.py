@@ -5,10 +5,10 @@ activations, and glibc returns freed blocks of that size to the OS (mmap thresho
 so the next step's kernel faults in fresh zeroed pages, one fault per 4 KiB: about half of a BN
 training step on a 2-core machine. Training loops repeat their shapes, so a cache that hands the
 same buffer back for the same size removes the faults after the first step (torch's CUDA caching
-allocator does the same for GPU memory). Measured there (float32 BatchNorm2d, forward + backward,
-cache on vs off interleaved, median of 11 rounds): (32, 64, 56, 56) from 10.2 to 6.3 ms and
-(256, 32, 32, 32) from 12.8 to 9.1 ms (1.4-1.8x, channels_last alike, eval 2.2x on the latter);
-(64, 256, 14, 14) gained nothing in that loop, its 12.8 MB came back from glibc's heap.
+allocator does the same for GPU memory). Measured with benchmarks/buffer_cache.py (float32
+BatchNorm2d, forward + backward, cache on vs off interleaved): (32, 64, 56, 56) from 11.0 to 6.1 ms
+and (256, 32, 32, 32) from 12.5 to 8.2 ms (1.4-1.8x, channels_last alike, eval 2.0x on the
+latter); (64, 256, 14, 14) gained nothing in that loop, its 12.8 MB came back from glibc's heap.
 
 How: buffers are NumPy byte arrays. Every hand-out makes a fresh NumPy view of the cached buffer
 (a "lease"), builds the tensor on it with `torch.from_numpy`, and keeps only a weak reference to
@@ -50,12 +50,13 @@ from torch import Tensor
 
 __all__ = ["empty", "set_limit", "limit", "empty_cache", "cached_bytes", "MIN_BYTES"]
 
-# Outputs smaller than this come from torch.empty_like. Measured (layer training step, float32,
-# (8, 16, H, W), cache on vs off interleaved, quiet 2-core machine): up to 800 KiB glibc hands the
-# freed block back from its heap without faults and the cache is 2-5% slower (its ~6 us of
-# bookkeeping per output against ~1 us); from 882 KiB on the uncached step doubles (1.9x at
-# 882 KiB-1 MiB, 2.8x at 2 MiB, 3.6-4x from 4 MiB). Where that jump sits depends on glibc's heap
-# state, so the threshold stays below it: a few percent lost when wrong, 2x gained when right.
+# Outputs smaller than this come from torch.empty_like. Measured with
+# `benchmarks/buffer_cache.py --threshold` (layer training step, float32, (8, 16, H, W), cache on vs
+# off interleaved, quiet 2-core machine): at 512 KiB the cache is 0.91x (glibc hands the freed
+# block back from its heap without faults, and the cache's bookkeeping costs ~6 us per output
+# against ~1 us); from 800 KiB to 32 MiB it is 1.15-2.44x. Where that jump sits depends on glibc's heap
+# state (an earlier sweep put it between 800 and 882 KiB), so the threshold stays below it: a few
+# percent lost when wrong, 2x gained when right.
 MIN_BYTES = 512 << 10
 
 _HUGE_PAGE_MIN_BYTES = 8 << 20
