@@ -145,9 +145,9 @@ def _reduce_block(t2, dy2, r0, r1, off, scale, shift, code, p, one, floor, from_
 
 
 # Rows summed in x's dtype before they are added into the float64 accumulators: the inner loop then
-# works on x's dtype only (no widening per element): 1.3-1.8x faster for float32 with 256
-# and more channels, timed alone in development. 8 terms in float32 lose at most ~8 ulps of the block's magnitude, far below
-# what torch's float32-accumulated channels_last backward loses.
+# works on x's dtype only (no widening per element): 1.3-1.8x faster for float32 with 256 and more
+# channels, timed alone in development. 8 terms in float32 lose at most ~8 ulps of the block's
+# magnitude, far below what torch's float32-accumulated channels_last backward loses.
 SUM_BLOCK = 8
 
 
