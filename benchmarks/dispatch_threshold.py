@@ -1,16 +1,17 @@
-"""Measure where the Numba kernels start to beat the reference path: the dispatch threshold.
+"""Measure where the Numba kernels start to beat torch's own kernel: the dispatch thresholds.
 
 Usage (from the repository root):
 
     PYTHONPATH=src python benchmarks/dispatch_threshold.py [--rounds 5]
 
-For each layout the kernels take (planar NCHW, rows (N, C), rows channels_last) and a ladder of
-sizes, it times BatchNorm training forward + backward through the whole layer with the kernels
-forced on (kernels.FORCE = "cpu") and forced off ("reference"), interleaved, median of rounds,
-and prints the ratio. kernels.MIN_NUMEL is set to the smallest size at which the kernels win and
-keep winning at the next two sizes of the ladder (the run is recorded in docs/performance.md). Below that,
-the fixed cost of launching parallel Numba kernels (drivers, NumPy views, thread wake-up) is
-larger than what they save on a tensor that fits in cache.
+For each layout the kernels take (planar NCHW, rows (N, C), rows channels_last), each mode (a
+training step: forward + backward; an eval call under no_grad) and a ladder of sizes, it times the
+whole layer with the Numba kernels forced on (kernels.FORCE = "cpu") and with torch's kernel
+forced on ("torch", `batchnorm.native`), interleaved, median of rounds, and prints the ratio. The
+threshold, `kernels.MIN_NUMEL[mode][layout]`, is the smallest size at which the kernels win and
+keep winning at the next two sizes of the ladder (the run is recorded in docs/performance.md).
+Below it, the fixed cost of a call into the kernels (drivers, NumPy views, a parallel launch, a
+Python autograd Function) is more than torch's whole call.
 """
 from __future__ import annotations
 
@@ -23,18 +24,31 @@ import torch
 import batchnorm
 from batchnorm import kernels
 
-LADDER = [2**k for k in range(7, 22)]  # 128 .. 2 Mi elements (each layout's smallest shape is N = 2)
+# Sizes 2**9 .. 2**25 (512 to 32 Mi elements), in shapes like a small CNN's feature maps (32
+# channels of 16 x 16) and an MLP's activations (256 features); a 4D ladder starts at N = 2.
+LADDER = [2**k for k in range(9, 26)]
 LAYOUTS = {
-    "planar": lambda n: torch.randn(max(2, n // (16 * 16)), 16, 4, 4),
-    "rows": lambda n: torch.randn(max(2, n // 64), 64),
-    "rows_channels_last": lambda n: torch.randn(max(2, n // (16 * 16)), 16, 4, 4).contiguous(memory_format=torch.channels_last),
+    "planar": lambda n: torch.randn(n // (32 * 256), 32, 16, 16),
+    "rows": lambda n: torch.randn(n // 256, 256),
+    "rows_channels_last": lambda n: torch.randn(n // (32 * 256), 32, 16, 16).contiguous(memory_format=torch.channels_last),
 }
+PATHS = ("cpu", "torch")
 
 
-def step(layer, x, dy):
+def step(layer, x, dy, mode):
+    if mode == "train":
+        layer.train()
+
+        def run():
+            y = layer(x)
+            torch.autograd.grad(y, [x, layer.weight, layer.bias], dy)
+
+        return run
+    layer.eval()
+
     def run():
-        y = layer(x)
-        torch.autograd.grad(y, [x, layer.weight, layer.bias], dy)
+        with torch.no_grad():
+            layer(x)
 
     return run
 
@@ -50,39 +64,44 @@ def timed(fn, force, reps):
         kernels.FORCE = None
 
 
+def threshold(wins):
+    """The smallest size at which the kernels win and keep winning at the next two sizes (one
+    noisy sample on a shared machine should not move the threshold by 8x); None: never."""
+    for i, (numel, _) in enumerate(wins):
+        if all(r > 1.0 for _, r in wins[i : i + 3]):
+            return numel
+    return None
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--budget-ms", type=float, default=40.0)
     args = parser.parse_args()
-    thresholds = {}
-    for layout, make in LAYOUTS.items():
-        print(f"\n{layout}\n{'numel':>10} {'reference ms':>13} {'kernels ms':>11} {'ratio':>6}")
-        wins = []
-        for n in LADDER:
-            x = make(n).requires_grad_()
-            layer = (batchnorm.BatchNorm1d if x.dim() == 2 else batchnorm.BatchNorm2d)(x.shape[1])
-            dy = torch.randn_like(x)
-            fn = step(layer, x, dy)
-            for force in ("cpu", "reference"):
-                timed(fn, force, 2)  # warm up (and compile)
-            reps = max(1, int(args.budget_ms / 1e3 / timed(fn, "reference", 1)))
-            samples = {"cpu": [], "reference": []}
-            for _ in range(args.rounds):
-                for force in samples:
-                    samples[force].append(timed(fn, force, reps))
-            ref, fast = (statistics.median(samples[f]) * 1e3 for f in ("reference", "cpu"))
-            wins.append((x.numel(), ref / fast))
-            print(f"{x.numel():>10} {ref:>13.3f} {fast:>11.3f} {ref / fast:>6.2f}")
-        # the smallest size at which the kernels win and keep winning at the next two sizes
-        # (one noisy sample on a shared machine should not move the threshold by 10x)
-        threshold = None
-        for i, (numel, ratio) in enumerate(wins):
-            if all(r > 1.0 for _, r in wins[i : i + 3]):
-                threshold = numel
-                break
-        thresholds[layout] = threshold
-    print("\nMIN_NUMEL =", thresholds, "(current:", kernels.MIN_NUMEL, ")")
+    found = {"train": {}, "eval": {}}
+    for mode in found:
+        for layout, make in LAYOUTS.items():
+            print(f"\n{mode}, {layout}\n{'numel':>10} {'torch ms':>10} {'kernels ms':>11} {'ratio':>6}")
+            wins = []
+            for n in LADDER:
+                x = make(n).requires_grad_(mode == "train")
+                if x.shape[0] < 2:
+                    continue
+                layer = (batchnorm.BatchNorm1d if x.dim() == 2 else batchnorm.BatchNorm2d)(x.shape[1])
+                fn = step(layer, x, torch.randn_like(x), mode)
+                for force in PATHS:
+                    timed(fn, force, 2)  # warm up (and compile)
+                reps = max(1, int(args.budget_ms / 1e3 / timed(fn, "torch", 1)))
+                samples = {force: [] for force in PATHS}
+                for _ in range(args.rounds):
+                    for force in PATHS:
+                        samples[force].append(timed(fn, force, reps))
+                ours, theirs = (statistics.median(samples[f]) * 1e3 for f in PATHS)
+                wins.append((x.numel(), theirs / ours))
+                print(f"{x.numel():>10} {theirs:>10.3f} {ours:>11.3f} {theirs / ours:>6.2f}")
+            found[mode][layout] = threshold(wins)
+    print("\nMIN_NUMEL =", found)
+    print("(current:", kernels.MIN_NUMEL, ")")
 
 
 if __name__ == "__main__":

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from . import native
 from .autograd_act import BatchNormActEval, BatchNormActTrain
 from .functional import check_arguments, track_batch
+from .kernels import use_torch
 from .kernels.activations import check_activation
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
@@ -47,6 +49,10 @@ def batch_norm_act(
     elsewhere; autograd raises if it is (a leaf that requires grad, or a tensor saved for backward).
     """
     param = check_activation(activation, activation_param, inplace)
+    if not inplace and use_torch(x, training):  # small tensors: torch's kernel (batchnorm.native)
+        y = native.batch_norm_act(x, running_mean, running_var, weight, bias, training, momentum, eps, activation, param)
+        if y is not None:
+            return y
     check_arguments(x, running_mean, running_var, weight, bias, training=training, eps=eps)
     if not training:
         return BatchNormActEval.apply(x, running_mean, running_var, weight, bias, eps, activation, param, inplace)

@@ -23,9 +23,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import native
 from ._format import shape_of
 from .autograd import BatchNormEval, BatchNormTrain
-from .kernels import implementation
+from .kernels import implementation, use_torch
 
 __all__ = [
     "batch_stats",
@@ -211,6 +212,10 @@ def batch_norm(
 
     `layer` only names the caller in the warning about non-finite statistics (modules pass self).
     """
+    if use_torch(x, training):  # a tensor too small for the kernels' fixed costs: torch's own kernel
+        y = native.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+        if y is not None:  # None: bad arguments or a non-finite batch, which the path below handles
+            return y
     check_arguments(x, running_mean, running_var, weight, bias, training=training, eps=eps)
     if not training:
         return BatchNormEval.apply(x, running_mean, running_var, weight, bias, eps)

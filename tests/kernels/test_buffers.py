@@ -256,8 +256,8 @@ def test_threads_never_share_a_live_buffer(monkeypatch):
     for th in threads:
         th.join()
     assert errors == []
-    in_use_bytes, idle = buffers.cached_bytes()
-    assert in_use_bytes == 0 and LIKE.nbytes <= idle <= 2 * LIKE.nbytes  # reused, at most one per thread
+    in_use_bytes, idle_bytes = buffers.cached_bytes()
+    assert in_use_bytes == 0 and LIKE.nbytes <= idle_bytes <= 2 * LIKE.nbytes  # reused, at most one per thread
 
 
 # Tolerances against torch in float32: y and dx are elementwise; dweight and dbias are sums over

@@ -167,15 +167,20 @@ def test_progress_bar_is_quiet_off_a_terminal():
 
 @pytest.mark.parametrize("build", [lambda: models.circles_net("bn"), lambda: models.mnist_cnn("bn")], ids=["circles_mlp", "cnn"])
 def test_lab_training_runs_on_the_fast_path(monkeypatch, digits, build):
-    """The lab's layers (BatchNorm1d in the MLPs, BatchNorm2d in the CNN) take the Numba kernels by
-    default, forward and backward: no opt-in, whatever the (small) tensor size."""
+    """The lab's layers (BatchNorm1d in the MLPs, BatchNorm2d in the CNN) take the fast path by
+    default, with no opt-in: torch's own kernel below kernels.MIN_NUMEL, the Numba kernels from
+    it; never the plain-PyTorch reference. (At these sizes the circles MLP runs torch's kernel
+    throughout; the CNN reaches the kernels at batch 256.)"""
+    from batchnorm import kernels, native
     from batchnorm.kernels import cpu
 
+    monkeypatch.setattr(kernels, "FORCE", None)
     calls = []
-    for name in ("forward_train", "backward_train"):
-        original = getattr(cpu, name)
-        monkeypatch.setattr(cpu, name, lambda *args, _f=original, _n=name: calls.append(_n) or _f(*args))
+    to_native, choose = native.batch_norm, kernels.implementation
+    monkeypatch.setattr(native, "batch_norm", lambda *a: calls.append("torch") or to_native(*a))
+    monkeypatch.setattr(kernels, "implementation", lambda x, **k: calls.append(choose(x, **k)) or choose(x, **k))
     model = build()
-    x = torch.randn(16, 2) if isinstance(model[0], nn.Linear) else digits.x_train[:16]
-    model(x).sum().backward()
-    assert "forward_train" in calls and "backward_train" in calls
+    for batch in (16, 256):
+        x = torch.randn(batch, 2) if isinstance(model[0], nn.Linear) else digits.x_train[:batch]
+        model(x).sum().backward()
+    assert calls and all(c in ("torch", cpu) for c in calls), calls

@@ -7,18 +7,20 @@ also offers the fused BN+activation functions of `reference_act`. The references
 are plain PyTorch and are the oracles every other implementation is tested against.
 
     cpu            Numba kernels (`cpu.py`): float32/float64 CPU tensors, contiguous NCHW/NCDHW,
-                   (N, C), (N, C, L), channels_last(_3d), at least `MIN_NUMEL` elements
+                   (N, C), (N, C, L), channels_last(_3d)
     reference      everything else: other dtypes and devices, non-contiguous views, and any
                    tensor under a torch.func transform (vmap, grad), which must run in torch ops
 
-`MIN_NUMEL` is measured, not guessed: benchmarks/dispatch_threshold.py times both paths through
-the whole layer (forward + backward) over a ladder of sizes and the threshold is the smallest size
-from which the kernels win on every layout; its output is recorded in docs/performance.md. On the
-2-core development machine that is every size: the threshold is 0, and the mechanism stays for
-machines where a parallel launch costs more.
+Before either, `use_torch(x, training)` says whether the layer should skip its own autograd
+Function altogether and call torch's kernel (`batchnorm.native`): for tensors the kernels take
+but below `MIN_NUMEL[mode][layout]` elements, where the kernels' fixed per-call cost is more than
+torch's whole call. The thresholds are measured, not guessed: benchmarks/dispatch_threshold.py
+times the whole layer both ways over a ladder of sizes, per layout, for a training step and an
+eval call; its run is recorded in docs/performance.md.
 
 `BATCHNORM_KERNELS=reference` in the environment (or `kernels.FORCE = "reference"`) turns the
-fast path off; `FORCE = "cpu"` sends every supported tensor to it regardless of size (tests).
+fast paths off; `FORCE = "cpu"` sends every supported tensor to the Numba kernels regardless of
+size, `FORCE = "torch"` every supported tensor to torch's kernel (tests, benchmarks).
 """
 from __future__ import annotations
 
@@ -31,17 +33,21 @@ from torch import Tensor
 
 from . import _numba, buffers, cpu, reference, reference_act
 
-__all__ = ["implementation", "reference", "reference_act", "cpu", "buffers", "MIN_NUMEL", "FORCE"]
+__all__ = ["implementation", "use_torch", "reference", "reference_act", "cpu", "buffers", "MIN_NUMEL", "FORCE"]
 
-# Smallest tensor (elements) sent to the Numba kernels, per layout; see benchmarks/dispatch_threshold.py.
-# Measured (2 cores, float32, whole layer forward + backward, docs/performance.md): since a
-# training step is two passes and a little compiled math per direction, the kernels win at every
-# size of the ladder, from
-# the smallest tensors (128-1024 elements, 1.1-1.3x: both paths are then fixed per-call costs, ~0.3
-# ms against ~0.35 ms) to 1-2 Mi elements (6-11x). So no tensor is too small for them.
-MIN_NUMEL = {cpu.PLANAR: 0, cpu.ROWS: 0, cpu.ROWS_CHANNELS_LAST: 0}
+# Smallest tensor (elements) sent to the Numba kernels, per mode and layout; below it torch's own
+# kernel runs (see use_torch). From benchmarks/dispatch_threshold.py on the 2-core development
+# machine (docs/performance.md has the run): a training step through the kernels costs ~0.3 ms
+# whatever the size, torch's ~0.1 ms on small tensors, and the kernels win from 0.5-4 Mi elements;
+# an eval call costs ~60 us against torch's ~15 us, and torch's eval kernel keeps up until its
+# fresh output is large enough to be page-faulted in on every call (32 MiB: 8 Mi float32).
+MIN_NUMEL = {
+    "train": {cpu.PLANAR: 2**19, cpu.ROWS: 2**21, cpu.ROWS_CHANNELS_LAST: 2**22},
+    "eval": {cpu.PLANAR: 2**23, cpu.ROWS: 2**23, cpu.ROWS_CHANNELS_LAST: 2**21},
+}
 
-# None: choose by size; "reference": never use the kernels; "cpu": use them whenever they apply.
+# None: choose by size; "reference": plain PyTorch only; "cpu": the Numba kernels whenever they
+# apply; "torch": torch's kernel whenever the Numba kernels would apply.
 FORCE: str | None = os.environ.get("BATCHNORM_KERNELS") or None
 
 _numba_missing = False
@@ -61,6 +67,22 @@ def _numba_available() -> bool:
     return True
 
 
+def use_torch(x: Tensor, training: bool) -> bool:
+    """True when `x` should run on torch's own batch norm kernel (`batchnorm.native`) rather than
+    through the library's autograd Function: a tensor the Numba kernels take, but smaller than
+    their threshold for the mode (training step or eval call)."""
+    if FORCE is not None and FORCE != "torch":
+        return False
+    # torch.func transforms keep the reference (the library's own math); compiled graphs keep the
+    # path they had (the guard of `native.batch_norm` reads values, which a graph cannot)
+    if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+        return False
+    layout = cpu.layout_of(x)
+    if layout is None:
+        return False
+    return FORCE == "torch" or x.numel() < MIN_NUMEL["train" if training else "eval"][layout]
+
+
 def implementation(x: Tensor, *, fused: bool = False) -> ModuleType:
     """The kernels for input `x`: a module with batch_stats, normalize, backward_reduce, backward_elemt
     (and normalize_act, backward_reduce_act, backward_elemt_act when `fused`)."""
@@ -69,7 +91,7 @@ def implementation(x: Tensor, *, fused: bool = False) -> ModuleType:
     if FORCE == "reference" or torch._C._are_functorch_transforms_active():
         return slow
     layout = cpu.layout_of(x)
-    if layout is None or (FORCE != "cpu" and x.numel() < MIN_NUMEL[layout]):
+    if layout is None:
         return slow
     # In a forked child of a process running GNU OpenMP the kernels cannot launch (see _numba).
     return cpu if _numba_available() and _numba.usable() else slow

@@ -1,0 +1,93 @@
+"""torch's own batch norm kernel, for tensors too small for the Numba kernels.
+
+A call into the Numba kernels has a fixed cost (drivers, NumPy views, a parallel launch, a Python
+autograd Function): about 0.3 ms per training step and 60 us per eval call, against torch's 0.09 ms
+and 15 us. Below the sizes in `kernels.MIN_NUMEL` (measured by benchmarks/dispatch_threshold.py)
+the layers therefore call `torch.batch_norm`, what `torch.nn.BatchNorm*d` itself runs, with
+torch's C++ autograd. Outputs, gradients and running statistics are then torch's, bit
+for bit. What the library adds on top still holds:
+
+  * its errors: arguments torch refuses, or accepts where the library does not (eps <= 0, one
+    value per channel, a (C, 1) weight), go to the library's own path, whose checks raise;
+  * a batch with NaN/Inf leaves the running statistics as they were: the update is undone and
+    the batch goes to the library's own path, which keeps the bad channels and warns. (Running
+    statistics that are already NaN/Inf send every training batch down that slower path.)
+
+The fused layers' activation runs in place on the fresh output (as `nn.ReLU(inplace=True)` after
+`nn.BatchNorm2d` would); their memory-saving mode (inplace=True) needs the library's kernels.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["batch_norm", "batch_norm_act"]
+
+
+def batch_norm(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> Tensor | None:
+    """torch's batch norm, or None when the caller must run its own path: arguments that torch
+    would refuse (or accept where the library refuses: the caller's checks then raise the
+    library's error), or a batch with NaN/Inf while training with running statistics (which are
+    then restored first)."""
+    if not (eps > 0.0 if training else eps >= 0.0) or (training and x.numel() == x.shape[1]):
+        return None  # torch's kernel takes eps <= 0 and one value per channel; the library refuses
+    for v in (weight, bias, running_mean, running_var):
+        if v is not None and v.dim() != 1:
+            return None  # torch flattens a (C, 1) weight silently; the library refuses
+    try:
+        if not training or running_mean is None or running_var is None:
+            return torch.batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps, False)
+        # Undoing is cheaper than checking x first: two (C,) copies against a pass over the input.
+        mean, var = running_mean.numpy(), running_var.numpy()
+        before = mean.copy(), var.copy()
+        y = torch.batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps, False)
+    except (RuntimeError, TypeError, ValueError):  # torch's checks run before any update
+        return None
+    # A NaN/Inf in x makes its channel's statistics NaN/Inf, and then the running ones (one dot
+    # product finds any; it also flags a finite sum that overflows, which only costs the slow path).
+    if math.isfinite(mean @ var):
+        return y
+    np.copyto(mean, before[0])
+    np.copyto(var, before[1])
+    return None
+
+
+# Each runs in place on BN's fresh output; autograd's formulas for these use the result, or (silu)
+# save what they need, so gradients are those of BN followed by the activation.
+_ACTIVATIONS = {
+    "identity": lambda y, _param: y,
+    "relu": lambda y, _param: torch.relu_(y),
+    "leaky_relu": lambda y, slope: F.leaky_relu(y, slope, inplace=True),
+    "elu": lambda y, alpha: F.elu(y, alpha, inplace=True),
+    "silu": lambda y, _param: F.silu(y, inplace=True),
+}
+
+
+def batch_norm_act(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    activation: str,
+    param: float,
+) -> Tensor | None:
+    """act(batch_norm(...)) in torch ops, or None as `batch_norm` returns it."""
+    y = batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    return None if y is None else _ACTIVATIONS[activation](y, param)
