@@ -2,7 +2,7 @@
 
 Usage (from the repository root):
 
-    PYTHONPATH=src python benchmarks/dispatch_threshold.py [--rounds 5]
+    PYTHONPATH=src python benchmarks/dispatch_threshold.py [--rounds 5] [--fused]
 
 For each layout the kernels take (planar NCHW, rows (N, C), rows channels_last), each mode (a
 training step: forward + backward; an eval call under no_grad) and a ladder of sizes, it times the
@@ -10,6 +10,8 @@ whole layer with the Numba kernels forced on (kernels.FORCE = "cpu") and with to
 forced on ("torch", `batchnorm.native`), interleaved, median of rounds, and prints the ratio. The
 threshold, `kernels.MIN_NUMEL[mode][layout]`, is the smallest size at which the kernels win and
 keep winning at the next two sizes of the ladder (the run is recorded in docs/performance.md).
+With --fused the layer is BatchNormAct(relu) (fused kernels against torch's BN and an in-place
+ReLU) and the modes are "train_act" and "eval_act".
 Below it, the fixed cost of a call into the kernels (drivers, NumPy views, a parallel launch, a
 Python autograd Function) is more than torch's whole call.
 """
@@ -53,6 +55,12 @@ def step(layer, x, dy, mode):
     return run
 
 
+def make_layer(x, fused):
+    if fused:
+        return (batchnorm.BatchNormAct1d if x.dim() == 2 else batchnorm.BatchNormAct2d)(x.shape[1], activation="relu")
+    return (batchnorm.BatchNorm1d if x.dim() == 2 else batchnorm.BatchNorm2d)(x.shape[1])
+
+
 def timed(fn, force, reps):
     kernels.FORCE = force
     try:
@@ -77,17 +85,20 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--budget-ms", type=float, default=40.0)
+    parser.add_argument("--fused", action="store_true", help="BatchNormAct(relu) instead of BatchNorm")
     args = parser.parse_args()
-    found = {"train": {}, "eval": {}}
-    for mode in found:
+    suffix = "_act" if args.fused else ""
+    found = {"train" + suffix: {}, "eval" + suffix: {}}
+    for key in found:
+        mode = key.removesuffix(suffix)
         for layout, make in LAYOUTS.items():
-            print(f"\n{mode}, {layout}\n{'numel':>10} {'torch ms':>10} {'kernels ms':>11} {'ratio':>6}")
+            print(f"\n{key}, {layout}\n{'numel':>10} {'torch ms':>10} {'kernels ms':>11} {'ratio':>6}")
             wins = []
             for n in LADDER:
                 x = make(n).requires_grad_(mode == "train")
                 if x.shape[0] < 2:
                     continue
-                layer = (batchnorm.BatchNorm1d if x.dim() == 2 else batchnorm.BatchNorm2d)(x.shape[1])
+                layer = make_layer(x, args.fused)
                 fn = step(layer, x, torch.randn_like(x), mode)
                 for force in PATHS:
                     timed(fn, force, 2)  # warm up (and compile)
@@ -99,9 +110,9 @@ def main():
                 ours, theirs = (statistics.median(samples[f]) * 1e3 for f in PATHS)
                 wins.append((x.numel(), theirs / ours))
                 print(f"{x.numel():>10} {theirs:>10.3f} {ours:>11.3f} {theirs / ours:>6.2f}")
-            found[mode][layout] = threshold(wins)
-    print("\nMIN_NUMEL =", found)
-    print("(current:", kernels.MIN_NUMEL, ")")
+            found[key][layout] = threshold(wins)
+    print("\nMIN_NUMEL:", found)
+    print("(current:", {key: kernels.MIN_NUMEL.get(key) for key in found}, ")")
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def batch_norm_act(
     elsewhere; autograd raises if it is (a leaf that requires grad, or a tensor saved for backward).
     """
     param = check_activation(activation, activation_param, inplace)
-    if not inplace and use_torch(x, training):  # small tensors: torch's kernel (batchnorm.native)
+    if not inplace and use_torch(x, training, fused=True):  # small tensors: torch's kernel (batchnorm.native)
         y = native.batch_norm_act(x, running_mean, running_var, weight, bias, training, momentum, eps, activation, param)
         if y is not None:
             return y

@@ -210,6 +210,9 @@ def batch_norm(
     normalizes with running_mean / running_var, which must then be given. Unlike torch,
     `training` has no default: say which statistics you mean.
 
+    Tensors below `kernels.MIN_NUMEL` run torch's own kernel (`batchnorm.native`: torch's
+    numbers bit for bit, the library's errors and NaN guard); the rest the library's Function.
+
     `layer` only names the caller in the warning about non-finite statistics (modules pass self).
     """
     if use_torch(x, training):  # a tensor too small for the kernels' fixed costs: torch's own kernel

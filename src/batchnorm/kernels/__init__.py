@@ -35,8 +35,8 @@ from . import _numba, buffers, cpu, reference, reference_act
 
 __all__ = ["implementation", "use_torch", "reference", "reference_act", "cpu", "buffers", "MIN_NUMEL", "FORCE"]
 
-# Smallest tensor (elements) sent to the Numba kernels, per mode and layout; below it torch's own
-# kernel runs (see use_torch). From benchmarks/dispatch_threshold.py on the 2-core development
+# Smallest tensor (elements) sent to the Numba kernels, per mode (BN or BN + activation, training
+# step or eval call) and layout; below it torch's own kernel runs (see use_torch). From benchmarks/dispatch_threshold.py on the 2-core development
 # machine (docs/performance.md has the run): a training step through the kernels costs ~0.3 ms
 # whatever the size, torch's ~0.1 ms on small tensors, and the kernels win from 0.5-4 Mi elements;
 # an eval call costs ~60 us against torch's ~15 us, and torch's eval kernel keeps up until its
@@ -44,6 +44,9 @@ __all__ = ["implementation", "use_torch", "reference", "reference_act", "cpu", "
 MIN_NUMEL = {
     "train": {cpu.PLANAR: 2**19, cpu.ROWS: 2**21, cpu.ROWS_CHANNELS_LAST: 2**22},
     "eval": {cpu.PLANAR: 2**23, cpu.ROWS: 2**23, cpu.ROWS_CHANNELS_LAST: 2**21},
+    # BatchNormAct (--fused): the fused kernels also save torch's separate activation pass
+    "train_act": {cpu.PLANAR: 2**17, cpu.ROWS: 2**20, cpu.ROWS_CHANNELS_LAST: 2**20},
+    "eval_act": {cpu.PLANAR: 2**21, cpu.ROWS: 2**20, cpu.ROWS_CHANNELS_LAST: 2**20},
 }
 
 # None: choose by size; "reference": plain PyTorch only; "cpu": the Numba kernels whenever they
@@ -67,10 +70,11 @@ def _numba_available() -> bool:
     return True
 
 
-def use_torch(x: Tensor, training: bool) -> bool:
+def use_torch(x: Tensor, training: bool, fused: bool = False) -> bool:
     """True when `x` should run on torch's own batch norm kernel (`batchnorm.native`) rather than
     through the library's autograd Function: a tensor the Numba kernels take, but smaller than
-    their threshold for the mode (training step or eval call)."""
+    their threshold for the mode (training step or eval call; of BN, or of BN + activation when
+    `fused`, where the fused kernels save torch's separate activation pass)."""
     if FORCE is not None and FORCE != "torch":
         return False
     # torch.func transforms keep the reference (the library's own math); compiled graphs keep the
@@ -80,7 +84,10 @@ def use_torch(x: Tensor, training: bool) -> bool:
     layout = cpu.layout_of(x)
     if layout is None:
         return False
-    return FORCE == "torch" or x.numel() < MIN_NUMEL["train" if training else "eval"][layout]
+    return FORCE == "torch" or x.numel() < MIN_NUMEL[_MODES[training, fused]][layout]
+
+
+_MODES = {(True, False): "train", (False, False): "eval", (True, True): "train_act", (False, True): "eval_act"}
 
 
 def implementation(x: Tensor, *, fused: bool = False) -> ModuleType:
