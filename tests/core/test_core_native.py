@@ -109,6 +109,20 @@ def test_default_dispatch_by_size(monkeypatch, spy):
     assert spy == ["torch", "kernels", "torch", "kernels"]
 
 
+def test_fused_layers_have_their_own_thresholds(monkeypatch, spy):
+    """The fused kernels also save torch's activation pass, so BatchNormAct switches to them at
+    its own (smaller) sizes: MIN_NUMEL["train_act"], ["eval_act"]."""
+    monkeypatch.setattr(kernels, "FORCE", None)
+    small = randn((4, 3, 5, 6))
+    monkeypatch.setitem(kernels.MIN_NUMEL["train"], cpu.PLANAR, small.numel() + 1)
+    monkeypatch.setitem(kernels.MIN_NUMEL["train_act"], cpu.PLANAR, small.numel())
+    batchnorm.BatchNorm2d(3)(small)
+    batchnorm.BatchNormAct2d(3)(small)
+    monkeypatch.setitem(kernels.MIN_NUMEL["train_act"], cpu.PLANAR, small.numel() + 1)
+    batchnorm.BatchNormAct2d(3)(small)
+    assert spy == ["torch", "kernels", "torch"]
+
+
 @pytest.mark.parametrize(
     "make_x",
     [lambda: randn((4, 3, 5, 6)).half(), lambda: randn((4, 3, 10, 6))[..., ::2], lambda: torch.empty(0, 3, 5, 6)],
