@@ -11,12 +11,12 @@ are plain PyTorch and are the oracles every other implementation is tested again
     reference      everything else: other dtypes and devices, non-contiguous views, and any
                    tensor under a torch.func transform (vmap, grad), which must run in torch ops
 
-Before either, `use_torch(x, training)` says whether the layer should skip its own autograd
+Before either, `use_torch(x, training, fused)` says whether the layer should skip its own autograd
 Function altogether and call torch's kernel (`batchnorm.native`): for tensors the kernels take
 but below `MIN_NUMEL[mode][layout]` elements, where the kernels' fixed per-call cost is more than
 torch's whole call. The thresholds are measured, not guessed: benchmarks/dispatch_threshold.py
 times the whole layer both ways over a ladder of sizes, per layout, for a training step and an
-eval call; its run is recorded in docs/performance.md.
+eval call, of BatchNorm and (--fused) of BatchNormAct; its runs are recorded in docs/performance.md.
 
 `BATCHNORM_KERNELS=reference` in the environment (or `kernels.FORCE = "reference"`) turns the
 fast paths off; `FORCE = "cpu"` sends every supported tensor to the Numba kernels regardless of
@@ -36,8 +36,9 @@ from . import _numba, buffers, cpu, reference, reference_act
 __all__ = ["implementation", "use_torch", "reference", "reference_act", "cpu", "buffers", "MIN_NUMEL", "FORCE"]
 
 # Smallest tensor (elements) sent to the Numba kernels, per mode (BN or BN + activation, training
-# step or eval call) and layout; below it torch's own kernel runs (see use_torch). From benchmarks/dispatch_threshold.py on the 2-core development
-# machine (docs/performance.md has the run): a training step through the kernels costs ~0.3 ms
+# step or eval call) and layout; below it torch's own kernel runs (see use_torch). From
+# benchmarks/dispatch_threshold.py on the 2-core development machine (docs/performance.md has the
+# runs): a training step through the kernels costs ~0.3 ms
 # whatever the size, torch's ~0.1 ms on small tensors, and the kernels win from 0.5-4 Mi elements;
 # an eval call costs ~60 us against torch's ~15 us, and torch's eval kernel keeps up until its
 # fresh output is large enough to be page-faulted in on every call (32 MiB: 8 Mi float32).
