@@ -105,14 +105,12 @@ class BatchNormEval(FastApply, torch.autograd.Function):
 
     @staticmethod
     def forward(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
-        impl = kernels.implementation(x)
-        invstd = torch.rsqrt(var.to(reference.compute_dtype(x)) + eps)
-        return impl.normalize(x, mean, invstd, weight, bias)
+        return kernels.implementation(x).forward_eval(x, mean, var, weight, bias, eps)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, mean, var, weight, bias, eps = inputs
-        invstd = torch.rsqrt(var.to(reference.compute_dtype(x)) + eps)  # (C,), as in forward
+        invstd = torch.rsqrt(var.to(reference.stats_dtype(x)) + eps)  # (C,), as in forward_eval
         ctx.save_for_backward(x, weight, bias, mean, invstd)
 
     @staticmethod

@@ -46,19 +46,17 @@ class _BatchNorm(torch.nn.modules.batchnorm._BatchNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
-        update = self.training and self.track_running_stats and self.num_batches_tracked is not None
+        # Each buffer once: a module's buffers are found through nn.Module.__getattr__ (~0.4 us a
+        # read), which on a small eval call is a tenth of the whole call.
+        training, running_mean, running_var = self.training, self.running_mean, self.running_var
+        update = training and self.track_running_stats and self.num_batches_tracked is not None
         momentum = self._momentum(update)
         # Batch statistics in training, and in eval when there are no running statistics to use.
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        use_batch_stats = training or (running_mean is None and running_var is None)
         # Running statistics are updated only when tracked; in eval they are read, never written.
-        running = not self.training or self.track_running_stats
-        y = self._batch_norm(
-            x,
-            self.running_mean if running else None,
-            self.running_var if running else None,
-            training=use_batch_stats,
-            momentum=momentum,
-        )
+        if training and not self.track_running_stats:
+            running_mean = running_var = None
+        y = self._batch_norm(x, running_mean, running_var, training=use_batch_stats, momentum=momentum)
         if update:  # counted after the forward succeeded, so a rejected input changes nothing
             self.num_batches_tracked.add_(1)
         return y

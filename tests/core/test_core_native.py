@@ -194,6 +194,51 @@ def test_running_statistics_already_nonfinite_take_the_library_path(torch_path, 
     assert layer.running_var[0].isnan() and layer.running_var[1:].isfinite().all()
 
 
+def test_the_guard_of_wide_layers_restores_the_running_statistics(torch_path, spy):
+    """More than 512 channels: the finiteness check takes NumPy's sum instead of Python's."""
+    layer, _ = make_pair("1d", 600)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = randn((4, 600))
+    x[2, 599] = float("inf")
+    with pytest.warns(RuntimeWarning, match=r"channels \[599\]"):
+        layer(x)
+    assert spy == ["kernels"]  # undone on torch's path, then run on the library's
+    assert torch.equal(layer.running_var[599], before["running_var"][599])
+    assert not torch.equal(layer.running_var[:599], before["running_var"][:599])
+
+
+@pytest.mark.parametrize("length", [1, 512, 513, 2000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_guard_memory_views_read_and_write_the_tensor(length, dtype):
+    """The views are cached by address: a tensor allocated where a freed one was is read as
+    itself, and a restore through its view writes the tensor."""
+    for seed in range(4):  # freed and reallocated: the same addresses come back
+        t = randn((length,), dtype=dtype, seed=seed)
+        view = native._memory(t)
+        assert view is not None and list(view) == t.tolist()
+        assert native._finite_sum(view)
+        saved = bytes(view)
+        t[length // 2] = float("nan")
+        assert not native._finite_sum(native._memory(t))
+        native._memory(t).cast("B")[:] = saved
+        assert torch.equal(t, randn((length,), dtype=dtype, seed=seed))
+        del t, view
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.zeros(8)[::2],  # strided: its address is also a contiguous tensor's
+        lambda: torch.zeros(4, dtype=torch.float16),
+        lambda: torch.zeros(4, device="meta"),
+        lambda: torch.nn.Parameter(torch.zeros(4)),
+    ],
+    ids=["strided", "float16", "meta", "subclass"],
+)
+def test_guard_memory_views_only_of_plain_contiguous_float_cpu_vectors(make):
+    assert native._memory(make()) is None
+
+
 BAD_CALLS = {
     # id: (x, running_mean, running_var, weight, bias, training, eps)
     "eps_zero_training": lambda: (randn((4, 3, 5)), None, None, None, None, True, 0.0),

@@ -70,6 +70,24 @@ def test_normalize(shape, fmt, dtype, affine):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape, fmt", LAYOUT_PARAMS)
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+def test_forward_eval(shape, fmt, dtype, affine):
+    """The eval step takes the running variance itself (not invstd) and eps."""
+    x, _, weight, bias, mean, _ = make_case(shape, fmt, dtype)
+    # running statistics as a layer stores them: in x's dtype, the variance unbiased-ish and off
+    running_mean, running_var = mean.to(dtype) + 0.25, (reference.batch_stats(x)[1] * 1.5).to(dtype)
+    w, b = (weight, bias) if affine else (None, None)
+    y = cpu.forward_eval(x, running_mean, running_var, w, b, 1e-3)
+    want = reference.forward_eval(x, running_mean, running_var, w, b, 1e-3)
+    assert y.dtype == want.dtype and y.stride() == want.stride()
+    assert_close(y, want, dtype)
+    # and the reference is normalize with invstd = 1 / sqrt(var + eps) in float64
+    invstd = 1.0 / torch.sqrt(running_var.double() + 1e-3)
+    assert_close(want, reference.normalize(x, running_mean, invstd, w, b), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, fmt", LAYOUT_PARAMS)
 def test_backward_reduce_and_elemt(shape, fmt, dtype):
     x, dy, weight, _, mean, invstd = make_case(shape, fmt, dtype)
     sums = cpu.backward_reduce(dy, x, mean, invstd)

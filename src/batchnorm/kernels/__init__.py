@@ -1,8 +1,8 @@
 """The one dispatch point between the math and its implementations.
 
 `implementation(x)` returns the namespace of kernels to use for input `x`. Every namespace offers
-the four primitives of `batchnorm.kernels.reference` and the two training steps composed of them
-(`forward_train`, `backward_train`) with the same signatures and semantics; with `fused=True` it
+the four primitives of `batchnorm.kernels.reference` and the steps composed of them
+(`forward_train`, `backward_train`, `forward_eval`) with the same signatures and semantics; with `fused=True` it
 also offers the fused BN+activation functions of `reference_act`. The references
 are plain PyTorch and are the oracles every other implementation is tested against.
 

@@ -1,7 +1,7 @@
 """The fast CPU implementation: Python drivers around the Numba kernels.
 
-Offers the four primitives of `reference` and the two training steps composed of them
-(`forward_train`, `backward_train`) with the same signatures and semantics, plus their
+Offers the four primitives of `reference` and the steps composed of them (`forward_train`,
+`backward_train`, `forward_eval`) with the same signatures and semantics, plus their
 fused-activation forms (the ones `reference_act` defines), for float32/float64 CPU tensors in
 the layouts `layout_of` accepts:
 
@@ -40,6 +40,7 @@ __all__ = [
     "backward_reduce",
     "backward_elemt",
     "forward_train",
+    "forward_eval",
     "backward_train",
     "normalize_act",
     "backward_reduce_act",
@@ -75,7 +76,8 @@ def _kernels(layout: str = PLANAR):
 
 def layout_of(x: Tensor) -> str | None:
     """The kernel layout for x, or None when these kernels do not take it."""
-    if x.device.type != "cpu" or x.dtype not in _DTYPES or x.dim() < 2 or x.numel() == 0:
+    # is_cpu rather than device.type: this runs on every call, and builds no device object
+    if not x.is_cpu or x.dtype not in _DTYPES or x.dim() < 2 or x.numel() == 0:
         return None
     if x.is_contiguous():
         shape = x.shape
@@ -182,6 +184,32 @@ def normalize_act(
 def normalize(x: Tensor, mean: Tensor | None, invstd: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
     """y = (x - mean) * invstd * weight + bias, per channel; `mean=None` means zero."""
     return normalize_act(x, mean, invstd, weight, bias)
+
+
+def forward_eval(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    """normalize with invstd = 1 / sqrt(var + eps): an eval forward with the running statistics.
+    The vectors go to the per-channel math as they are stored, zero-copy (see `eval_constants`)."""
+    layout = layout_of(x)
+    passes, math, _ = _kernels(layout)
+    xv = _view(x, layout)
+    y = _empty(x, layout)
+    c, dtype = x.shape[1], xv.dtype
+    w = _ones(c, dtype) if weight is None else weight.detach().numpy()
+    b = _zeros(c, dtype) if bias is None else bias.detach().numpy()
+    constants = math.eval_constants(xv, mean.detach().numpy(), var.detach().numpy(), w, b, float(eps))
+    with _numba.LAUNCH_LOCK:
+        passes.forward(xv, _view(y, layout), *constants, CODES["identity"], _consts(x, 0.0))
+    return y.contiguous(memory_format=output_memory_format(x))
+
+
+@functools.lru_cache(maxsize=16)
+def _ones(c: int, dtype: np.dtype) -> np.ndarray:
+    return np.ones(c, dtype)  # shared between calls: never written
+
+
+@functools.lru_cache(maxsize=16)
+def _zeros(c: int, dtype: np.dtype) -> np.ndarray:
+    return np.zeros(c, dtype)  # shared between calls: never written
 
 
 def forward_train_act(

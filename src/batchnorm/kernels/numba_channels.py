@@ -7,6 +7,7 @@ which run pass, math, pass:
 
     batch_stats      partial_stats -> merge_stats
     normalize        normalize_constants -> forward
+    forward_eval     eval_constants -> forward
     forward_train    partial_stats -> train_constants -> forward
     backward_reduce  reduce_constants -> partial_sums -> finish_sums
     backward_elemt   elemt_constants -> backward_elemt
@@ -120,6 +121,22 @@ def normalize_constants(like, mean, invstd, w, b):
     """(off, off_lo, scale, shift) in like's dtype for y = act((x - off - off_lo) * scale + shift)."""
     off, off_lo = _split(mean, like)
     return off, off_lo, _product(invstd, w, like), _rounded(b, like)
+
+
+@njit(**MATH_FLAGS)
+def eval_constants(like, mean, var, w, b, eps):
+    """`normalize_constants` straight from the running statistics, weight and bias as they are
+    stored (float32 or float64): invstd = 1 / sqrt(var + eps) in float64. One call, where
+    converting each vector to float64 and taking rsqrt in torch ops cost a dozen Python-level
+    operations per eval call."""
+    C = mean.shape[0]
+    mean64 = np.empty(C, np.float64)
+    scale64 = np.empty(C, np.float64)
+    for c in range(C):
+        mean64[c] = mean[c]
+        scale64[c] = np.float64(w[c]) / np.sqrt(np.float64(var[c]) + eps)
+    off, off_lo = _split(mean64, like)
+    return off, off_lo, _rounded(scale64, like), _rounded(b, like)
 
 
 @njit(**MATH_FLAGS)

@@ -11,10 +11,11 @@ reuses the rest unchanged.
     backward_elemt(dy, x, mean, invstd, weight,
                    mean_dy, mean_dy_xhat)                   -> dx                   like x
 
-and the two training steps composed of them, which a fast implementation may run as one call:
+and the steps composed of them, which a fast implementation may run as one call:
 
     forward_train(x, weight, bias, eps)                     -> y, mean, var, invstd
     backward_train(dy, x, mean, invstd, weight, need_dx)    -> dx or None, sum_dy, sum_dy_xhat
+    forward_eval(x, mean, var, weight, bias, eps)           -> y                    (running statistics)
 
 Every function here is written in differentiable torch ops, so the double-backward path of
 `batchnorm.autograd` can run through them with autograd recording.
@@ -46,6 +47,7 @@ __all__ = [
     "backward_reduce",
     "backward_elemt",
     "forward_train",
+    "forward_eval",
     "backward_train",
     "per_channel_count",
 ]
@@ -201,6 +203,12 @@ def forward_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
     mean, var = batch_stats(x)
     invstd = torch.rsqrt(var + eps)
     return normalize(x, mean, invstd, weight, bias), mean, var, invstd
+
+
+def forward_eval(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    """An eval forward: normalize with given statistics, invstd = 1 / sqrt(var + eps) taken in
+    `stats_dtype(x)` (float64 for float32 input: the running variance is read, not rounded again)."""
+    return normalize(x, mean, torch.rsqrt(var.to(stats_dtype(x)) + eps), weight, bias)
 
 
 def backward_train(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, need_dx: bool = True):
