@@ -40,11 +40,11 @@ __all__ = ["implementation", "use_torch", "reference", "reference_act", "cpu", "
 # benchmarks/dispatch_threshold.py on the 2-core development machine (docs/performance.md has the
 # runs): a training step through the kernels costs ~0.3 ms
 # whatever the size, torch's ~0.1 ms on small tensors, and the kernels win from 0.5-4 Mi elements;
-# an eval call costs ~60 us against torch's ~15 us, and torch's eval kernel keeps up until its
-# fresh output is large enough to be page-faulted in on every call (32 MiB: 8 Mi float32).
+# an eval call costs ~40 us against torch's ~15 us, and the kernels win from 1-2 Mi elements (by
+# 1.1-1.4x; from 8 Mi, where torch's fresh 32 MiB output is page-faulted in on every call, 6x).
 MIN_NUMEL = {
     "train": {cpu.PLANAR: 2**19, cpu.ROWS: 2**21, cpu.ROWS_CHANNELS_LAST: 2**22},
-    "eval": {cpu.PLANAR: 2**23, cpu.ROWS: 2**23, cpu.ROWS_CHANNELS_LAST: 2**21},
+    "eval": {cpu.PLANAR: 2**21, cpu.ROWS: 2**20, cpu.ROWS_CHANNELS_LAST: 2**20},
     # BatchNormAct (--fused): the fused kernels also save torch's separate activation pass
     "train_act": {cpu.PLANAR: 2**17, cpu.ROWS: 2**20, cpu.ROWS_CHANNELS_LAST: 2**20},
     "eval_act": {cpu.PLANAR: 2**21, cpu.ROWS: 2**20, cpu.ROWS_CHANNELS_LAST: 2**20},
