@@ -27,6 +27,10 @@ LAYOUTS = [
     ("NHWC_C1", (3, 1, 5, 5), CL),
     ("NHWC_N2_odd", (2, 17, 3, 5), CL),
     ("NDHWC", (2, 3, 3, 4, 5), CL3),
+    # rows enough for several statistics blocks per chunk (blocks of 256 rows at 64 channels,
+    # up to 8 chunks), the last one partial
+    ("NC_many_rows", (2100, 64), None),
+    ("NHWC_many_rows", (3, 64, 29, 31), CL),
 ]
 LAYOUT_PARAMS = [pytest.param(shape, fmt, id=name) for name, shape, fmt in LAYOUTS]
 DTYPES = [pytest.param(torch.float32, id="f32"), pytest.param(torch.float64, id="f64")]

@@ -64,3 +64,28 @@ def test_kernels_at_least_as_accurate_as_torch(shape, fmt, loc, scale, force_ker
     for name, a, b in zip(("y", "dx", "dweight", "dbias"), mine, torchs):
         assert a <= b + EPS32, (name, mine, torchs)
     assert mine[0] < 8 * EPS32, mine  # y within a few ulps, whatever the mean
+
+
+@pytest.mark.parametrize("loc, scale", [pytest.param(l, s, id=i) for i, l, s in DATA])
+@pytest.mark.parametrize("shape, fmt", [pytest.param(s, f, id=i) for i, s, f in CASES])
+def test_eval_at_least_as_accurate_as_torch(shape, fmt, loc, scale, force_kernels):
+    """Eval with running statistics near the data's (so |running_mean| >> std where the data's
+    mean is): exact is float64 arithmetic on the stored float32 statistics and parameters."""
+    x = randn(shape, fmt=fmt, loc=loc, scale=scale)
+    cls = {2: batchnorm.BatchNorm1d, 3: batchnorm.BatchNorm1d, 4: batchnorm.BatchNorm2d, 5: batchnorm.BatchNorm3d}[x.dim()]
+    ours = cls(shape[1]).eval()
+    dims = [0, *range(2, x.dim())]
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5), ours.bias.uniform_(-1, 1)
+        ours.running_mean.copy_(x.double().mean(dims) + 0.1 * scale)
+        ours.running_var.copy_(x.double().var(dims) * 1.3)
+    theirs = getattr(torch.nn, cls.__name__)(shape[1]).eval()
+    theirs.load_state_dict(ours.state_dict())
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    s = ours.state_dict()
+    want = (x.double() - s["running_mean"].double().view(view)) / torch.sqrt(s["running_var"].double().view(view) + ours.eps)
+    want = want * s["weight"].double().view(view) + s["bias"].double().view(view)
+    with torch.no_grad():
+        mine, torchs = (((m(x).double() - want).abs().max() / want.abs().max()).item() for m in (ours, theirs))
+    assert mine <= torchs + EPS32, (mine, torchs)
+    assert mine < 8 * EPS32, mine
