@@ -67,11 +67,11 @@ def _no_double_backward_inplace(inplace: bool) -> None:
         )
 
 
-def _save_for_inplace(ctx, x, y, weight_used, bias, mean, invstd):
+def _save_for_inplace(ctx, x, y, weight_used, *vectors):
     """In place, y was written over x: mark x dirty and keep y (not x) with the guarded weight the
-    forward used, from which backward recovers xhat."""
+    forward used, from which backward recovers xhat, and the per-channel `vectors`."""
     ctx.mark_dirty(x)
-    ctx.save_for_backward(y, weight_used, bias, mean, invstd)
+    ctx.save_for_backward(y, weight_used, *vectors)
 
 
 class BatchNormActTrain(torch.autograd.Function):
@@ -121,20 +121,21 @@ class BatchNormActEval(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, mean, var, weight, bias, eps: float, activation: str, param: float, inplace: bool):
         impl = kernels.implementation(x, fused=True)
-        invstd = torch.rsqrt(var.to(reference.compute_dtype(x)) + eps)
+        # var is kept and invstd taken in backward, if one runs: an eval forward needs neither
         if inplace:
             weight_used = guarded_weight(weight)
-            y = impl.normalize_act(x, mean, invstd, weight_used, bias, activation, param, out=x)
-            _save_for_inplace(ctx, x, y, weight_used, bias, mean, invstd)
+            y = impl.forward_eval_act(x, mean, var, weight_used, bias, eps, activation, param, out=x)
+            _save_for_inplace(ctx, x, y, weight_used, bias, mean, var)
         else:
-            y = impl.normalize_act(x, mean, invstd, weight, bias, activation, param)
-            ctx.save_for_backward(x, weight, bias, mean, invstd)
-        ctx.activation, ctx.param, ctx.inplace = activation, param, inplace
+            y = impl.forward_eval_act(x, mean, var, weight, bias, eps, activation, param)
+            ctx.save_for_backward(x, weight, bias, mean, var)
+        ctx.eps, ctx.activation, ctx.param, ctx.inplace = eps, activation, param, inplace
         return y
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        saved, weight, bias, mean, invstd = ctx.saved_tensors
+        saved, weight, bias, mean, var = ctx.saved_tensors
+        invstd = torch.rsqrt(var.to(reference.stats_dtype(saved)) + ctx.eps)  # as forward_eval_act took it
         if torch.is_grad_enabled():
             _no_double_backward_inplace(ctx.inplace)
             impl = reference_act

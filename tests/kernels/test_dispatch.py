@@ -61,7 +61,7 @@ def test_torch_func_transforms_get_the_reference():
 
 def test_every_namespace_offers_the_same_primitives():
     plain = ("batch_stats", "normalize", "backward_reduce", "backward_elemt", "forward_train", "backward_train", "forward_eval")
-    fused = ("normalize_act", "backward_reduce_act", "backward_elemt_act", "forward_train_act", "backward_train_act")
+    fused = ("normalize_act", "backward_reduce_act", "backward_elemt_act", "forward_train_act", "backward_train_act", "forward_eval_act")
     for ns in (reference, cpu):
         assert all(callable(getattr(ns, f)) for f in plain)
     for ns in (reference_act, cpu):

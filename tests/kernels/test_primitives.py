@@ -88,6 +88,21 @@ def test_forward_eval(shape, fmt, dtype, affine):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape, fmt", LAYOUT_PARAMS)
+@pytest.mark.parametrize("activation, param", ACTIVATIONS, ids=[a for a, _ in ACTIVATIONS])
+def test_forward_eval_act(shape, fmt, dtype, activation, param):
+    x, _, weight, bias, mean, _ = make_case(shape, fmt, dtype)
+    running_mean, running_var = mean.to(dtype) - 0.5, (reference.batch_stats(x)[1] * 0.8).to(dtype)
+    want = reference_act.forward_eval_act(x, running_mean, running_var, weight, bias, 1e-3, activation, param)
+    y = cpu.forward_eval_act(x, running_mean, running_var, weight, bias, 1e-3, activation, param)
+    assert y.stride() == want.stride()
+    assert_close(y, want, dtype)
+    out = x.clone(memory_format=torch.preserve_format)  # written in place, as the memory-saving mode does
+    assert cpu.forward_eval_act(out, running_mean, running_var, weight, bias, 1e-3, activation, param, out=out) is out
+    assert_close(out, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, fmt", LAYOUT_PARAMS)
 def test_backward_reduce_and_elemt(shape, fmt, dtype):
     x, dy, weight, _, mean, invstd = make_case(shape, fmt, dtype)
     sums = cpu.backward_reduce(dy, x, mean, invstd)

@@ -46,6 +46,7 @@ __all__ = [
     "backward_reduce_act",
     "backward_elemt_act",
     "forward_train_act",
+    "forward_eval_act",
     "backward_train_act",
 ]
 
@@ -186,20 +187,36 @@ def normalize(x: Tensor, mean: Tensor | None, invstd: Tensor, weight: Tensor | N
     return normalize_act(x, mean, invstd, weight, bias)
 
 
-def forward_eval(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
-    """normalize with invstd = 1 / sqrt(var + eps): an eval forward with the running statistics.
-    The vectors go to the per-channel math as they are stored, zero-copy (see `eval_constants`)."""
+def forward_eval_act(
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    activation: str = "identity",
+    param: float = 0.0,
+    out: Tensor | None = None,
+) -> Tensor:
+    """normalize_act with invstd = 1 / sqrt(var + eps): an eval forward with the running statistics;
+    written into `out` (may be x) when given. The vectors go to the per-channel math as they are
+    stored, zero-copy (see `numba_channels.eval_constants`)."""
     layout = layout_of(x)
     passes, math, _ = _kernels(layout)
     xv = _view(x, layout)
-    y = _empty(x, layout)
+    y = _empty(x, layout) if out is None else out
     c, dtype = x.shape[1], xv.dtype
     w = _ones(c, dtype) if weight is None else weight.detach().numpy()
     b = _zeros(c, dtype) if bias is None else bias.detach().numpy()
     constants = math.eval_constants(xv, mean.detach().numpy(), var.detach().numpy(), w, b, float(eps))
     with _numba.LAUNCH_LOCK:
-        passes.forward(xv, _view(y, layout), *constants, CODES["identity"], _consts(x, 0.0))
-    return y.contiguous(memory_format=output_memory_format(x))
+        passes.forward(xv, _view(y, layout), *constants, CODES[activation], _consts(x, param))
+    return y if out is not None else y.contiguous(memory_format=output_memory_format(x))
+
+
+def forward_eval(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    """normalize with invstd = 1 / sqrt(var + eps): an eval forward with the running statistics."""
+    return forward_eval_act(x, mean, var, weight, bias, eps)
 
 
 @functools.lru_cache(maxsize=16)

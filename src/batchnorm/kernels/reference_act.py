@@ -10,6 +10,7 @@ Same signatures as the fused functions of `cpu.py`:
     forward_train_act(x, weight, bias, eps, activation, param, out=None)          -> y, mean, var, invstd
     backward_train_act(dy, saved, mean, invstd, weight, bias, activation, param,
                        from_output, need_dx)                                      -> dx or None, sum_g, sum_g_xhat
+    forward_eval_act(x, mean, var, weight, bias, eps, activation, param, out=None) -> y  (running statistics)
 
 with z = xhat * weight + bias, y = act(z), g = dy * act'(z) (the gradient reaching BN's output):
 
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .reference import batch_stats, channel_view, compute_dtype, output_memory_format, per_channel_count, reduce_dims
+from .reference import batch_stats, channel_view, compute_dtype, output_memory_format, per_channel_count, reduce_dims, stats_dtype
 
 __all__ = [
     "batch_stats",
@@ -38,6 +39,7 @@ __all__ = [
     "backward_elemt_act",
     "forward_train_act",
     "backward_train_act",
+    "forward_eval_act",
 ]
 
 
@@ -110,6 +112,12 @@ def normalize_act(x, mean, invstd, weight, bias, activation="identity", param=0.
     if out is not None:
         return out.copy_(y)
     return y.contiguous(memory_format=output_memory_format(x))
+
+
+def forward_eval_act(x, mean, var, weight, bias, eps, activation="identity", param=0.0, out=None):
+    """An eval forward: normalize_act with invstd = 1 / sqrt(var + eps), taken in `stats_dtype(x)`
+    as `reference.forward_eval` takes it."""
+    return normalize_act(x, mean, torch.rsqrt(var.to(stats_dtype(x)) + eps), weight, bias, activation, param, out)
 
 
 def backward_reduce_act(dy, saved, mean, invstd, weight, bias, activation="identity", param=0.0, from_output=False):
