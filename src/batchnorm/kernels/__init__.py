@@ -47,7 +47,7 @@ MIN_NUMEL = {
     "eval": {cpu.PLANAR: 2**21, cpu.ROWS: 2**20, cpu.ROWS_CHANNELS_LAST: 2**20},
     # BatchNormAct (--fused): the fused kernels also save torch's separate activation pass
     "train_act": {cpu.PLANAR: 2**17, cpu.ROWS: 2**20, cpu.ROWS_CHANNELS_LAST: 2**20},
-    "eval_act": {cpu.PLANAR: 2**21, cpu.ROWS: 2**20, cpu.ROWS_CHANNELS_LAST: 2**20},
+    "eval_act": {cpu.PLANAR: 2**20, cpu.ROWS: 2**19, cpu.ROWS_CHANNELS_LAST: 2**20},
 }
 
 # None: choose by size; "reference": plain PyTorch only; "cpu": the Numba kernels whenever they
