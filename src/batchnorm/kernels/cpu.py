@@ -11,7 +11,7 @@ the layouts `layout_of` accepts:
 
 Anything else (non-contiguous views, other dtypes or devices, empty tensors) is refused here;
 `kernels.implementation` sends it to the reference. Tensors are handed to Numba as zero-copy
-NumPy views, per-channel vectors as float64 arrays. Each function runs the layout's parallel
+NumPy views, per-channel vectors as float64 arrays (an eval forward's as they are stored). Each function runs the layout's parallel
 passes (`numba_planar`, `numba_rows`) with the compiled per-channel math between them
 (`numba_channels`): a training forward is two passes and one math call, a backward two passes and
 three math calls, with no NumPy or torch op on the per-channel vectors in Python.
@@ -175,8 +175,14 @@ def normalize_act(
     layout = layout_of(x)
     passes, math, _ = _kernels(layout)
     xv = _view(x, layout)
-    y = _empty(x, layout) if out is None else out
     constants = math.normalize_constants(xv, _f64(mean, x, 0.0), _f64(invstd, x, 1.0), _f64(weight, x, 1.0), _f64(bias, x, 0.0))
+    return _normalize_pass(x, layout, passes, xv, constants, activation, param, out)
+
+
+def _normalize_pass(x, layout, passes, xv, constants, activation, param, out):
+    """The elementwise pass y = act((x - off - off_lo) * scale + shift) with the math's constants:
+    into `out` (may be x) when given, else into a fresh output laid out as torch lays out BN's."""
+    y = _empty(x, layout) if out is None else out
     with _numba.LAUNCH_LOCK:
         passes.forward(xv, _view(y, layout), *constants, CODES[activation], _consts(x, param))
     return y if out is not None else y.contiguous(memory_format=output_memory_format(x))
@@ -204,14 +210,11 @@ def forward_eval_act(
     layout = layout_of(x)
     passes, math, _ = _kernels(layout)
     xv = _view(x, layout)
-    y = _empty(x, layout) if out is None else out
     c, dtype = x.shape[1], xv.dtype
     w = _ones(c, dtype) if weight is None else weight.detach().numpy()
     b = _zeros(c, dtype) if bias is None else bias.detach().numpy()
     constants = math.eval_constants(xv, mean.detach().numpy(), var.detach().numpy(), w, b, float(eps))
-    with _numba.LAUNCH_LOCK:
-        passes.forward(xv, _view(y, layout), *constants, CODES[activation], _consts(x, param))
-    return y if out is not None else y.contiguous(memory_format=output_memory_format(x))
+    return _normalize_pass(x, layout, passes, xv, constants, activation, param, out)
 
 
 def forward_eval(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
@@ -244,15 +247,11 @@ def forward_train_act(
     layout = layout_of(x)
     passes, math, threads = _kernels(layout)
     xv = _view(x, layout)
-    y = _empty(x, layout) if out is None else out
     mean, var, invstd = _channels(x, 3)
     with _numba.LAUNCH_LOCK:
         partials = passes.partial_stats(xv, threads)
     constants = math.train_constants(xv, *partials, _f64(weight, x, 1.0), _f64(bias, x, 0.0), float(eps), mean, var, invstd)
-    with _numba.LAUNCH_LOCK:
-        passes.forward(xv, _view(y, layout), *constants, CODES[activation], _consts(x, param))
-    if out is None:
-        y = y.contiguous(memory_format=output_memory_format(x))
+    y = _normalize_pass(x, layout, passes, xv, constants, activation, param, out)
     return y, _out(mean), _out(var), _out(invstd)
 
 
