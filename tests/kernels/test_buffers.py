@@ -104,7 +104,11 @@ STRIDE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="f32"), pytest.param(torch.float64, id="f64")])
+# float16 and int32 are handed out as typed NumPy views; bfloat16, which NumPy lacks, as torch views of raw bytes
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.int32, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(d, id=str(d).removeprefix("torch.")) for d in DTYPES])
 @pytest.mark.parametrize("shape, fmt", STRIDE_CASES)
 def test_layout_matches_empty_like(shape, fmt, dtype):
     x = torch.empty(shape, dtype=dtype)
@@ -120,6 +124,37 @@ def test_layout_matches_empty_like(shape, fmt, dtype):
         t.copy_(values)  # every element addressable, no two elements aliased
         assert torch.equal(t, values)
         del t
+
+
+def test_one_buffer_serves_every_shape_of_its_byte_size():
+    """A freed buffer goes to the next request of the same byte size whatever its shape, dtype or
+    format, each time laid out as torch would; more shapes than the per-buffer layout memo keeps
+    (8) still come out right."""
+    nbytes = 4 * MIB
+    requests = [
+        ((1024, 1024), torch.float32, CONTIG),
+        ((512, 1024), torch.float64, CONTIG),
+        ((16, 64, 32, 32), torch.float32, CL),
+        ((16, 64, 32, 32), torch.float32, CONTIG),
+        ((8, 64, 32, 32), torch.float64, CL),
+        ((4, 16, 16, 32, 32), torch.float32, CL3),
+        ((1024, 1024), torch.int32, CONTIG),
+        ((2048, 1024), torch.bfloat16, CONTIG),
+    ] + [((2 ** k, nbytes // 4 // 2 ** k), torch.float32, CONTIG) for k in range(4, 12)]
+    addresses = set()
+    for round_ in range(2):
+        for shape, dtype, fmt in requests:
+            x = torch.empty(shape, dtype=dtype)
+            assert x.nbytes == nbytes
+            t = buffers.empty(x, fmt)
+            expected = torch.empty_like(x, memory_format=fmt)
+            assert (t.shape, t.stride(), t.dtype) == (expected.shape, expected.stride(), dtype), (round_, shape, dtype, fmt)
+            values = torch.arange(t.numel()).view(shape).to(dtype)
+            t.copy_(values)
+            assert torch.equal(t, values)
+            addresses.add(t.data_ptr())
+            del t
+    assert len(addresses) == 1 and buffers.cached_bytes() == (0, nbytes)
 
 
 def test_small_tensors_and_other_formats_bypass_the_cache():
