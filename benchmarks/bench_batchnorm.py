@@ -18,8 +18,13 @@ configurations only; the reported time is the median over rounds.
 GB/s and the bandwidth bound: a training forward + backward must move at least 8 tensor-sized
 passes (forward: read x for the statistics, read x and write y; backward: read dy and x for the
 sums, read dy and x and write dx), with BN+ReLU fused the same 8; eval needs 2. "bound" is those
-ideal bytes divided by the speed of a same-size copy measured in the same run (torch's copy_,
-read + write), i.e. the fraction of the time a bandwidth-limited kernel would need.
+ideal bytes divided by the speed of a same-size copy (torch's copy_, read + write, of x into one
+output, over and over), i.e. the fraction of the time a bandwidth-limited kernel would need; it is
+taken in every round from the copy and ours run back to back, and the median over rounds reported,
+so a drift of the machine's speed over the run cancels. That copy runs from the cache when its
+two tensors fit in the L3 (2 x 12.8 MB on the 32 MiB L3 of the development machine), while a
+training step keeps four such tensors live. "DRAM bound" is the same fraction against a copy that
+cannot run from the cache (8 pairs of 32 MiB buffers taken in turn), the memory's own speed.
 
 Also reported: bytes saved for backward (distinct storages seen by saved_tensors_hooks) per
 configuration, and the first-call latency of a fresh process with a cold and a warm kernel cache.
@@ -75,6 +80,7 @@ class Row:
     ms: dict = field(default_factory=dict)  # competitor -> median ms
     passes: int = 8
     copy_ms: float = float("nan")
+    samples: dict = field(default_factory=dict)  # competitor -> ms of each round
 
     def ratio(self, who="ours"):
         return self.ms["eager"] / self.ms[who] if who in self.ms else float("nan")
@@ -82,9 +88,12 @@ class Row:
     def gbs(self, who="ours"):
         return self.passes * self.numel * 4 / (self.ms[who] * 1e-3) / 1e9
 
-    def bound(self, who="ours"):
-        # ideal time at copy speed: a copy moves 2 passes in copy_ms
-        return (self.passes / 2 * self.copy_ms) / self.ms[who]
+    def bound(self):
+        # ideal time at copy speed (a copy moves 2 passes in copy ms) / ours, in each round; median
+        return statistics.median(self.passes / 2 * c / o for c, o in zip(self.samples["copy"], self.samples["ours"]))
+
+    def copy_gbs(self):
+        return 2 * self.numel * 4 / (self.copy_ms * 1e-3) / 1e9
 
 
 def timeit(fn, reps):
@@ -117,7 +126,7 @@ def spread_rounds(configs: list, rounds: int) -> None:
     configuration's rounds are spread over the whole run, so a slow minute of a shared machine
     (runs on the 2-core VM drift by +-30% over minutes) lands on every configuration alike instead
     of on the few measured during it. Within a round the competitors run back to back. Fills each
-    config's row.ms with the median per competitor."""
+    config's row.ms with the median per competitor and row.samples with every round's time."""
     samples = [{k: [] for k in fns} for _, fns, _ in configs]
     for _ in range(rounds):
         for (row, fns, reps), config_samples in zip(configs, samples):
@@ -125,7 +134,27 @@ def spread_rounds(configs: list, rounds: int) -> None:
                 config_samples[k].append(timeit(fn, reps[k]))
     for (row, _, _), config_samples in zip(configs, samples):
         row.ms = {k: statistics.median(v) for k, v in config_samples.items()}
-        row.copy_ms = row.ms.pop("copy")
+        row.samples = config_samples
+        if "copy" in row.ms:
+            row.copy_ms = row.ms.pop("copy")
+
+
+DRAM_PAIRS, DRAM_BYTES = 8, 32 << 20
+
+
+def dram_copy_config(budget_ms):
+    """A copy that cannot run from the cache: 8 pairs of 32 MiB buffers, a different pair each
+    call, so every source was last touched 7 copies (448 MiB) ago. Its row's ms is per copy."""
+    # zeros, not empty: every page of the destinations is faulted in here, not in a timed round
+    pairs = [(torch.randn(DRAM_BYTES // 4), torch.zeros(DRAM_BYTES // 4)) for _ in range(DRAM_PAIRS)]
+    turn = iter(range(1 << 62))
+
+    def copy():
+        src, dst = pairs[next(turn) % DRAM_PAIRS]
+        dst.copy_(src)
+
+    fns = {"dram_copy": copy}
+    return Row("dram", "DRAM copy", DRAM_BYTES // 4, passes=2), fns, calibrate(fns, budget_ms)
 
 
 def layer(kind, c, rank, ours: bool, act: bool):
@@ -290,7 +319,9 @@ def fmt_ms(v):
     return f"{v:.3f}" if v < 1 else f"{v:.2f}"
 
 
-def report(rows, stack, memory, latency, args, elapsed):
+def report(rows, dram, stack, memory, latency, args, elapsed):
+    dram_gbs = dram.gbs("dram_copy")
+    dram_rounds = [2 * dram.numel * 4 / (ms * 1e-3) / 1e9 for ms in dram.samples["dram_copy"]]
     lines = [
         "# Benchmarks",
         "",
@@ -303,7 +334,10 @@ def report(rows, stack, memory, latency, args, elapsed):
         + "; "
         f"{args.rounds} interleaved rounds per configuration, spread over the run, median; total {elapsed:.0f} s. "
         "ratio = eager time / ours (higher is better); GB/s = ideal bytes (8 passes training, 2 eval) / time; "
-        "bound = fraction of the bandwidth bound (ideal bytes at the same-size copy speed of this run).",
+        "copy GB/s = a same-size copy's speed in the same rounds; bound = fraction of the bandwidth bound (ideal bytes "
+        "at that copy's speed, per round, median); DRAM bound = the same against a copy that cannot run from the cache "
+        f"({DRAM_PAIRS} pairs of {DRAM_BYTES >> 20} MiB taken in turn: {dram_gbs:.1f} GB/s in this run, the median over "
+        f"its rounds; {min(dram_rounds):.1f}-{max(dram_rounds):.1f} GB/s round by round). See the module docstring.",
         "",
     ]
     titles = {"bn": "BatchNorm training forward + backward", "bn_relu": "BatchNorm + ReLU training forward + backward (ours: BatchNormAct, fused)", "eval": "Eval forward (no_grad)"}
@@ -311,13 +345,19 @@ def report(rows, stack, memory, latency, args, elapsed):
         sel = [r for r in rows if r.kind == kind]
         if not sel:
             continue
-        lines += [f"## {title}", "", "| shape | eager ms | compile ms | ours ms | ratio | compile ratio | ours GB/s | bound |", "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## {title}",
+            "",
+            "| shape | eager ms | compile ms | ours ms | ratio | compile ratio | ours GB/s | copy GB/s | bound | DRAM bound |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in sel:
             comp = r.ms.get("compile")
             comp_ratio = f"{r.ratio('compile'):.2f}x" if comp else "n/a"
             lines.append(
                 f"| {r.name} | {fmt_ms(r.ms['eager'])} | {fmt_ms(comp) if comp else 'n/a'} | {fmt_ms(r.ms['ours'])} | "
-                f"**{r.ratio():.2f}x** | {comp_ratio} | {r.gbs():.1f} | {r.bound():.0%} |"
+                f"**{r.ratio():.2f}x** | {comp_ratio} | {r.gbs():.1f} | {r.copy_gbs():.0f} | {r.bound():.0%} | "
+                f"{r.gbs() / dram_gbs:.0%} |"
             )
         lines.append("")
     if stack is not None:
@@ -386,13 +426,14 @@ def main():
         for name, shape, fmt in LARGE + SMALL:
             print(f"{time.perf_counter() - start:6.1f}s preparing {kind} {name}", file=sys.stderr, flush=True)
             configs.append(prepare_config(kind, name, shape, fmt, args.budget_ms, not args.no_compile))
+    configs.append(dram_copy_config(args.budget_ms))
     print(f"{time.perf_counter() - start:6.1f}s {args.rounds} rounds over {len(configs)} configurations", file=sys.stderr, flush=True)
     spread_rounds(configs, args.rounds)
-    rows = [row for row, _, _ in configs]
+    *rows, dram = [row for row, _, _ in configs]
     del configs
     stack = bench_stack(args.rounds, args.budget_ms, not args.no_compile)
     memory = memory_table()
-    report(rows, stack, memory, latency, args, time.perf_counter() - start)
+    report(rows, dram, stack, memory, latency, args, time.perf_counter() - start)
     plot(rows, ROOT / "benchmarks" / "batchnorm.png")
 
 

@@ -91,14 +91,25 @@ def layout_of(x: Tensor) -> str | None:
 
 
 def _view(t: Tensor, layout: str) -> np.ndarray:
-    """Zero-copy NumPy view: (N, C, L) for planar, (R, C) for the rows layouts."""
-    t = t.detach()
-    n, c = t.shape[0], t.shape[1]
+    """Zero-copy NumPy view: (N, C, L) for planar, (R, C) for the rows layouts.
+
+    One torch call (`numpy`), the reshaping in NumPy: each torch view costs ~15 us when the caches
+    are cold, as they are right after a large pass (measured: 48 -> 36 us planar, 70 -> 39 us
+    channels_last, per view, five views per training step)."""
+    a = (t.detach() if t.requires_grad else t).numpy()
+    n, c = a.shape[0], a.shape[1]
     if layout == PLANAR:
-        return t.view(n, c, -1).numpy()  # (N, C, *) -> (N, C, L)
+        return _reshaped(a, (n, c, -1))  # (N, C, *) -> (N, C, L)
     if layout == ROWS:
-        return t.view(n, c).numpy()  # (N, C, 1, ...) -> (N, C)
-    return t.permute(0, *range(2, t.dim()), 1).view(-1, c).numpy()  # (N, C, *) -> (N * spatial, C)
+        return _reshaped(a, (n, c))  # (N, C, 1, ...) -> (N, C)
+    return _reshaped(a.transpose(0, *range(2, a.ndim), 1), (-1, c))  # (N, C, *) -> (N * spatial, C)
+
+
+def _reshaped(a: np.ndarray, shape: tuple) -> np.ndarray:
+    """a viewed as shape; an error, never a copy: a kernel writing into a copy would lose its output."""
+    v = a.view()
+    v.shape = shape  # raises AttributeError where `reshape` would silently copy
+    return v
 
 
 def _as_layout(t: Tensor, layout: str) -> Tensor:
