@@ -31,7 +31,6 @@ from torch import Tensor
 
 from . import _numba, buffers
 from .activations import CODES
-from .reference import output_memory_format
 
 __all__ = [
     "layout_of",
@@ -154,7 +153,12 @@ def _in_dtype(v: np.ndarray, x: Tensor) -> Tensor:
 
 
 def _empty(x: Tensor, layout: str) -> Tensor:
-    """An output for x, dense in the layout the kernels write (large ones reused from `buffers`' cache)."""
+    """An output for x, dense in the layout the kernels write (large ones reused from `buffers`' cache).
+
+    That is also the layout torch gives BN's output and the input's gradient: planar and rows
+    inputs are contiguous and get contiguous outputs, channels_last inputs channels_last ones, so
+    no `contiguous(memory_format=...)` follows the kernels. (Where the two formats coincide, as for
+    (N, C, 1, 1), a dense tensor is both, and torch returns contiguous strides too.)"""
     if layout == ROWS_CHANNELS_LAST:
         return buffers.empty(x, torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
     return buffers.empty(x, torch.contiguous_format)
@@ -196,7 +200,7 @@ def _normalize_pass(x, layout, passes, xv, constants, activation, param, out):
     y = _empty(x, layout) if out is None else out
     with _numba.LAUNCH_LOCK:
         passes.forward(xv, _view(y, layout), *constants, CODES[activation], _consts(x, param))
-    return y if out is not None else y.contiguous(memory_format=output_memory_format(x))
+    return y
 
 
 def normalize(x: Tensor, mean: Tensor | None, invstd: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
@@ -303,7 +307,7 @@ class _Backward:
             self.passes.backward_elemt(
                 self.t, self.dy, _view(dx, self.layout), off, off_lo, scale, shift, *self.act, self.from_output, k_g, k_u, k_0
             )
-        return dx.contiguous(memory_format=output_memory_format(self.saved))
+        return dx
 
 
 def backward_reduce_act(
