@@ -7,6 +7,8 @@ input goes through the Numba kernels, including the cases where torch loses digi
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -89,3 +91,36 @@ def test_eval_at_least_as_accurate_as_torch(shape, fmt, loc, scale, force_kernel
         mine, torchs = (((m(x).double() - want).abs().max() / want.abs().max()).item() for m in (ours, theirs))
     assert mine <= torchs + EPS32, (mine, torchs)
     assert mine < 8 * EPS32, mine
+
+
+@pytest.mark.parametrize("fmt", [pytest.param(None, id="NC"), pytest.param(CL, id="NHWC")])
+def test_rows_statistics_float64_accurate_for_float32_input(fmt, force_kernels):
+    """The rows layout's float32 statistics (one pass of sums about each chunk's first row, see
+    numba_rows._shifted_stats) keep float64's accuracy where that shift is worst placed: a first
+    row 1e5 standard deviations out, a mean 1e4 standard deviations from zero, sorted values; and a
+    constant channel comes out exactly that constant with variance 0."""
+    from batchnorm.kernels import cpu
+
+    g = torch.Generator().manual_seed(0)
+    n = 64 * 7 * 9  # rows: several chunks per thread, the last one short
+    z = torch.randn(n, 4, generator=g, dtype=torch.float64)
+    z[0, 0] = 1e5  # the outlier is where every chunk's shift comes from in chunk 0
+    z[:, 1] = 3.25  # constant
+    z[:, 2] = z[:, 2] + 1e4  # |mean| >> std
+    z[:, 3] = torch.sort(z[:, 3] * 1e3).values  # sorted: each chunk's rows far from the others'
+    x = z.float()
+    if fmt is not None:  # the same values as (N, C, H, W) channels_last: rows in (n, h, w) order
+        x = x.view(64, 7, 9, 4).permute(0, 3, 1, 2)
+        assert x.is_contiguous(memory_format=CL)
+    assert cpu.layout_of(x) in (cpu.ROWS, cpu.ROWS_CHANNELS_LAST)
+    mean, var = cpu.batch_stats(x)
+    values = x.double().permute(0, *range(2, x.dim()), 1).reshape(-1, 4)
+    for c in range(4):
+        column = values[:, c].tolist()
+        want_mean = math.fsum(column) / n
+        want_var = math.fsum((v - want_mean) ** 2 for v in column) / n
+        assert abs(mean[c].item() - want_mean) <= 1e-12 * max(abs(want_mean), 1.0), c
+        if c == 1:
+            assert mean[c].item() == 3.25 and var[c].item() == 0.0
+        else:
+            assert abs(var[c].item() / want_var - 1) <= 1e-9, (c, var[c].item(), want_var)
