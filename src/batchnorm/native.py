@@ -1,7 +1,7 @@
 """torch's own batch norm kernel, for tensors too small for the Numba kernels.
 
 A call into the Numba kernels has a fixed cost (drivers, NumPy views, a parallel launch, a Python
-autograd Function): about 0.3 ms per training step and 40 us per eval call, against torch's 0.09 ms
+autograd Function): about 0.3 ms per training step and 33 us per eval call, against torch's 0.09 ms
 and 15 us. Below the sizes in `kernels.MIN_NUMEL` (measured by benchmarks/dispatch_threshold.py)
 the layers therefore call `torch.batch_norm`, what `torch.nn.BatchNorm*d` itself runs, with
 torch's C++ autograd. Outputs, gradients and running statistics are then torch's, bit
