@@ -13,8 +13,9 @@ latter); (64, 256, 14, 14) gained nothing in that loop, its 12.8 MB came back fr
 How: buffers are NumPy byte arrays. Every hand-out makes a fresh NumPy view of the cached buffer
 (a "lease"), already typed and strided as torch lays out the requested tensor (each buffer keeps
 those views per dtype, shape and format, so a hand-out is one NumPy view and one torch call),
-builds the tensor on it with `torch.from_numpy`, and keeps only a weak reference to the lease. The tensor's storage holds the lease, so the lease dies exactly when nothing uses the
-memory anymore: no tensor, view, storage, tensor saved for backward or NumPy view of it. A buffer
+builds the tensor on it with `torch.from_numpy`, and keeps only a weak reference to the lease.
+The tensor's storage holds the lease, so the lease dies exactly when nothing uses the memory
+anymore: no tensor, view, storage, tensor saved for backward or NumPy view of it. A buffer
 whose lease is dead is idle and is handed out again for a request of exactly its size. No
 reference counts are inspected, so nothing can be reused while still reachable.
 
