@@ -319,7 +319,23 @@ def fmt_ms(v):
     return f"{v:.3f}" if v < 1 else f"{v:.2f}"
 
 
-def report(rows, dram, stack, memory, latency, args, elapsed):
+def other_runnable() -> int:
+    """How many other tasks keep a CPU busy now: the fewest runnable tasks /proc/loadavg shows in 5
+    looks over half a second (a passing kernel thread is not a load), minus this one; 0 where
+    there is no /proc. The 1-minute load average would count this benchmark's own threads, and
+    whatever ran in the minute before it."""
+    try:
+        counts = []
+        for _ in range(5):
+            with open("/proc/loadavg") as f:
+                counts.append(int(f.read().split()[3].split("/")[0]))
+            time.sleep(0.1)
+        return max(0, min(counts) - 1)
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def report(rows, dram, stack, memory, latency, others, args, elapsed):
     dram_gbs = dram.gbs("dram_copy")
     dram_rounds = [2 * dram.numel * 4 / (ms * 1e-3) / 1e9 for ms in dram.samples["dram_copy"]]
     lines = [
@@ -328,9 +344,9 @@ def report(rows, dram, stack, memory, latency, args, elapsed):
         "Produced by `" + " ".join(["PYTHONPATH=src python benchmarks/bench_batchnorm.py", *sys.argv[1:]]) + "`",
         "",
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, float32, "
-        f"load average {os.getloadavg()[0]:.1f} at the end of the run"
-        + (" (**above the CPU count: other processes shared the cores; torch eager's OpenMP threads suffer "
-           "most from that, so these ratios overstate ours -- rerun on a quiet machine**)" if os.getloadavg()[0] > (os.cpu_count() or 1) else "")
+        f"other runnable processes at the start / end of the run: {others[0]} / {others[1]}"
+        + (" (**other processes shared the cores; torch eager's OpenMP threads suffer most from that, so these "
+           "ratios may overstate ours -- rerun on a quiet machine**)" if max(others) > 0 else "")
         + "; "
         f"{args.rounds} interleaved rounds per configuration, spread over the run, median; total {elapsed:.0f} s. "
         "ratio = eager time / ours (higher is better); GB/s = ideal bytes (8 passes training, 2 eval) / time; "
@@ -416,6 +432,7 @@ def main():
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.budget_ms = 3, 60.0
+    others = [other_runnable()]
     start = time.perf_counter()
     latency = None if args.no_latency else first_call_latency()
     print(f"first call: {latency}", file=sys.stderr, flush=True)
@@ -434,7 +451,8 @@ def main():
     del configs
     stack = bench_stack(args.rounds, args.budget_ms, not args.no_compile)
     memory = memory_table()
-    report(rows, dram, stack, memory, latency, args, time.perf_counter() - start)
+    others.append(other_runnable())
+    report(rows, dram, stack, memory, latency, others, args, time.perf_counter() - start)
     plot(rows, ROOT / "benchmarks" / "batchnorm.png")
 
 
