@@ -110,7 +110,7 @@ class BatchNormEval(FastApply, torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, mean, var, weight, bias, eps = inputs
-        invstd = torch.rsqrt(var.to(reference.stats_dtype(x)) + eps)  # (C,), as in forward_eval
+        invstd = reference.eval_invstd(var, x, eps)  # (C,), as in forward_eval
         ctx.save_for_backward(x, weight, bias, mean, invstd)
 
     @staticmethod

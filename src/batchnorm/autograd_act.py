@@ -135,7 +135,7 @@ class BatchNormActEval(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor):
         saved, weight, bias, mean, var = ctx.saved_tensors
-        invstd = torch.rsqrt(var.to(reference.stats_dtype(saved)) + ctx.eps)  # as forward_eval_act took it
+        invstd = reference.eval_invstd(var, saved, ctx.eps)  # as forward_eval_act took it
         if torch.is_grad_enabled():
             _no_double_backward_inplace(ctx.inplace)
             impl = reference_act

@@ -48,6 +48,7 @@ __all__ = [
     "backward_elemt",
     "forward_train",
     "forward_eval",
+    "eval_invstd",
     "backward_train",
     "per_channel_count",
 ]
@@ -205,10 +206,16 @@ def forward_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: fl
     return normalize(x, mean, invstd, weight, bias), mean, var, invstd
 
 
+def eval_invstd(var: Tensor, x: Tensor, eps: float) -> Tensor:
+    """invstd = 1 / sqrt(var + eps) of given (running) statistics, taken in `stats_dtype(x)` (float64
+    for float32 input: the running variance is read, not rounded again); as the CPU kernels'
+    eval forward takes it (`numba_channels.eval_constants`)."""
+    return torch.rsqrt(var.to(stats_dtype(x)) + eps)
+
+
 def forward_eval(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
-    """An eval forward: normalize with given statistics, invstd = 1 / sqrt(var + eps) taken in
-    `stats_dtype(x)` (float64 for float32 input: the running variance is read, not rounded again)."""
-    return normalize(x, mean, torch.rsqrt(var.to(stats_dtype(x)) + eps), weight, bias)
+    """An eval forward: normalize with given statistics and `eval_invstd`."""
+    return normalize(x, mean, eval_invstd(var, x, eps), weight, bias)
 
 
 def backward_train(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, need_dx: bool = True):

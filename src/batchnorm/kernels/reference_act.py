@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .reference import batch_stats, channel_view, compute_dtype, output_memory_format, per_channel_count, reduce_dims, stats_dtype
+from .reference import batch_stats, channel_view, compute_dtype, eval_invstd, output_memory_format, per_channel_count, reduce_dims
 
 __all__ = [
     "batch_stats",
@@ -115,9 +115,8 @@ def normalize_act(x, mean, invstd, weight, bias, activation="identity", param=0.
 
 
 def forward_eval_act(x, mean, var, weight, bias, eps, activation="identity", param=0.0, out=None):
-    """An eval forward: normalize_act with invstd = 1 / sqrt(var + eps), taken in `stats_dtype(x)`
-    as `reference.forward_eval` takes it."""
-    return normalize_act(x, mean, torch.rsqrt(var.to(stats_dtype(x)) + eps), weight, bias, activation, param, out)
+    """An eval forward: normalize_act with `reference.eval_invstd`."""
+    return normalize_act(x, mean, eval_invstd(var, x, eps), weight, bias, activation, param, out)
 
 
 def backward_reduce_act(dy, saved, mean, invstd, weight, bias, activation="identity", param=0.0, from_output=False):
