@@ -128,6 +128,24 @@ def test_a_hanging_rank_is_given_up_after_the_timeout(tmp_path, ranks_run_worker
     assert len(json.loads(torch.load(out / "checkpoints" / "bn-seed0.pt", weights_only=True)["rows"])) == 1
 
 
+# Rank 0 exits at once as a rank that saw a peer fail; rank 1, the one that failed on its own, exits
+# a second later (still printing its traceback, say): the order the launcher once got wrong.
+_LATE_FAILER = (
+    "import os, sys, time\n"
+    "rank = int(os.environ['RANK'])\n"
+    "if rank == 0: sys.exit({peer})\n"
+    "time.sleep(1.0)\n"
+    "sys.exit(7)\n"
+)
+
+
+def test_the_summary_names_the_rank_that_failed_even_when_it_exits_last(capfd):
+    code = distributed.launch([], 2, command=[sys.executable, "-c", _LATE_FAILER.format(peer=distributed.PEER_FAILED)])
+    err = capfd.readouterr().err
+    assert code == 7
+    assert "rank 1 of 2 failed (exit code 7)" in err and "lost contact" not in err
+
+
 def test_models_that_cannot_be_synchronized_are_refused_before_any_rank_starts(tmp_path, capsys, monkeypatch):
     def no_launch(*args, **kwargs):
         raise AssertionError("launched ranks for a run that cannot be data-parallel")

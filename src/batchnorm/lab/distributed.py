@@ -58,6 +58,12 @@ PEER_FAILED = 3
 # one failed, before it kills them.
 GRACE = 20.0
 
+# Seconds the launcher waits, when the first rank to exit only saw a peer fail (PEER_FAILED), for
+# the rank that failed on its own: that one may still be printing its traceback and tearing down
+# when its peers have already exited, and the summary should name it. A rank that hung does not
+# exit in that time, and the summary then names the rank that lost contact, as before.
+PEER_WAIT = 5.0
+
 
 class DistributedRunError(RuntimeError):
     """A data-parallel run failed on some rank; the message says which and what to do."""
@@ -266,6 +272,13 @@ def launch(argv: Sequence[str], nproc: int, command: Sequence[str] | None = None
             time.sleep(0.05)
         if failed is None:
             failed = _first_failure(procs)
+        deadline = time.monotonic() + PEER_WAIT
+        while failed is not None and failed[1] == PEER_FAILED and time.monotonic() < deadline:
+            running = any(p.poll() is None for p in procs)  # poll() is what updates returncode
+            failed = _first_failure(procs)
+            if not running:
+                break
+            time.sleep(0.05)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the ranks stop the same way, rank 0 says how to resume
         _stop(procs)
         return 130
