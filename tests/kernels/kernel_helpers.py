@@ -31,6 +31,9 @@ LAYOUTS = [
     # up to 8 chunks), the last one partial
     ("NC_many_rows", (2100, 64), None),
     ("NHWC_many_rows", (3, 64, 29, 31), CL),
+    # rows of 4 KiB and more (numba_rows.WIDE_ROW_BYTES): the backward sums' four-row sweeps,
+    # and rows left over after them in every chunk
+    ("NC_wide_rows", (70, 1030), None),
 ]
 LAYOUT_PARAMS = [pytest.param(shape, fmt, id=name) for name, shape, fmt in LAYOUTS]
 DTYPES = [pytest.param(torch.float32, id="f32"), pytest.param(torch.float64, id="f64")]

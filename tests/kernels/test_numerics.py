@@ -103,7 +103,8 @@ def test_statistics_float64_accurate_for_float32_input(layout, force_kernels):
     from batchnorm.kernels import cpu
 
     g = torch.Generator().manual_seed(0)
-    n = 64 * 7 * 9  # rows: several chunks per thread, the last one short
+    # rows: several chunks per thread, the last one short and one row past its last sweep of four
+    n = 67 * 7 * 9
     z = torch.randn(n, 4, generator=g, dtype=torch.float64)
     z[0, 0] = 1e5  # the first value of chunk 0 and of plane (0, 0): that part's shift
     z[:, 1] = 3.25  # constant
@@ -111,7 +112,7 @@ def test_statistics_float64_accurate_for_float32_input(layout, force_kernels):
     z[:, 3] = torch.sort(z[:, 3] * 1e3).values  # sorted: each part's values far from the others'
     x = z.float()
     if layout != "NC":  # the same values as (N, C, H, W): (n, h, w) in row order
-        x = x.view(64, 7, 9, 4).permute(0, 3, 1, 2)
+        x = x.view(67, 7, 9, 4).permute(0, 3, 1, 2)
         x = x.contiguous() if layout == "NCHW" else x
     assert cpu.layout_of(x) == {"NC": cpu.ROWS, "NHWC": cpu.ROWS_CHANNELS_LAST, "NCHW": cpu.PLANAR}[layout]
     mean, var = cpu.batch_stats(x)
