@@ -39,11 +39,11 @@ __all__ = ["implementation", "use_torch", "reference", "reference_act", "cpu", "
 # step or eval call) and layout; below it torch's own kernel runs (see use_torch). From
 # benchmarks/dispatch_threshold.py on the 2-core development machine (docs/performance.md has the
 # runs): a training step through the kernels costs ~0.3 ms
-# whatever the size, torch's ~0.1 ms on small tensors, and the kernels win from 0.25-2 Mi elements;
+# whatever the size, torch's ~0.1 ms on small tensors, and the kernels win from 0.25-4 Mi elements;
 # an eval call costs ~33 us against torch's ~15 us, and the kernels win from 0.5-1 Mi elements (by
 # 1.1-1.5x; from 8 Mi, where torch's fresh 32 MiB output is page-faulted in on every call, 3-7x).
 MIN_NUMEL = {
-    "train": {cpu.PLANAR: 2**18, cpu.ROWS: 2**21, cpu.ROWS_CHANNELS_LAST: 2**21},
+    "train": {cpu.PLANAR: 2**18, cpu.ROWS: 2**21, cpu.ROWS_CHANNELS_LAST: 2**22},
     "eval": {cpu.PLANAR: 2**20, cpu.ROWS: 2**19, cpu.ROWS_CHANNELS_LAST: 2**19},
     # BatchNormAct (--fused): the fused kernels also save torch's separate activation pass
     "train_act": {cpu.PLANAR: 2**17, cpu.ROWS: 2**20, cpu.ROWS_CHANNELS_LAST: 2**20},
