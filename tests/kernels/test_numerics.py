@@ -126,3 +126,33 @@ def test_statistics_float64_accurate_for_float32_input(layout, force_kernels):
             assert mean[c].item() == 3.25 and var[c].item() == 0.0
         else:
             assert abs(var[c].item() / want_var - 1) <= 1e-9, (c, var[c].item(), want_var)
+
+
+@pytest.mark.parametrize("shape, fmt", [
+    pytest.param((2100, 4), None, id="NC"),
+    pytest.param((70, 1030), None, id="NC_wide_rows"),  # the four-row sweeps of numba_rows
+    pytest.param((75, 4, 4, 7), CL, id="NHWC"),
+    pytest.param((75, 4, 4, 7), None, id="NCHW"),
+])
+def test_backward_sums_accumulated_in_float64_for_float32_input(shape, fmt):
+    """The backward's sums are accumulated in float64 on every layout. sum(dy) of float32 values is
+    then exact to float64's rounding: for a dy with a large common part (1e4, spread 1e3) it agrees
+    with an exactly rounded sum to 1e-11 of the sum of the magnitudes, where summing even 8 rows
+    in float32 first (as the rows backward once did) was off by 3e-9 to 6e-8. The terms of
+    sum(dy * (x - mean)) take x - off in x's dtype (off: the mean rounded to it; the rest is added
+    back in float64, see numba_channels.finish_sums), so that sum is within float32's rounding of
+    each term: 2^-23 of the sum of the magnitudes."""
+    from batchnorm.kernels import cpu
+
+    x = randn(shape, fmt=fmt, loc=2.0, scale=3.0, seed=1)
+    dy = randn(shape, fmt=fmt, loc=1e4, scale=1e3, seed=2)
+    mean = x.double().mean([d for d in range(x.dim()) if d != 1])
+    invstd = torch.ones(shape[1], dtype=torch.float64)
+    sum_g, sum_g_u = cpu._Backward(dy, x, mean, invstd, None, None, "identity", 0.0, False).reduce()
+    xs = x.double().movedim(1, -1).reshape(-1, shape[1])
+    gs = dy.double().movedim(1, -1).reshape(-1, shape[1])
+    for c in range(shape[1]):
+        g = gs[:, c].tolist()
+        gu = (gs[:, c] * (xs[:, c] - mean[c])).tolist()
+        for got, terms, rtol in ((sum_g[c], g, 1e-11), (sum_g_u[c], gu, 2.0**-23)):
+            assert abs(got - math.fsum(terms)) <= rtol * math.fsum(abs(t) for t in terms), (c, got, math.fsum(terms))
