@@ -86,14 +86,19 @@ class Row:
         return self.ms["eager"] / self.ms[who] if who in self.ms else float("nan")
 
     def gbs(self, who="ours"):
-        return self.passes * self.numel * 4 / (self.ms[who] * 1e-3) / 1e9
+        return gb_per_s(self.passes, self.numel, self.ms[who])
 
     def bound(self):
         # ideal time at copy speed (a copy moves 2 passes in copy ms) / ours, in each round; median
         return statistics.median(self.passes / 2 * c / o for c, o in zip(self.samples["copy"], self.samples["ours"]))
 
     def copy_gbs(self):
-        return 2 * self.numel * 4 / (self.copy_ms * 1e-3) / 1e9
+        return gb_per_s(2, self.numel, self.copy_ms)
+
+
+def gb_per_s(passes: int, numel: int, ms: float) -> float:
+    """GB/s of `passes` float32 tensor-sized passes over `numel` elements in `ms`."""
+    return passes * numel * 4 / (ms * 1e-3) / 1e9
 
 
 def timeit(fn, reps):
@@ -337,7 +342,7 @@ def other_runnable() -> int:
 
 def report(rows, dram, stack, memory, latency, others, args, elapsed):
     dram_gbs = dram.gbs("dram_copy")
-    dram_rounds = [2 * dram.numel * 4 / (ms * 1e-3) / 1e9 for ms in dram.samples["dram_copy"]]
+    dram_rounds = [gb_per_s(dram.passes, dram.numel, ms) for ms in dram.samples["dram_copy"]]
     lines = [
         "# Benchmarks",
         "",
