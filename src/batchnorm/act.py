@@ -91,9 +91,9 @@ class _BatchNormAct:
             extra += f", activation_param={self.activation_param}"
         return super().extra_repr() + extra + (", inplace=True" if self.inplace else "")
 
-    def _batch_norm(self, x: Tensor, running_mean, running_var, *, training: bool, momentum: float) -> Tensor:
+    def _batch_norm(self, x: Tensor, weight, bias, running_mean, running_var, *, training: bool, momentum: float) -> Tensor:
         return batch_norm_act(
-            x, running_mean, running_var, self.weight, self.bias,
+            x, running_mean, running_var, weight, bias,
             training=training, momentum=momentum, eps=self.eps,
             activation=self.activation, activation_param=self.activation_param, inplace=self.inplace,
             layer=self,

@@ -37,34 +37,51 @@ class _BatchNorm(torch.nn.modules.batchnorm._BatchNorm):
                 f"(got {x.shape[1]} channels, input of shape {shape_of(x)})"
             )
 
-    def _momentum(self, update: bool) -> float:
+    def _momentum(self, update: bool, num_batches_tracked: Tensor | None) -> float:
         """The weight of this batch in the running statistics; `momentum=None` is a cumulative
         average, in which the k-th batch (counted once this one succeeds) gets weight 1/k."""
         if self.momentum is not None:
             return self.momentum
-        return 1.0 / (float(self.num_batches_tracked) + 1.0) if update else 0.0
+        return 1.0 / (float(num_batches_tracked) + 1.0) if update else 0.0
+
+    def _state(self) -> tuple[Tensor | None, ...]:
+        """(weight, bias, running_mean, running_var, num_batches_tracked), what `self.weight` etc.
+        return.
+
+        Read from the module's own dicts: `self.weight` finds a parameter or buffer only through
+        nn.Module.__getattr__, after the instance and class lookups failed, ~0.55 us a read against
+        ~0.04 us here; five reads are a fifth of a small eval call (a (32, 64) BatchNorm1d: ~11 us).
+        A name missing from the dicts (moved by torch.nn.utils.parametrize, which turns it into a
+        property) takes the normal lookup."""
+        params, buffers = self._parameters, self._buffers
+        try:
+            return (
+                params["weight"], params["bias"],
+                buffers["running_mean"], buffers["running_var"], buffers["num_batches_tracked"],
+            )
+        except KeyError:
+            return self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
-        # Each buffer once: a module's buffers are found through nn.Module.__getattr__ (~0.4 us a
-        # read), which on a small eval call is a tenth of the whole call.
-        training, running_mean, running_var = self.training, self.running_mean, self.running_var
-        update = training and self.track_running_stats and self.num_batches_tracked is not None
-        momentum = self._momentum(update)
+        weight, bias, running_mean, running_var, num_batches_tracked = self._state()
+        training = self.training
+        update = training and self.track_running_stats and num_batches_tracked is not None
+        momentum = self._momentum(update, num_batches_tracked)
         # Batch statistics in training, and in eval when there are no running statistics to use.
         use_batch_stats = training or (running_mean is None and running_var is None)
         # Running statistics are updated only when tracked; in eval they are read, never written.
         if training and not self.track_running_stats:
             running_mean = running_var = None
-        y = self._batch_norm(x, running_mean, running_var, training=use_batch_stats, momentum=momentum)
+        y = self._batch_norm(x, weight, bias, running_mean, running_var, training=use_batch_stats, momentum=momentum)
         if update:  # counted after the forward succeeded, so a rejected input changes nothing
-            self.num_batches_tracked.add_(1)
+            num_batches_tracked.add_(1)
         return y
 
-    def _batch_norm(self, x: Tensor, running_mean, running_var, *, training: bool, momentum: float) -> Tensor:
+    def _batch_norm(self, x: Tensor, weight, bias, running_mean, running_var, *, training: bool, momentum: float) -> Tensor:
         """The normalization itself, given the bookkeeping's decisions (BatchNormAct overrides it)."""
         return F.batch_norm(
-            x, running_mean, running_var, self.weight, self.bias,
+            x, running_mean, running_var, weight, bias,
             training=training, momentum=momentum, eps=self.eps, layer=self,
         )
 

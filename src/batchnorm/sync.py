@@ -224,7 +224,7 @@ class SyncBatchNorm(_BatchNorm):
         self._check_input_dim(x)
         F.check_input(x, self.running_mean, self.running_var, self.weight, self.bias)
         update = self.track_running_stats and self.num_batches_tracked is not None
-        momentum = self._momentum(update)
+        momentum = self._momentum(update, self.num_batches_tracked)
         y, mean, var, count = SyncBatchNormTrain.apply(x, self.weight, self.bias, self.eps, group, size)
         # The global statistics are identical on every rank, so the buffers stay in sync.
         F.track_batch(self.running_mean, self.running_var, mean, var, int(count), momentum, who=self)

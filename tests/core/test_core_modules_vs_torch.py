@@ -132,3 +132,62 @@ def test_torch_swa_update_bn_recomputes_our_running_stats_as_torchs():
     assert_state_match(*models)
     assert models[0][1].momentum == 0.3  # update_bn restores it
     assert models[0][1].num_batches_tracked.item() == 4
+
+
+class _Exp(nn.Module):
+    def forward(self, w):
+        return w.exp()
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("ours_cls", [batchnorm.BatchNorm2d, batchnorm.BatchNormAct2d], ids=["bn", "bnact"])
+def test_parametrized_weight_and_bias_are_used_as_torchs(ours_cls, training):
+    """torch.nn.utils.parametrize turns weight into a property and takes it out of `_parameters`:
+    the forward, which reads the module's dicts for speed, must then find the parametrized value,
+    in training (also the running statistics) and in eval, gradients reaching the originals."""
+    from torch.nn.utils import parametrize
+
+    ref = TORCH_BN["2d"](3)
+    ours = ours_cls(3, **({"activation": "identity"} if ours_cls is batchnorm.BatchNormAct2d else {}))
+    for m in (ours, ref):
+        m.running_mean.fill_(0.5), m.running_var.fill_(2.0)
+        parametrize.register_parametrization(m, "weight", _Exp())
+        parametrize.register_parametrization(m, "bias", _Exp())
+        with torch.no_grad():
+            m.parametrizations.weight.original.copy_(torch.tensor([0.3, -1.0, 2.0]))
+            m.parametrizations.bias.original.copy_(torch.tensor([-0.5, 0.1, 1.0]))
+        m.train(training)
+    x, dy = randn((4, 3, 5, 6)), randn((4, 3, 5, 6), seed=1)
+    results = []
+    for m in (ours, ref):
+        y = m(x)
+        originals = [m.parametrizations.weight.original, m.parametrizations.bias.original]
+        results.append([y, *torch.autograd.grad(y, originals, dy)])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+    torch.testing.assert_close(ours.running_mean, ref.running_mean)
+    torch.testing.assert_close(ours.running_var, ref.running_var)
+    assert ours.num_batches_tracked.item() == ref.num_batches_tracked.item() == int(training)
+
+
+@pytest.mark.parametrize("kind", ["1d", "2d", "3d"])
+def test_reassigned_parameters_and_buffers_are_used_as_torchs(kind):
+    """New tensors assigned to weight, bias and the running statistics (module.__setattr__) are
+    what the next forward reads, as in torch."""
+    ours, ref = make_pair(kind)
+    x = randn(SHAPES[{"1d": "1d_NCL", "2d": "2d", "3d": "3d"}[kind]][1])
+    assert_runs_match(run(ours, x), run(ref, x), **TOL[torch.float32])  # a forward before: nothing is kept from it
+    for m in (ours, ref):
+        m.weight = nn.Parameter(torch.tensor([2.0, -1.0, 0.5]))
+        m.bias = nn.Parameter(torch.tensor([0.1, 0.2, 0.3]))
+        m.running_mean = torch.tensor([1.0, -2.0, 3.0])
+        m.running_var = torch.tensor([4.0, 0.25, 9.0])
+        m.eval()
+    assert_runs_match(run(ours, x), run(ref, x), **TOL[torch.float32])
+    for m in (ours, ref):
+        m.train()
+        m.num_batches_tracked = torch.tensor(7)
+        m.momentum = None
+    assert_runs_match(run(ours, x), run(ref, x), **TOL[torch.float32])
+    assert_state_match(ours, ref)
+    assert ours.num_batches_tracked.item() == 8
