@@ -19,6 +19,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from . import native
+from ._compile import outside_compiled_graphs
 from .autograd_act import BatchNormActEval, BatchNormActTrain
 from .functional import check_arguments, track_batch
 from .kernels import use_torch
@@ -28,6 +29,7 @@ from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 __all__ = ["batch_norm_act", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d"]
 
 
+@outside_compiled_graphs
 def batch_norm_act(
     x: Tensor,
     running_mean: Tensor | None,
@@ -92,7 +94,7 @@ class _BatchNormAct:
         return super().extra_repr() + extra + (", inplace=True" if self.inplace else "")
 
     def _batch_norm(self, x: Tensor, weight, bias, running_mean, running_var, *, training: bool, momentum: float) -> Tensor:
-        return batch_norm_act(
+        return batch_norm_act.__wrapped__(  # forward is already outside any compiled graph
             x, running_mean, running_var, weight, bias,
             training=training, momentum=momentum, eps=self.eps,
             activation=self.activation, activation_param=self.activation_param, inplace=self.inplace,

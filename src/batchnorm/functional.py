@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from . import native
+from ._compile import outside_compiled_graphs
 from ._format import shape_of
 from .autograd import BatchNormEval, BatchNormTrain
 from .kernels import implementation, use_torch
@@ -191,6 +192,7 @@ def _caller_outside_batchnorm() -> int:
     return level
 
 
+@outside_compiled_graphs
 def batch_norm(
     x: Tensor,
     running_mean: Tensor | None,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._compile import outside_compiled_graphs
 from ._format import shape_of
 from .kernels.reference import output_memory_format
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
@@ -44,6 +45,7 @@ class _Ghost:
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"
 
+    @outside_compiled_graphs
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or x.dim() < 2 or x.shape[0] <= self.virtual_batch_size:
             return super().forward(x)  # eval, or a single chunk: plain BatchNorm

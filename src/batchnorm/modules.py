@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from . import functional as F
+from ._compile import outside_compiled_graphs
 from ._format import shape_of
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
@@ -62,6 +63,7 @@ class _BatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         except KeyError:
             return self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked
 
+    @outside_compiled_graphs
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
         weight, bias, running_mean, running_var, num_batches_tracked = self._state()
@@ -79,8 +81,9 @@ class _BatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         return y
 
     def _batch_norm(self, x: Tensor, weight, bias, running_mean, running_var, *, training: bool, momentum: float) -> Tensor:
-        """The normalization itself, given the bookkeeping's decisions (BatchNormAct overrides it)."""
-        return F.batch_norm(
+        """The normalization itself, given the bookkeeping's decisions (BatchNormAct overrides it).
+        `__wrapped__`: forward is already outside any compiled graph (see _compile)."""
+        return F.batch_norm.__wrapped__(
             x, running_mean, running_var, weight, bias,
             training=training, momentum=momentum, eps=self.eps, layer=self,
         )

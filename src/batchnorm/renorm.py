@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from . import functional as F
+from ._compile import outside_compiled_graphs
 from .autograd import BatchNormTrain
 from .kernels.reference import channel_view, compute_dtype
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
@@ -74,6 +75,7 @@ class _Renorm:
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, r_max={self.r_max}, d_max={self.d_max}"
 
+    @outside_compiled_graphs
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.running_mean is None:
             return super().forward(x)  # eval (or running stats removed): plain BatchNorm

@@ -37,6 +37,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import functional as F
+from ._compile import outside_compiled_graphs
 from ._format import shape_of
 from .autograd import param_grads
 from .kernels import implementation
@@ -214,6 +215,7 @@ class SyncBatchNorm(_BatchNorm):
         size = dist.get_world_size(group)
         return (group, size) if size > 1 else None
 
+    @outside_compiled_graphs
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() in _DIMS_OF_RANK:
             self._batchnorm_dims = _DIMS_OF_RANK[x.dim()]
