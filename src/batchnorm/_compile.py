@@ -22,7 +22,9 @@ def outside_compiled_graphs(fn):
     `torch.compiler.disable` alone would enter a Dynamo context on every eager call. Callers that
     are themselves decorated (a layer's forward calling the functional form) call
     `fn.__wrapped__`, so a small layer pays that once."""
-    eager = torch.compiler.disable(fn)
+    # torch.compiler.disable would import Dynamo now, ~1 s added to `import batchnorm`; torch's
+    # own lazy form imports it at the first call, which only a compiling process makes.
+    eager = torch._disable_dynamo(fn)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
