@@ -49,6 +49,13 @@ class FastApply:
         return super(torch.autograd.Function, cls).apply(*unwrap_dead_wrappers(args))
 
 
+# Backward with no gradient for y (whatever consumed y passed none back): no gradients, as torch's
+# own batch norm gives, where autograd's default (materialized grads) would hand backward a tensor
+# of zeros and get zero gradients for weight and bias; it also spares the zero tensors autograd
+# would make for the statistics' outputs (~25 us of a large training step, caches cold).
+_NO_GRADIENT = (None,)
+
+
 def param_grads(weight, bias, sum_dy, sum_dy_xhat, need_weight: bool, need_bias: bool):
     """dweight = sum_dy_xhat, dbias = sum_dy, each only where asked for, in the parameter's dtype."""
     dweight = sum_dy_xhat.to(weight.dtype) if weight is not None and need_weight else None
@@ -78,9 +85,12 @@ class BatchNormTrain(FastApply, torch.autograd.Function):
         ctx.save_for_backward(x, weight, bias, mean, invstd)
         ctx.eps = eps
         ctx.mark_non_differentiable(mean, var, invstd)
+        ctx.set_materialize_grads(False)  # see _NO_GRADIENT
 
     @staticmethod
-    def backward(ctx, dy: Tensor, _dmean, _dvar, _dinvstd):
+    def backward(ctx, dy: Tensor | None, _dmean, _dvar, _dinvstd):
+        if dy is None:
+            return _NO_GRADIENT * 4
         x, weight, bias, mean, invstd = ctx.saved_tensors
         if torch.is_grad_enabled():
             # create_graph=True: the statistics must depend on x in the graph for double backward.
@@ -112,9 +122,12 @@ class BatchNormEval(FastApply, torch.autograd.Function):
         x, mean, var, weight, bias, eps = inputs
         invstd = reference.eval_invstd(var, x, eps)  # (C,), as in forward_eval
         ctx.save_for_backward(x, weight, bias, mean, invstd)
+        ctx.set_materialize_grads(False)  # see _NO_GRADIENT
 
     @staticmethod
-    def backward(ctx, dy: Tensor):
+    def backward(ctx, dy: Tensor | None):
+        if dy is None:
+            return _NO_GRADIENT * 6
         x, weight, bias, mean, invstd = ctx.saved_tensors
         impl = reference if torch.is_grad_enabled() else kernels.implementation(x)
         dx = None

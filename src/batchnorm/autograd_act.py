@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from . import kernels
-from .autograd import param_grads  # dweight = sum(g * xhat), dbias = sum(g): BN's, with dy -> g
+from .autograd import _NO_GRADIENT, param_grads  # dweight = sum(g * xhat), dbias = sum(g): BN's, with dy -> g
 from .kernels import reference, reference_act
 
 __all__ = ["BatchNormActTrain", "BatchNormActEval", "INPLACE_MIN_WEIGHT", "guarded_weight"]
@@ -92,10 +92,13 @@ class BatchNormActTrain(torch.autograd.Function):
             ctx.save_for_backward(x, weight, bias, mean, invstd)
         ctx.eps, ctx.activation, ctx.param, ctx.inplace = eps, activation, param, inplace
         ctx.mark_non_differentiable(mean, var)
+        ctx.set_materialize_grads(False)  # see autograd._NO_GRADIENT
         return y, mean, var
 
     @staticmethod
-    def backward(ctx, dy: Tensor, _dmean, _dvar):
+    def backward(ctx, dy: Tensor | None, _dmean, _dvar):
+        if dy is None:
+            return _NO_GRADIENT * 7
         saved, weight, bias, mean, invstd = ctx.saved_tensors
         if torch.is_grad_enabled():
             # create_graph=True: the statistics must depend on x in the graph for double backward.
@@ -130,10 +133,13 @@ class BatchNormActEval(torch.autograd.Function):
             y = impl.forward_eval_act(x, mean, var, weight, bias, eps, activation, param)
             ctx.save_for_backward(x, weight, bias, mean, var)
         ctx.eps, ctx.activation, ctx.param, ctx.inplace = eps, activation, param, inplace
+        ctx.set_materialize_grads(False)  # see autograd._NO_GRADIENT
         return y
 
     @staticmethod
-    def backward(ctx, dy: Tensor):
+    def backward(ctx, dy: Tensor | None):
+        if dy is None:
+            return _NO_GRADIENT * 9
         saved, weight, bias, mean, var = ctx.saved_tensors
         invstd = reference.eval_invstd(var, saved, ctx.eps)  # as forward_eval_act took it
         if torch.is_grad_enabled():

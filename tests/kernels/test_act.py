@@ -195,3 +195,41 @@ def test_non_finite_batch_keeps_running_statistics(path, request):
         layer(x)
     assert layer.running_mean[1] == 0 and layer.running_var[1] == 1
     assert layer.running_mean[0] != 0
+
+
+class _NoGradientBack(torch.autograd.Function):
+    """y -> a copy of y whose backward passes no gradient back to y."""
+
+    @staticmethod
+    def forward(ctx, y):
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, _grad):
+        return None
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("activation", [None, "identity", "leaky_relu"], ids=["bn", "bnact", "bnact_leaky"])
+@pytest.mark.parametrize("path", ["force_kernels", "force_reference"])
+def test_no_gradient_for_y_gives_none_as_torch(path, activation, training, request):
+    """When what consumes y passes no gradient back, torch's batch norm gives weight and bias no
+    gradient (None), and x only what reaches it by other routes; so do ours (autograd's default
+    would have handed our backward zeros, and weight and bias zero gradients)."""
+    request.getfixturevalue(path)
+    if activation is None:
+        ours, theirs = batchnorm.BatchNorm2d(3, dtype=torch.float64), torch.nn.BatchNorm2d(3, dtype=torch.float64)
+    else:
+        ours, theirs = make_pair(4, 3, activation, None)
+    for m in (ours, theirs):
+        m.train(training)
+    x = randn((4, 3, 5, 5), dtype=torch.float64)
+    results = []
+    for m in (ours, theirs):
+        xi = x.clone().requires_grad_()
+        z = _NoGradientBack.apply(m(xi)).sum() + (xi * 3).sum()
+        results.append(torch.autograd.grad(z, [xi, m.weight, m.bias], allow_unused=True))
+    (dx, dweight, dbias), (dx_torch, dweight_torch, dbias_torch) = results
+    assert dweight_torch is None and dbias_torch is None
+    assert dweight is None and dbias is None
+    torch.testing.assert_close(dx, dx_torch)
