@@ -320,6 +320,18 @@ def first_call_latency():
 
 
 # ------------------------------------------------------------------------------ report
+def source_version() -> str:
+    """' at commit <hash>' of the checkout that ran, '(with uncommitted changes)' when src/ or
+    benchmarks/ differ from it; '' outside a git checkout."""
+    try:
+        run = lambda *args: subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout  # noqa: E731
+        commit = run("rev-parse", "--short", "HEAD").strip()
+        dirty = run("status", "--porcelain", "--", "src", "benchmarks/*.py").strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    return f" at commit {commit}" + (" (with uncommitted changes)" if dirty else "")
+
+
 def fmt_ms(v):
     return f"{v:.3f}" if v < 1 else f"{v:.2f}"
 
@@ -346,7 +358,8 @@ def report(rows, dram, stack, memory, latency, others, args, elapsed):
     lines = [
         "# Benchmarks",
         "",
-        "Produced by `" + " ".join(["PYTHONPATH=src python benchmarks/bench_batchnorm.py", *sys.argv[1:]]) + "`",
+        "Produced by `" + " ".join(["PYTHONPATH=src python benchmarks/bench_batchnorm.py", *sys.argv[1:]]) + "`"
+        + source_version(),
         "",
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, float32, "
         f"other runnable processes at the start / end of the run: {others[0]} / {others[1]}"
