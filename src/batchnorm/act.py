@@ -22,6 +22,7 @@ from . import native
 from ._compile import outside_compiled_graphs
 from .autograd_act import BatchNormActEval, BatchNormActTrain
 from .functional import check_arguments, track_batch
+from .inplace import check_inplace
 from .kernels import use_torch
 from .kernels.activations import check_activation
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
@@ -48,7 +49,10 @@ def batch_norm_act(
     """act(batch_norm(x)) with `batchnorm.functional.batch_norm`'s semantics for the BN part.
 
     With inplace=True x is overwritten by the result (which is returned) and must not be needed
-    elsewhere; autograd raises if it is (a leaf that requires grad, or a tensor saved for backward).
+    elsewhere. Whatever torch's own in-place ops refuse (a leaf that requires grad, a view of one,
+    a view autograd cannot rebase, an expanded tensor, an inference tensor) is refused before
+    anything is written (`batchnorm.inplace`); a tensor saved for backward by an earlier op is
+    reported by autograd at backward, as for torch's in-place ops.
     """
     param = check_activation(activation, activation_param, inplace)
     if not inplace and use_torch(x, training, fused=True):  # small tensors: torch's kernel (batchnorm.native)
@@ -56,9 +60,16 @@ def batch_norm_act(
         if y is not None:
             return y
     check_arguments(x, running_mean, running_var, weight, bias, training=training, eps=eps)
+    if inplace:  # everything torch's in-place ops refuse, refused before a byte of x is written
+        check_inplace(x, weight, bias, running_mean, running_var)
     if not training:
         return BatchNormActEval.apply(x, running_mean, running_var, weight, bias, eps, activation, param, inplace)
-    y, mean, var = BatchNormActTrain.apply(x, weight, bias, eps, activation, param, inplace)
+    if inplace:
+        stats: list[Tensor] = []
+        y = BatchNormActTrain.apply(x, weight, bias, eps, activation, param, True, stats)
+        mean, var = stats
+    else:
+        y, mean, var = BatchNormActTrain.apply(x, weight, bias, eps, activation, param, False)
     count = x.numel() // x.shape[1] if x.shape[1] else 0
     track_batch(running_mean, running_var, mean, var, count, momentum, who=layer if layer is not None else "batch_norm_act")
     return y
