@@ -22,6 +22,15 @@ class _BatchNorm(torch.nn.modules.batchnorm._BatchNorm):
 
     _ranks: tuple[int, ...] = ()
     _layout: str = ""
+    # Set on an instance by `batchnorm.freeze`: the layer normalizes as in eval, whatever
+    # `training` says. Read here, in forward, rather than by flipping `training` around the call,
+    # so that forwards from several threads never see (or leave) another call's flag.
+    _batchnorm_frozen: bool = False
+
+    def _uses_batch_statistics(self) -> bool:
+        """True when this call normalizes with (and updates) the batch's statistics: training and
+        not frozen. (Without running statistics the batch's are used in eval too; see forward.)"""
+        return self.training and not self._batchnorm_frozen
 
     def _check_input_dim(self, x: Tensor) -> None:
         if x.dim() not in self._ranks:
@@ -67,7 +76,7 @@ class _BatchNorm(torch.nn.modules.batchnorm._BatchNorm):
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
         weight, bias, running_mean, running_var, num_batches_tracked = self._state()
-        training = self.training
+        training = self._uses_batch_statistics()
         update = training and self.track_running_stats and num_batches_tracked is not None
         momentum = self._momentum(update, num_batches_tracked)
         # Batch statistics in training, and in eval when there are no running statistics to use.

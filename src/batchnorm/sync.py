@@ -209,7 +209,7 @@ class SyncBatchNorm(_BatchNorm):
 
     def _sync_group(self):
         """(group, size) when statistics must be synchronized, else None."""
-        if not (self.training and dist.is_available() and dist.is_initialized()):
+        if not (self._uses_batch_statistics() and dist.is_available() and dist.is_initialized()):
             return None
         group = self.process_group if self.process_group is not None else dist.group.WORLD
         size = dist.get_world_size(group)
