@@ -74,23 +74,50 @@ def update_running_stats(
         running_var  = (1 - momentum) * running_var  + momentum * var * count / (count - 1)
 
     `var` is the biased batch variance over `count` elements per channel; the running variance
-    gets the unbiased one. A channel whose batch mean or variance is not finite (NaN/Inf in the
-    input) keeps its running values: torch would let one bad batch poison them for good.
+    gets the unbiased one. A channel whose new running mean or variance would not be finite *as
+    stored* keeps its running values: a NaN/Inf in the input, or finite statistics beyond the
+    buffer's dtype (activations of 1e20 have a variance of 1e40, inf in float32). torch would let
+    one such batch poison them for good.
     """
+    updated, skipped = _next_running_stats(running_mean, running_var, mean, var, count, momentum)
+    _store_running_stats(running_mean, running_var, updated, skipped)
+    return skipped if isinstance(skipped, Tensor) else torch.from_numpy(skipped)
+
+
+def _next_running_stats(running_mean, running_var, mean, var, count: int, momentum: float):
+    """([new running_mean, new running_var] rounded to the buffers' dtypes (None where there is
+    no buffer), skipped mask (C,)): the update, computed but not stored, so that a warning about
+    the skipped channels can come before anything is written. NumPy arrays for plain CPU
+    vectors, tensors otherwise."""
     arrays = _numpy_views(running_mean, running_var, mean, var)
     if arrays is not None:
-        return torch.from_numpy(_update_in_numpy(*arrays, count, momentum))
+        return _next_in_numpy(*arrays, count, momentum)
     with torch.no_grad():
-        finite = torch.isfinite(mean) & torch.isfinite(var)  # (C,)
+        keep = torch.isfinite(mean) & torch.isfinite(var)  # (C,)
         unbiased = var.double() * count / (count - 1) if count > 1 else var.double()
+        updated = []
         for running, batch in ((running_mean, mean), (running_var, unbiased)):
             if running is None:
+                updated.append(None)
                 continue
             # in float64 and rounded once into the buffer: correctly rounded (torch's CPU update mixes
             # float32 steps and can be a few ulps off; tests/core/test_core_numerics.py)
-            updated = running.double() * (1.0 - momentum) + batch.double() * momentum
-            running.copy_(torch.where(finite, updated.to(running.dtype), running))
-    return ~finite
+            value = (running.double() * (1.0 - momentum) + batch.double() * momentum).to(running.dtype)
+            keep &= torch.isfinite(value)  # the value as it will be stored
+            updated.append(value)
+    return updated, ~keep
+
+
+def _store_running_stats(running_mean, running_var, updated, skipped) -> None:
+    """Write `_next_running_stats`' values into the buffers, except in the skipped channels."""
+    for running, value in zip((running_mean, running_var), updated):
+        if running is None:
+            continue
+        if isinstance(value, np.ndarray):
+            np.copyto(running.numpy(), value, where=~skipped)
+        else:
+            with torch.no_grad():
+                running.copy_(torch.where(skipped, running, value))
 
 
 def _numpy_views(*tensors: Tensor | None) -> list[np.ndarray | None] | None:
@@ -114,17 +141,21 @@ def _numpy_views(*tensors: Tensor | None) -> list[np.ndarray | None] | None:
 _NUMPY_DTYPES = (torch.float32, torch.float64)
 
 
-def _update_in_numpy(running_mean, running_var, mean, var, count: int, momentum: float) -> np.ndarray:
-    """update_running_stats on NumPy views, operation for operation the same float64 arithmetic
-    (so bit for bit the same result); returns the mask of skipped channels."""
-    finite = np.isfinite(mean) & np.isfinite(var)  # (C,)
+def _next_in_numpy(running_mean, running_var, mean, var, count: int, momentum: float):
+    """_next_running_stats on NumPy views, operation for operation the same float64 arithmetic
+    (so bit for bit the same result)."""
+    keep = np.isfinite(mean) & np.isfinite(var)  # (C,)
     unbiased = var.astype(np.float64) * count / (count - 1) if count > 1 else var.astype(np.float64)
-    for running, batch in ((running_mean, mean), (running_var, unbiased)):
-        if running is None:
-            continue
-        updated = running.astype(np.float64) * (1.0 - momentum) + batch.astype(np.float64) * momentum
-        np.copyto(running, updated.astype(running.dtype), where=finite)
-    return ~finite
+    updated = []
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is what the mask catches
+        for running, batch in ((running_mean, mean), (running_var, unbiased)):
+            if running is None:
+                updated.append(None)
+                continue
+            value = (running.astype(np.float64) * (1.0 - momentum) + batch.astype(np.float64) * momentum).astype(running.dtype)
+            keep &= np.isfinite(value)  # the value as it will be stored
+            updated.append(value)
+    return updated, ~keep
 
 
 def check_input(
@@ -278,24 +309,24 @@ def track_batch(
         return  # an empty batch leaves the running statistics alone, as in torch
     # Warn before updating: under `-W error` the warning raises, and a rejected batch must leave
     # every running statistic as it was, not half-updated.
-    channels = _nonfinite_channels(mean, var)  # what update_running_stats keeps
+    updated, skipped = _next_running_stats(running_mean, running_var, mean, var, count, momentum)
+    channels = _channels_of(skipped, mean)
     if channels:
         warnings.warn(
-            f"{who if isinstance(who, str) else repr(who)}: the batch statistics of channels {channels} are not "
-            f"finite (NaN or Inf in the input); their running_mean/running_var were kept, the other channels updated",
+            f"{who if isinstance(who, str) else repr(who)}: the running statistics of channels {channels} would not "
+            f"be finite after this batch (its statistics are not finite: NaN or Inf in the input, or values beyond "
+            f"the range of the buffers' dtype); their running_mean/running_var were kept, the other channels updated",
             RuntimeWarning,
             stacklevel=_caller_outside_batchnorm(),
         )
-    update_running_stats(running_mean, running_var, mean, var, count, momentum)
+    _store_running_stats(running_mean, running_var, updated, skipped)
 
 
-def _nonfinite_channels(mean: Tensor, var: Tensor) -> list[int]:
-    """The channels whose batch mean or variance is NaN or Inf. Meta tensors (shape inference)
-    have no values to inspect, and torch runs them fine: none."""
-    arrays = _numpy_views(mean, var)
-    if arrays is not None:
-        return np.flatnonzero(~(np.isfinite(arrays[0]) & np.isfinite(arrays[1]))).tolist()
+def _channels_of(skipped, mean: Tensor) -> list[int]:
+    """The skipped channels as a list. Meta tensors (shape inference) have no values to inspect,
+    and torch runs them fine: none."""
+    if isinstance(skipped, np.ndarray):
+        return np.flatnonzero(skipped).tolist()
     if mean.device.type == "meta":
         return []
-    skipped = ~(torch.isfinite(mean) & torch.isfinite(var))  # (C,)
     return skipped.nonzero().flatten().tolist() if bool(skipped.any()) else []
