@@ -18,19 +18,20 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from . import native
+import torch
+
+from . import native, ops
 from ._compile import outside_compiled_graphs
 from .autograd_act import BatchNormActEval, BatchNormActTrain
-from .functional import check_arguments, track_batch
+from .functional import check_arguments, check_scalars, track_batch, traced_batch_norm
 from .inplace import check_inplace
 from .kernels import use_torch
 from .kernels.activations import check_activation
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, torch_twin
 
-__all__ = ["batch_norm_act", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d"]
+__all__ = ["batch_norm_act", "torch_activation", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d"]
 
 
-@outside_compiled_graphs
 def batch_norm_act(
     x: Tensor,
     running_mean: Tensor | None,
@@ -54,7 +55,17 @@ def batch_norm_act(
     anything is written (`batchnorm.inplace`); a tensor saved for backward by an earlier op is
     reported by autograd at backward, as for torch's in-place ops.
     """
+    check_scalars(x, training, momentum, eps)
     param = check_activation(activation, activation_param, inplace)
+    if ops.tracing():
+        if inplace:  # overwriting an input is not something a traced graph can hold
+            if torch._C._get_tracing_state() is not None:
+                raise RuntimeError(
+                    "BatchNormAct with inplace=True cannot be traced by torch.jit.trace (it overwrites its input); "
+                    "use inplace=False for tracing and export, or torch.compile, which runs the layer eagerly"
+                )
+            return _inplace_outside_graphs(x, running_mean, running_var, weight, bias, training, momentum, eps, activation, param)
+        return traced_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, activation, param)
     if not inplace and use_torch(x, training, fused=True):  # small tensors: torch's kernel (batchnorm.native)
         y = native.batch_norm_act(x, running_mean, running_var, weight, bias, training, momentum, eps, activation, param)
         if y is not None:
@@ -73,6 +84,15 @@ def batch_norm_act(
     count = x.numel() // x.shape[1] if x.shape[1] else 0
     track_batch(running_mean, running_var, mean, var, count, momentum, who=layer if layer is not None else "batch_norm_act")
     return y
+
+
+@outside_compiled_graphs
+def _inplace_outside_graphs(x, running_mean, running_var, weight, bias, training, momentum, eps, activation, param):
+    """The memory-saving mode under torch.compile: a graph break, run as eager code."""
+    return batch_norm_act(
+        x, running_mean, running_var, weight, bias, training=training, momentum=momentum, eps=eps,
+        activation=activation, activation_param=param, inplace=True,
+    )
 
 
 class _BatchNormAct:
@@ -104,13 +124,33 @@ class _BatchNormAct:
             extra += f", activation_param={self.activation_param}"
         return super().extra_repr() + extra + (", inplace=True" if self.inplace else "")
 
+    def activation_module(self) -> torch.nn.Module:
+        """The activation as torch's module: Identity, ReLU, LeakyReLU(slope), ELU(alpha), SiLU."""
+        return torch_activation(self.activation, self.activation_param)
+
+    def __prepare_scriptable__(self) -> torch.nn.Module:
+        """For torch.jit.script: torch's BN (this layer's Parameters and buffers) then the activation."""
+        return torch.nn.Sequential(torch_twin(self), self.activation_module())
+
     def _batch_norm(self, x: Tensor, weight, bias, running_mean, running_var, *, training: bool, momentum: float) -> Tensor:
-        return batch_norm_act.__wrapped__(  # forward is already outside any compiled graph
+        return batch_norm_act(
             x, running_mean, running_var, weight, bias,
             training=training, momentum=momentum, eps=self.eps,
             activation=self.activation, activation_param=self.activation_param, inplace=self.inplace,
             layer=self,
         )
+
+
+def torch_activation(activation: str, param: float) -> torch.nn.Module:
+    """torch's module for one of the fused activations (kernels/activations.py names them)."""
+    modules = {
+        "identity": torch.nn.Identity,
+        "relu": torch.nn.ReLU,
+        "leaky_relu": lambda: torch.nn.LeakyReLU(param),
+        "elu": lambda: torch.nn.ELU(param),
+        "silu": torch.nn.SiLU,
+    }
+    return modules[activation]()
 
 
 class BatchNormAct1d(_BatchNormAct, BatchNorm1d):

@@ -217,6 +217,9 @@ class SyncBatchNorm(_BatchNorm):
 
     @outside_compiled_graphs
     def forward(self, x: Tensor) -> Tensor:
+        self._check_input_dim(x)
+        if x.shape[1] == 0:  # torch's SyncBatchNorm refuses it, in training and in eval
+            raise ValueError("SyncBatchNorm number of input channels should be non-zero")
         if x.dim() in _DIMS_OF_RANK:
             self._batchnorm_dims = _DIMS_OF_RANK[x.dim()]
         sync = self._sync_group()
