@@ -27,6 +27,7 @@ from .functional import check_arguments, check_scalars, track_batch, traced_batc
 from .inplace import check_inplace
 from .kernels import use_torch
 from .kernels.activations import check_activation
+from ._script import ScriptableBatchNormAct1d, ScriptableBatchNormAct2d, ScriptableBatchNormAct3d
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, torch_twin
 
 __all__ = ["batch_norm_act", "torch_activation", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d"]
@@ -129,8 +130,11 @@ class _BatchNormAct:
         return torch_activation(self.activation, self.activation_param)
 
     def __prepare_scriptable__(self) -> torch.nn.Module:
-        """For torch.jit.script: torch's BN (this layer's Parameters and buffers) then the activation."""
-        return torch.nn.Sequential(torch_twin(self), self.activation_module())
+        """For torch.jit.script: torch's BN forward then the activation, with this layer's
+        Parameters and buffers under the same names (batchnorm/_script.py)."""
+        twin = torch_twin(self, _SCRIPTABLE)
+        twin.activation, twin.activation_param = self.activation, float(self.activation_param)
+        return twin
 
     def _batch_norm(self, x: Tensor, weight, bias, running_mean, running_var, *, training: bool, momentum: float) -> Tensor:
         return batch_norm_act(
@@ -151,6 +155,9 @@ def torch_activation(activation: str, param: float) -> torch.nn.Module:
         "silu": torch.nn.SiLU,
     }
     return modules[activation]()
+
+
+_SCRIPTABLE = (ScriptableBatchNormAct1d, ScriptableBatchNormAct2d, ScriptableBatchNormAct3d)
 
 
 class BatchNormAct1d(_BatchNormAct, BatchNorm1d):

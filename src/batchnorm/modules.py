@@ -112,11 +112,11 @@ class _BatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         )
 
 
-def torch_twin(layer: _BatchNorm) -> torch.nn.Module:
-    """torch's BatchNorm{1,2,3}d holding `layer`'s own Parameter and buffer objects (so an
+def torch_twin(layer: _BatchNorm, classes: tuple | None = None) -> torch.nn.Module:
+    """torch's BatchNorm{1,2,3}d (or the matching one of `classes`) holding `layer`'s own Parameter and buffer objects (so an
     optimizer, a checkpoint and `layer` itself see every change), in `layer`'s mode (eval when
     frozen). Only for layers whose forward is BN's: plain BN, and the variants in eval."""
-    torch_class = next((c for c in type(layer).__mro__ if c in _TORCH_CLASSES), None)
+    torch_class = next((twin for c, twin in zip(_TORCH_CLASSES, classes or _TORCH_CLASSES) if isinstance(layer, c)), None)
     differs = type(layer).forward is not _BatchNorm.forward  # Ghost, Renorm, Sync: their own training
     if torch_class is None or (differs and layer._uses_batch_statistics()):
         raise RuntimeError(
@@ -129,7 +129,17 @@ def torch_twin(layer: _BatchNorm) -> torch.nn.Module:
     twin._parameters = {k: v for k, v in layer._parameters.items()}
     twin._buffers = {k: v for k, v in layer._buffers.items()}
     twin.training = layer._uses_batch_statistics()
-    return twin
+    return keep_alive(twin, layer)
+
+
+def keep_alive(replacement: torch.nn.Module, original: torch.nn.Module) -> torch.nn.Module:
+    """`replacement`, holding a reference to `original`. torch.jit.script swaps each submodule for
+    what its __prepare_scriptable__ returns and remembers the swap by id(original); a freed
+    original's id can then be reused by a later replacement, which jit.script would mistake for
+    the earlier one (a layer compiled with another layer's parameters). A plain tuple in __dict__
+    is not a submodule, and TorchScript ignores an attribute it cannot type unless forward uses it."""
+    replacement.__dict__["_batchnorm_original"] = (original,)
+    return replacement
 
 
 class BatchNorm1d(_BatchNorm, torch.nn.BatchNorm1d):
