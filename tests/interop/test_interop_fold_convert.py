@@ -421,3 +421,4 @@ def test_real_timm_bn_act_folds_and_converts():
     converted = batchnorm.convert(copy.deepcopy(model))
     assert type(converted[1]) is batchnorm.BatchNormAct2d and converted[1].activation == "silu"
     torch.testing.assert_close(converted(x), model(x), rtol=1e-10, atol=1e-10)
+

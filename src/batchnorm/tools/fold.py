@@ -109,8 +109,6 @@ def _why_not(layer: nn.Module, bn: nn.Module) -> str | None:
     """Why this (layer, bn) pair cannot be folded, or None when it can."""
     if kind_of(bn) is None:
         return _unknown_class(bn)
-    if isinstance(bn.running_mean, nn.parameter.UninitializedBuffer):
-        return f"{type(bn).__name__} is lazy and not initialized yet (run one forward first)"
     if bn.running_mean is None or bn.running_var is None:
         return "the BN has no running statistics (track_running_stats=False): eval uses batch statistics"
     if bn.num_features != _out_channels(layer):
