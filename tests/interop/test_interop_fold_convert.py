@@ -422,3 +422,22 @@ def test_real_timm_bn_act_folds_and_converts():
     assert type(converted[1]) is batchnorm.BatchNormAct2d and converted[1].activation == "silu"
     torch.testing.assert_close(converted(x), model(x), rtol=1e-10, atol=1e-10)
 
+
+
+def test_convert_to_sync_warns_about_the_layers_nothing_synchronizes():
+    model = nn.Sequential(batchnorm.GhostBatchNorm2d(3, virtual_batch_size=2), PlainSubclass(3), nn.BatchNorm2d(3))
+    with pytest.warns(UserWarning, match=r"left 2 BatchNorm layer\(s\)") as caught:
+        batchnorm.convert(model, to="sync")
+    message = str(caught[0].message)
+    assert "'0' (GhostBatchNorm2d): nothing synchronizes GhostBatchNorm2d" in message
+    assert "'1' (PlainSubclass): only exact BatchNorm classes are converted" in message
+    assert type(model[2]) is batchnorm.SyncBatchNorm
+
+
+@pytest.mark.parametrize("to, first", [("torch", nn.BatchNorm2d), ("sync", batchnorm.SyncBatchNorm)])
+def test_convert_a_bn_act_root_returns_bn_then_activation(to, first):
+    root = batchnorm.BatchNormAct2d(3, activation="elu", activation_param=0.3).eval()
+    new = batchnorm.convert(root, to=to)
+    assert type(root) is batchnorm.BatchNormAct2d and type(new[0]) is first and not new.training
+    assert_same_module(new[1], nn.ELU(0.3))
+    assert new[0].weight is root.weight and new[0].running_var is root.running_var

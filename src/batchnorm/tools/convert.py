@@ -115,15 +115,16 @@ def _timm_to_batchnorm(module: nn.Module) -> tuple[nn.Module | None, str | None]
 
 def _left_because(module: nn.Module, to: str) -> str:
     """Why `convert(to=to)` leaves this BN layer as it is."""
+    name = type(module).__name__
     if kind_of(module) is None:
-        return f"its class {type(module).__name__} is not one convert knows: it overrides forward and may compute something else than BatchNorm"
+        return f"its class {name} is not one convert knows: it overrides forward and may compute something else than BatchNorm"
     if isinstance(module, nn.modules.lazy.LazyModuleMixin):
         return "it is lazy and not initialized yet (run one forward first)"
-    if to == "sync":
-        return "it has no synchronized counterpart, so each process would normalize its part of the batch alone"
     if type(module) in _LIBRARY_ONLY:
-        return f"torch has no {type(module).__name__}"
-    return f"only exact BatchNorm classes are converted, and {type(module).__name__} is a subclass"
+        if to == "sync":
+            return f"nothing synchronizes {name}: each process would normalize its part of the batch alone"
+        return f"torch has no {name}"
+    return f"only exact BatchNorm classes are converted, and {name} is a subclass of one"
 
 
 def _replacement(module: nn.Module, name: str, to: str, process_group, dims: int | None) -> tuple[nn.Module | None, str | None]:
