@@ -30,7 +30,7 @@ from .kernels.activations import check_activation
 from ._script import ScriptableBatchNormAct1d, ScriptableBatchNormAct2d, ScriptableBatchNormAct3d
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, torch_twin
 
-__all__ = ["batch_norm_act", "torch_activation", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d"]
+__all__ = ["batch_norm_act", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d"]
 
 
 def batch_norm_act(
@@ -125,10 +125,6 @@ class _BatchNormAct:
             extra += f", activation_param={self.activation_param}"
         return super().extra_repr() + extra + (", inplace=True" if self.inplace else "")
 
-    def activation_module(self) -> torch.nn.Module:
-        """The activation as torch's module: Identity, ReLU, LeakyReLU(slope), ELU(alpha), SiLU."""
-        return torch_activation(self.activation, self.activation_param)
-
     def __prepare_scriptable__(self) -> torch.nn.Module:
         """For torch.jit.script: torch's BN forward then the activation, with this layer's
         Parameters and buffers under the same names (batchnorm/_script.py)."""
@@ -143,18 +139,6 @@ class _BatchNormAct:
             activation=self.activation, activation_param=self.activation_param, inplace=self.inplace,
             layer=self,
         )
-
-
-def torch_activation(activation: str, param: float) -> torch.nn.Module:
-    """torch's module for one of the fused activations (kernels/activations.py names them)."""
-    modules = {
-        "identity": torch.nn.Identity,
-        "relu": torch.nn.ReLU,
-        "leaky_relu": lambda: torch.nn.LeakyReLU(param),
-        "elu": lambda: torch.nn.ELU(param),
-        "silu": torch.nn.SiLU,
-    }
-    return modules[activation]()
 
 
 _SCRIPTABLE = (ScriptableBatchNormAct1d, ScriptableBatchNormAct2d, ScriptableBatchNormAct3d)
