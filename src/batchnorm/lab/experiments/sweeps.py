@@ -18,12 +18,13 @@ from pathlib import Path
 from torch import nn
 
 from .. import models
-from ..config import RunConfig
+from ..config import BOUNDS, RunConfig
 from ..data import Dataset
 from ..train import Settings, accuracy
 from .base import Cell, CellResult, Claim, Experiment, find, fmt_pct, groups
 
 DEPTH = 2  # hidden layers of the swept MLP when the depth is not what is swept
+MAX_DEPTH = 1000  # hidden layers at most: deeper is a typo that would run out of memory, not a sweep
 
 
 def _variants(config: RunConfig) -> list[str]:
@@ -52,13 +53,14 @@ def _sweep_cells(vary: str, config: RunConfig, data: Dataset) -> list[Cell]:
     return cells
 
 
-def _check_grid(name: str, integer: bool, config: RunConfig, least: float = 0) -> None:
+def _check_grid(name: str, integer: bool, config: RunConfig, least: float = 0, most: float = math.inf) -> None:
     if not config.grid:
         raise ValueError(f"--grid needs at least one {name}")
     for v in config.grid:
-        if not v > least or (integer and v != int(v)):
+        if not least < v <= most or (integer and v != int(v)):
             kind = "integers" if integer else "numbers"
-            raise ValueError(f"--grid values for the {name} must be {kind} above {least:g} (got {v:g})")
+            upto = "" if most == math.inf else f" and at most {most:g}"
+            raise ValueError(f"--grid values for the {name} must be {kind} above {least:g}{upto} (got {v:g})")
 
 
 def _table(gs, fmt=fmt_pct, column="test_accuracy") -> str:
@@ -287,10 +289,10 @@ def _gap_figures(out: Path, config: RunConfig, data: Dataset, results) -> list[t
     return [("gap.png", plots.gap(out / "gap.png", bn, sorted(int(b) for b in config.grid), seed002))]
 
 
-def _sweep(vary: str, name: str, integer: bool):
+def _sweep(vary: str, name: str, integer: bool, least: float = 0, most: float = math.inf):
     """The `cells` function of a sweep whose grid sets `vary` ("lr", "depth" or "batch_size")."""
     def cells(config: RunConfig, data: Dataset) -> list[Cell]:
-        _check_grid(name, integer, config)
+        _check_grid(name, integer, config, least, most)
         return _sweep_cells(vary, config, data)
     return cells
 
@@ -308,7 +310,7 @@ LR_SWEEP = Experiment(
     defaults=dict(seeds=3, epochs=8, batch_size=64, data="digits", target=0.9,
                   grid=[0.01, 0.03, 0.1, 0.3, 1.0, 3.0], variants=["none", "bn"]),
     setting_name="learning rate",
-    cells=_sweep("lr", "learning rates", integer=False),
+    cells=_sweep("lr", "learning rates", integer=False, most=BOUNDS["lr"].most),
     claims=lr_claims,
     figures=partial(_sweep_figures, "learning rate", True),
 )
@@ -320,7 +322,7 @@ DEPTH_SWEEP = Experiment(
     defaults=dict(seeds=3, epochs=8, batch_size=64, data="digits", target=0.9,
                   grid=[2, 5, 10, 20], variants=["none", "bn"]),
     setting_name="hidden layers",
-    cells=_sweep("depth", "depths", integer=True),
+    cells=_sweep("depth", "depths", integer=True, most=MAX_DEPTH),
     claims=depth_claims,
     figures=partial(_sweep_figures, "hidden layers", False),
 )
@@ -339,7 +341,8 @@ BATCH_SWEEP = Experiment(
     defaults=dict(seeds=3, epochs=4, data="digits", target=0.9,
                   grid=[2, 4, 8, 16, 32, 64, 128, 256], variants=["none", "bn", "ghost", "renorm"]),
     setting_name="batch size",
-    cells=_sweep("batch_size", "batch sizes", integer=True),
+    # a batch of one has no variance to normalize with, hence sizes of at least 2
+    cells=_sweep("batch_size", "batch sizes", integer=True, least=1),
     claims=batch_claims,
     figures=partial(_sweep_figures, "batch size", True),
 )
