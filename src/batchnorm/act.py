@@ -23,7 +23,7 @@ import torch
 from . import native, ops
 from ._compile import outside_compiled_graphs
 from .autograd_act import BatchNormActEval, BatchNormActTrain
-from .functional import check_arguments, check_scalars, track_batch, traced_batch_norm
+from .functional import check_arguments, check_scalars, track_batch, traced_batch_norm, transformed
 from .inplace import check_inplace
 from .kernels import use_torch
 from .kernels.activations import check_activation
@@ -58,7 +58,12 @@ def batch_norm_act(
     """
     check_scalars(x, training, momentum, eps)
     param = check_activation(activation, activation_param, inplace)
-    if ops.tracing():
+    if ops.tracing() or transformed():
+        if inplace and transformed():
+            raise RuntimeError(
+                "BatchNormAct with inplace=True cannot run under torch.func transforms or forward-mode AD (it "
+                "overwrites its input); use inplace=False there"
+            )
         if inplace:  # overwriting an input is not something a traced graph can hold
             if torch._C._get_tracing_state() is not None:
                 raise RuntimeError(

@@ -40,6 +40,7 @@ __all__ = [
     "check_arguments",
     "check_scalars",
     "traced_batch_norm",
+    "transformed",
     "check_devices",
     "track_batch",
 ]
@@ -106,7 +107,7 @@ def _next_running_stats(running_mean, running_var, mean, var, count: int, moment
             # in float64 and rounded once into the buffer: correctly rounded (torch's CPU update mixes
             # float32 steps and can be a few ulps off; tests/core/test_core_numerics.py)
             value = (running.double() * (1.0 - momentum) + batch.double() * momentum).to(running.dtype)
-            keep &= torch.isfinite(value)  # the value as it will be stored
+            keep = keep & torch.isfinite(value)  # as it will be stored (out of place: it may gain a vmap dim)
             updated.append(value)
     return updated, ~keep
 
@@ -251,7 +252,7 @@ def batch_norm(
     """
     x = input
     check_scalars(x, training, momentum, eps)
-    if ops.tracing():  # torch.compile, torch.export, torch.jit.trace: operators a graph can hold
+    if ops.tracing() or transformed():  # graphs and torch.func: operators, or the reference math
         return traced_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
     if use_torch(x, training):  # a tensor too small for the kernels' fixed costs: torch's own kernel
         y = native.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
@@ -278,23 +279,40 @@ def traced_batch_norm(
     activation: str = "identity",
     param: float = 0.0,
 ) -> Tensor:
-    """act(batch_norm(...)) through the `batchnorm::` operators and plain torch ops, for code torch
-    traces: no value is read in Python, so the whole call fits in one graph. The NaN/Inf guard of
-    the running statistics is the same tensor math as in eager; its warning, which would need the
-    values, is left out. `momentum` may be a 0-d tensor (momentum=None's 1 / (count + 1))."""
+    """act(batch_norm(...)) for code torch traces or transforms: no value is read in Python, so the
+    whole call fits in one graph, and the running-statistics update with its NaN/Inf guard is
+    tensor math (the guard's warning, which would need the values, is left out). `momentum` may be
+    a 0-d tensor (momentum=None's 1 / (count + 1) in a graph).
+
+      * torch.compile, torch.export, jit.trace: the `batchnorm::` operators (batchnorm/ops.py);
+      * ONNX export: torch's own batch norm op, which the exporters turn into BatchNormalization;
+      * torch.func transforms (grad, vmap, jvp, ...) and forward-mode AD: the plain-torch reference
+        (kernels/reference_act.py), which torch differentiates and batches like any torch code.
+    """
     check_arguments(x, running_mean, running_var, weight, bias, training=training, eps=eps)
-    if torch.onnx.is_in_onnx_export():
-        # ONNX has BatchNormalization, which torch's own op translates to; ours it would not know
-        y = torch.batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps, False)
-        return reference_act.activate(y, activation, param)
+    if ops.tracing():
+        if torch.onnx.is_in_onnx_export():
+            # ONNX has BatchNormalization, which torch's own op translates to; ours it would not know
+            y = torch.batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps, False)
+            return reference_act.activate(y, activation, param)
+        forward_train, forward_eval = ops.forward_train, ops.forward_eval
+    else:
+        forward_train, forward_eval = reference_act.forward_train_act, reference_act.forward_eval_act
     if not training:
-        return ops.forward_eval(x, running_mean, running_var, weight, bias, eps, activation, param)
-    y, mean, var, _ = ops.forward_train(x, weight, bias, eps, activation, param)
+        return forward_eval(x, running_mean, running_var, weight, bias, eps, activation, param)
+    y, mean, var, _ = forward_train(x, weight, bias, eps, activation, param)
     count = x.numel() // x.shape[1] if x.shape[1] else 0
     if count and not (running_mean is None and running_var is None):
+        mean, var = mean.detach(), var.detach()  # the running statistics are not differentiated
         updated, skipped = _next_running_stats(running_mean, running_var, mean, var, count, momentum)
         _store_running_stats(running_mean, running_var, updated, skipped)
     return y
+
+
+def transformed() -> bool:
+    """True under a torch.func transform (grad, vmap, jvp, jacrev, functional_call inside them) or
+    forward-mode AD: the library then runs the reference math, which every transform supports."""
+    return torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0
 
 
 def check_scalars(x: object, training: object, momentum: object, eps: object) -> None:

@@ -52,7 +52,7 @@ class _BatchNorm(torch.nn.modules.batchnorm._BatchNorm):
     def _momentum(self, update: bool, num_batches_tracked: Tensor | None) -> float:
         """The weight of this batch in the running statistics; `momentum=None` is a cumulative
         average, in which the k-th batch (counted once this one succeeds) gets weight 1/k."""
-        if self.momentum is None and update and ops.tracing():
+        if self.momentum is None and update and (ops.tracing() or F.transformed()):
             return 1.0 / (num_batches_tracked.double() + 1.0)  # a graph cannot read the count's value
         if self.momentum is not None:
             if isinstance(self.momentum, bool) or not isinstance(self.momentum, numbers.Real):
