@@ -119,3 +119,54 @@ def test_read_only_package_cache_falls_back(tmp_path):
     )
     env = {"XDG_CACHE_HOME": str(tmp_path), "PATH": os.environ.get("PATH", ""), "PYTHONPATH": SRC}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def _record_kernel_calls(monkeypatch):
+    """Every call into the Numba kernels' namespace (`cpu`), by function name."""
+    calls = []
+    for name in cpu.__all__:
+        if name != "layout_of":
+            original = getattr(cpu, name)
+            monkeypatch.setattr(cpu, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    return calls
+
+
+def _train_and_eval(layer, x):
+    x = x.detach().requires_grad_()
+    layer.train()(x).square().sum().backward()
+    with torch.no_grad():
+        layer.eval()(x)
+
+
+# name -> (input dims -> layer class), or None for functional.batch_stats
+VARIANTS = [
+    ("BatchNorm", {2: batchnorm.BatchNorm1d, 4: batchnorm.BatchNorm2d}),
+    ("BatchNormAct", {2: batchnorm.BatchNormAct1d, 4: batchnorm.BatchNormAct2d}),
+    ("BatchRenorm", {2: batchnorm.BatchRenorm1d, 4: batchnorm.BatchRenorm2d}),
+    ("GhostBatchNorm", {2: batchnorm.GhostBatchNorm1d, 4: batchnorm.GhostBatchNorm2d}),
+    ("batch_stats", None),
+]
+SMALL = [("NC", (64, 100), None), ("NCHW", (16, 8, 6, 6), None), ("NHWC", (16, 8, 6, 6), torch.channels_last)]
+
+
+@pytest.mark.parametrize("variant, classes", [pytest.param(*v, id=v[0]) for v in VARIANTS])
+@pytest.mark.parametrize("shape, fmt", [pytest.param(*s[1:], id=s[0]) for s in SMALL])
+def test_small_tensors_never_take_the_parallel_kernels(monkeypatch, variant, classes, shape, fmt):
+    """One dispatch rule for every layer and variant: a tensor below its layout's smallest
+    threshold runs on torch (its kernel or the reference's torch ops), never a parallel Numba
+    launch, in training (forward and backward) and eval; the same layer on a large tensor does
+    take the kernels, so the recorder sees them when they run."""
+    monkeypatch.setattr(kernels, "FORCE", None)  # the size rule itself, not this suite's forcing
+    calls = _record_kernel_calls(monkeypatch)
+    x = randn(shape, fmt=fmt)
+    extra = {"virtual_batch_size": 4} if variant == "GhostBatchNorm" else {}
+    layer = None if classes is None else classes[x.dim()](x.shape[1], **extra)
+    if layer is None:
+        batchnorm.functional.batch_stats(x)
+    else:
+        _train_and_eval(layer, x)
+    assert calls == [], f"{variant} on {tuple(x.shape)} launched {calls}"
+    large = randn((-(-2**20 // x[0].numel()), *x.shape[1:]), fmt=fmt)  # 2**20 elements: above every eval threshold
+    with torch.no_grad():
+        batchnorm.functional.batch_stats(large) if layer is None else layer.eval()(large)
+    assert calls, f"{variant} on {tuple(large.shape)} never reached the kernels"

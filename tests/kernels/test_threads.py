@@ -1,9 +1,15 @@
-"""The kernels from several Python threads at once (serialized launches) and in forked children."""
+"""The kernels from several Python threads at once (serialized launches), in forked children, and\nthe process-wide thread settings they must leave alone (torch's thread count, OpenMP's nesting)."""
 from __future__ import annotations
 
+import json
 import multiprocessing
+import os
+import subprocess
+import sys
+import textwrap
 from concurrent.futures import ThreadPoolExecutor
 
+import pytest
 import torch
 
 import batchnorm
@@ -56,3 +62,54 @@ def test_forked_child_runs_batch_norm():
     expected = "batchnorm.kernels.reference" if numba.threading_layer() == "omp" else "batchnorm.kernels.cpu"
     assert name == expected
     assert_close(torch.from_numpy(y), torch.nn.BatchNorm2d(8)(x), torch.float32)
+
+
+# ------------------------------------------------------------------ process-wide thread settings
+# Each runs in a fresh interpreter: the settings are per process (and OpenMP's per thread), and
+# Numba's threading layer starts once per process, at the first kernel call.
+SRC = os.path.dirname(os.path.dirname(os.path.abspath(batchnorm.__file__)))
+FIRST_CALL = """
+import torch
+from batchnorm.kernels import cpu
+x = torch.randn(64, 8, 16, 16)  # planar: a parallel launch
+"""
+
+
+def _run(code, **env):
+    environ = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "BATCHNORM_KERNELS")}
+    environ.update(env, PYTHONPATH=SRC)
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=environ, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_kernel_calls_keep_torch_threads_and_numba_follows_them():
+    """torch.set_num_threads(1), then the first kernel call (which starts Numba's OpenMP layer):
+    torch still has one thread, and the kernels ran on one (Numba follows torch); whatever torch is
+    set to between later calls, the next call runs Numba with that many threads (capped by Numba's
+    pool, NUMBA_NUM_THREADS=2 here). Numba's OpenMP start also enables nesting
+    (omp_set_nested(1)): the runtime torch uses keeps the max active levels it had."""
+    got = _run("import json, ctypes\n" + FIRST_CALL + """
+import numba
+omp = ctypes.CDLL(None)  # the OpenMP runtime in the global scope: torch's
+levels = getattr(omp, "omp_get_max_active_levels", lambda: None)
+levels_before = levels()
+seen = []
+for n in (1, 1, 2, 1, 2):
+    torch.set_num_threads(n)
+    cpu.batch_stats(x)
+    seen.append([n, torch.get_num_threads(), numba.get_num_threads()])
+print(json.dumps({"seen": seen, "levels": [levels_before, levels()]}))
+""", NUMBA_NUM_THREADS="2")
+    assert got["seen"] == [[n, n, n] for n in (1, 1, 2, 1, 2)], "[set, torch's after the call, Numba's]"
+    assert got["levels"][0] == got["levels"][1], "OpenMP max active levels before and after"
+
+
+def test_kernel_call_keeps_omp_num_threads_from_the_environment():
+    got = _run("import json\n" + FIRST_CALL + """
+before = torch.get_num_threads()
+cpu.batch_stats(x)
+import numba
+print(json.dumps([before, torch.get_num_threads(), numba.get_num_threads()]))
+""", OMP_NUM_THREADS="1")
+    assert got == [1, 1, 1], "torch's threads before and after the first kernel call, Numba's"

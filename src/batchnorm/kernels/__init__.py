@@ -18,9 +18,19 @@ torch's whole call. The thresholds are measured, not guessed: benchmarks/dispatc
 times the whole layer both ways over a ladder of sizes, per layout, for a training step and an
 eval call, of BatchNorm and (--fused) of BatchNormAct; its runs are recorded in docs/performance.md.
 
+The same sizes bound `implementation(x)` itself, for every caller, not only the layers that can
+hand a small tensor to torch's kernel: a tensor below `parallel_min_numel(layout)` (the smallest
+of its layout's thresholds) gets the reference, never the parallel Numba kernels. BatchRenorm (its
+training forward needs xhat, which torch's kernel does not return), `functional.batch_stats`,
+`recalibrate` and SyncBatchNorm call `implementation` directly; on a tiny tensor a parallel
+launch costs more than the work (~0.3 ms quiet, and 50x that when the cores are busy: a (64, 100)
+`batch_stats` took 17 ms with two Numba threads on a loaded 2-core machine against 0.35 ms with
+one), while the reference's torch ops run small tensors on one thread.
+
 `BATCHNORM_KERNELS=reference` in the environment (or `kernels.FORCE = "reference"`) turns the
 fast paths off; `FORCE = "cpu"` sends every supported tensor to the Numba kernels regardless of
-size, `FORCE = "torch"` every supported tensor to torch's kernel (tests, benchmarks).
+size, `FORCE = "torch"` every supported tensor to torch's kernel (tests, benchmarks; where torch's kernel
+declines, as on the NaN guard's path, the Numba kernels whatever the size).
 """
 from __future__ import annotations
 
@@ -33,7 +43,7 @@ from torch import Tensor
 
 from . import _numba, buffers, cpu, reference, reference_act
 
-__all__ = ["implementation", "use_torch", "reference", "reference_act", "cpu", "buffers", "MIN_NUMEL", "FORCE"]
+__all__ = ["implementation", "use_torch", "reference", "reference_act", "cpu", "buffers", "MIN_NUMEL", "parallel_min_numel", "FORCE"]
 
 # Smallest tensor (elements) sent to the Numba kernels, per mode (BN or BN + activation, training
 # step or eval call) and layout; below it torch's own kernel runs (see use_torch). From
@@ -49,6 +59,7 @@ MIN_NUMEL = {
     "train_act": {cpu.PLANAR: 2**17, cpu.ROWS: 2**20, cpu.ROWS_CHANNELS_LAST: 2**20},
     "eval_act": {cpu.PLANAR: 2**19, cpu.ROWS: 2**19, cpu.ROWS_CHANNELS_LAST: 2**19},
 }
+
 
 # None: choose by size; "reference": plain PyTorch only; "cpu": the Numba kernels whenever they
 # apply; "torch": torch's kernel whenever the Numba kernels would apply.
@@ -88,6 +99,13 @@ def use_torch(x: Tensor, training: bool, fused: bool = False) -> bool:
     return FORCE == "torch" or x.numel() < MIN_NUMEL[_MODES[training, fused]][layout]
 
 
+def parallel_min_numel(layout: str) -> int:
+    """Smallest tensor (elements) of `layout` that `implementation` sends to the parallel kernels:
+    the smallest of the layout's `MIN_NUMEL` over the modes, so that every layer keeps the kernels
+    wherever `use_torch` gives them to it, and nothing smaller reaches them by another way."""
+    return min(MIN_NUMEL["train"][layout], MIN_NUMEL["eval"][layout], MIN_NUMEL["train_act"][layout], MIN_NUMEL["eval_act"][layout])
+
+
 _MODES = {(True, False): "train", (False, False): "eval", (True, True): "train_act", (False, True): "eval_act"}
 
 
@@ -99,7 +117,7 @@ def implementation(x: Tensor, *, fused: bool = False) -> ModuleType:
     if FORCE == "reference" or torch._C._are_functorch_transforms_active():
         return slow
     layout = cpu.layout_of(x)
-    if layout is None:
-        return slow
+    if layout is None or (FORCE is None and x.numel() < parallel_min_numel(layout)):
+        return slow  # small tensors never take the parallel kernels (see the module docstring)
     # In a forked child of a process running GNU OpenMP the kernels cannot launch (see _numba).
     return cpu if _numba_available() and _numba.usable() else slow

@@ -17,12 +17,23 @@ workers and other forked children take the reference path instead (`usable()`); 
 workqueue they keep the kernels. Two Python threads must not launch at once on workqueue, so the
 drivers serialize their launches with `LAUNCH_LOCK` (each launch already uses every core).
 
+Process-wide settings: Numba's OpenMP layer, when it starts (`launch_threads`, once per process,
+at the first parallel launch or `numba.get/set_num_threads`), calls `omp_set_num_threads(
+NUMBA_NUM_THREADS)` and `omp_set_nested(1)` in the calling thread. Those calls bind to the OpenMP
+runtime already in the process's global scope, which is torch's own bundled libgomp, and torch's
+thread count *is* that runtime's `omp_get_max_threads()`: `torch.set_num_threads(1)` or
+`OMP_NUM_THREADS=1` came back as the core count after the first kernel call. `load()` therefore
+starts Numba's threads itself and puts back what the start changed (the calling thread's OpenMP
+thread count and the runtime's max active levels), checked against `torch.get_num_threads()`.
+The kernels then give Numba torch's thread count at every call (`cpu._kernels`).
+
 Parallel writers (pytest-xdist workers, several training processes) are safe: Numba writes each
 cache file to a temporary name and renames it into place, so a reader sees either the old or the
 new file, and the worst case of a race is one extra compilation.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import tempfile
 import threading
@@ -80,9 +91,65 @@ def load() -> ModuleType:
             os.environ["NUMBA_CACHE_DIR"] = str(fallback)
         import numba
 
+        _start_threads_keeping_openmp_settings(numba)
         _numba = numba
         _LOAD_PID = os.getpid()
     return _numba
+
+
+def _start_threads_keeping_openmp_settings(numba: ModuleType) -> None:
+    """Start Numba's threading layer now, then undo what its OpenMP start changed (see above).
+
+    Restored through the OpenMP runtime Numba's calls bound to: the one in the global scope (torch's
+    libgomp) when there is one, else the one Numba's omppool loaded itself; if torch's count still
+    differs, through `torch.set_num_threads`, the last resort because it also sets MKL's count.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    runtimes = _openmp_runtimes()
+    levels = [rt.omp_get_max_active_levels() for rt in runtimes]
+    numba.get_num_threads()  # starts the threading layer (Numba's public way to do it)
+    if numba.threading_layer() != "omp":
+        return
+    if torch.get_num_threads() != threads:
+        for rt in runtimes + [rt for rt in _openmp_runtimes(numba) if rt not in runtimes]:
+            rt.omp_set_num_threads(threads)
+            if torch.get_num_threads() == threads:
+                break
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    for rt, level in zip(runtimes, levels):
+        if rt.omp_get_max_active_levels() != level:
+            rt.omp_set_max_active_levels(level)
+
+
+class _OpenMP:
+    """The three OpenMP calls `load()` needs from one runtime (compared by their address)."""
+
+    def __init__(self, library: ctypes.CDLL):
+        self.omp_set_num_threads = library.omp_set_num_threads
+        self.omp_get_max_active_levels = library.omp_get_max_active_levels
+        self.omp_set_max_active_levels = library.omp_set_max_active_levels
+        self.address = ctypes.cast(self.omp_set_num_threads, ctypes.c_void_p).value
+
+    def __eq__(self, other):
+        return isinstance(other, _OpenMP) and self.address == other.address
+
+
+def _openmp_runtimes(numba: ModuleType | None = None) -> list[_OpenMP]:
+    """The OpenMP runtime of the global scope (numba=None), or the one Numba's omppool loaded;
+    [] where there is none (no OpenMP, not Linux/glibc)."""
+    try:
+        if numba is None:
+            library = ctypes.CDLL(None)
+        else:
+            from numba.np.ufunc import omppool
+
+            library = ctypes.CDLL(omppool.__file__)
+        return [_OpenMP(library)]
+    except (OSError, AttributeError, ImportError, TypeError):
+        return []
 
 
 def usable() -> bool:

@@ -19,12 +19,25 @@ anymore: no tensor, view, storage, tensor saved for backward or NumPy view of it
 whose lease is dead is idle and is handed out again for a request of exactly its size. No
 reference counts are inspected, so nothing can be reused while still reachable.
 
-Cost: idle buffers stay allocated, up to the limit on what the cache owns (in use + idle):
-1 GiB by default, `BATCHNORM_BUFFER_CACHE_MB` in the environment (read at import; 0 disables the
-cache) or `set_limit(nbytes)`. Idle memory is kept until `empty_cache()` (or until evicted, least
-recently used first, to make room for a new size). A request the limit cannot take is served by
-plain `torch.empty_like`: the cache never makes an allocation fail. Outputs below `MIN_BYTES`
-(512 KiB) always come from `torch.empty_like` (see the constant for the measurement).
+Cost, and its bound: the cache owns (in use + idle) at most the largest number of bytes its
+tensors have had in use at one time since the last `empty_cache()` (its high-water mark), and
+never more than its limit. A training loop with a steady batch size needs no more than that and
+keeps every buffer; when sizes vary, a request of a new size evicts idle buffers, least recently
+used first, to stay under the mark, so idle buffers never add to the peak a loop of torch tensors
+would reach (torch holds the same outputs live at that peak). The limit: 1 GiB by default,
+`BATCHNORM_BUFFER_CACHE_MB` in the environment (MiB, read at import; 0 disables the cache) or
+`set_limit(nbytes)`. A request over either bound is served by plain `torch.empty_like`: the cache
+never makes an allocation fail. Outputs below `MIN_BYTES` (512 KiB) always come from
+`torch.empty_like` (see the constant for the measurement).
+
+Memory goes back to the OS when the cache lets go of it: each buffer is its own anonymous mmap,
+unmapped as soon as it is evicted (or freed by `empty_cache()`) and no tensor stands on it. Buffers
+from glibc's malloc (as NumPy's allocations are) did not: glibc raises its mmap threshold to the
+size of each mmapped block it frees (up to 32 MiB), so later blocks came from its heap and stayed
+resident after being freed: `empty_cache()` left 1.2 GB resident after a loop with varying batch
+sizes. `malloc_trim` would hand such heap memory back only where whole pages are free, for every
+allocation in the process (torch's included) and at a cost on each call; unmapping our own
+buffers needs no such call. Measured with benchmarks/buffer_memory.py (docs/performance.md).
 
 One behavioural difference: a tensor on NumPy memory has a storage that is not resizable, so
 `out.resize_(larger)` (also the implicit resize of an `out=` argument to a larger shape) raises
@@ -41,6 +54,7 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+import mmap
 import os
 import sys
 import threading
@@ -62,7 +76,6 @@ __all__ = ["empty", "set_limit", "limit", "empty_cache", "cached_bytes", "MIN_BY
 MIN_BYTES = 512 << 10
 
 _HUGE_PAGE_MIN_BYTES = 8 << 20
-_ALIGN = 64  # bytes: a cache line, as torch's CPU allocator aligns
 
 _CHANNELS_LAST_DIM = {torch.channels_last: 4, torch.channels_last_3d: 5}
 
@@ -95,6 +108,7 @@ class _Entry:
 
 
 _limit = _limit_from_env()
+_high_water = 0  # most bytes of cached buffers in use at one time since the last empty_cache()
 _lock = threading.Lock()
 _entries: dict[int, list[_Entry]] = {}  # nbytes -> buffers of exactly that size
 _clock = itertools.count(1)
@@ -156,14 +170,18 @@ def _lease(nbytes: int, layout: tuple) -> tuple[np.ndarray | None, bool]:
         if candidate.idle():
             entry = candidate
             break
-    if entry is None:
+    if entry is None:  # (a reuse changes neither what the cache owns nor, in a repeated step, the mark)
         in_use, idle = _totals()
-        if in_use + idle + nbytes > _limit:
-            _evict(in_use + idle + nbytes - _limit)
-            if in_use + nbytes > _limit:
-                return None, False
+        if in_use + nbytes > _limit:
+            return None, False
+        # Own no more than the high-water mark of bytes in use (this request counted): idle
+        # buffers of other sizes give way, least recently used first.
+        bound = min(_limit, max(_high_water, in_use + nbytes))
+        if in_use + idle + nbytes > bound:
+            _evict(in_use + idle + nbytes - bound)
         entry = _Entry(_new_buffer(nbytes))
         _entries.setdefault(nbytes, []).append(entry)
+        _note_in_use(in_use + nbytes)
     if layout not in entry.layouts:
         if len(entry.layouts) >= 8:  # shapes of one byte size: a handful in a training loop
             entry.layouts.clear()
@@ -173,6 +191,11 @@ def _lease(nbytes: int, layout: tuple) -> tuple[np.ndarray | None, bool]:
     entry.lease = weakref.ref(lease)
     entry.last_used = next(_clock)
     return lease, typed is not None
+
+
+def _note_in_use(nbytes: int) -> None:
+    global _high_water
+    _high_water = max(_high_water, nbytes)
 
 
 def _typed(buffer: np.ndarray, dtype: torch.dtype, shape: torch.Size, memory_format: torch.memory_format) -> np.ndarray | None:
@@ -194,10 +217,9 @@ def _shape(flat: Tensor, shape: torch.Size, memory_format: torch.memory_format) 
 
 
 def _new_buffer(nbytes: int) -> np.ndarray:
-    """nbytes of fresh, untouched memory, cache-line aligned, advised onto huge pages."""
-    raw = np.empty(nbytes + _ALIGN, np.uint8)
-    start = -raw.ctypes.data % _ALIGN
-    buffer = raw[start : start + nbytes]
+    """nbytes of fresh, untouched memory in an anonymous mmap of its own (page-aligned, so
+    cache-line aligned too), advised onto huge pages; unmapped when the last view of it dies."""
+    buffer = np.frombuffer(mmap.mmap(-1, nbytes), np.uint8)
     _advise_huge_pages(buffer.ctypes.data, nbytes)
     return buffer
 
@@ -243,9 +265,12 @@ def limit() -> int:
 
 
 def empty_cache() -> None:
-    """Free every idle buffer (buffers in use stay cached and become idle when released)."""
+    """Free every idle buffer, its memory returned to the OS (buffers in use stay cached and become
+    idle when released), and start a new high-water mark from the bytes still in use."""
+    global _high_water
     with _lock:
         _evict(sum(_totals()))
+        _high_water = _totals()[0]
 
 
 def cached_bytes() -> tuple[int, int]:
