@@ -89,10 +89,9 @@ def _without(module: nn.Module, cls: type, attributes: tuple[str, ...] = (), chi
 
 
 def _then(bn: nn.Module, *after: nn.Module, training: bool) -> nn.Sequential:
-    """nn.Sequential(bn, *after) with the training flag of the layer it replaces."""
-    seq = nn.Sequential(bn, *after)
-    seq.training = training
-    return seq
+    """nn.Sequential(bn, *after) with the training flag of the layer it replaces, on every module
+    in it (the new activation too: torch's quantization fusion refuses modules in mixed modes)."""
+    return nn.Sequential(bn, *after).train(training)
 
 
 def _timm_to_batchnorm(module: nn.Module) -> tuple[nn.Module | None, str | None]:
