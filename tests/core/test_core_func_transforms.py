@@ -70,14 +70,15 @@ def test_no_graph_is_recorded_when_nothing_needs_a_gradient(training):
     assert y.grad_fn is not None
 
 
-def test_forward_mode_ad_is_refused_as_by_any_function_without_jvp():
-    """Forward-mode AD takes torch's own Function path, which refuses a Function without a jvp,
-    instead of silently dropping the tangent (affine=False: no parameter requires grad either)."""
+def test_forward_mode_ad_gives_torchs_tangent():
+    """Forward-mode AD runs the reference math (which torch differentiates in forward mode), where
+    the library's Function has no jvp: the tangent is torch's (affine=False: only x carries one)."""
     import torch.autograd.forward_ad as fwAD
 
-    ours, _ = make_pair("2d", dtype=torch.float64, affine=False)
+    ours, ref = make_pair("2d", dtype=torch.float64, affine=False)
     x = randn((4, 3, 5, 5), dtype=torch.float64)
-    with fwAD.dual_level():
-        dual = fwAD.make_dual(x, torch.ones_like(x))
-        with pytest.raises(RuntimeError, match="jvp"):
-            ours(dual)
+    tangents = []
+    for layer in (ours, ref):
+        with fwAD.dual_level():
+            tangents.append(fwAD.unpack_dual(layer(fwAD.make_dual(x, torch.ones_like(x) * 0.5 + x))).tangent)
+    torch.testing.assert_close(tangents[0], tangents[1], rtol=1e-10, atol=1e-12)

@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from conftest import SIZES, assert_states_close, conv_bn_model, resnet18_style
+from interop_helpers import SIZES, assert_states_close, conv_bn_model, resnet18_style
 
 TOL = dict(rtol=1e-4, atol=1e-4)  # small sizes: eager runs torch's kernel, the graph the library's
 

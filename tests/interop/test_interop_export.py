@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import batchnorm
-from conftest import SIZES, assert_states_close, conv_bn_model
+from interop_helpers import SIZES, assert_states_close, conv_bn_model
 
 TOL = dict(rtol=1e-4, atol=1e-4)
 
