@@ -114,7 +114,8 @@ def _run(name: str, overrides: dict, out: Path, resume: bool, overwrite: bool) -
               f"{'nan' if loss is None else f'{loss:.4f}'}  epochs to {100 * summary['target_accuracy']:.0f}%: {epochs}"
               if acc is not None else f"{variant:>16s}: diverged")
     for c in summary["claims"]:
-        print(f"[{c['verdict']}] {c['claim']}\n    {c['evidence']}")
+        interval = f"\n    {c['interval']}: {c['reason']}" if c.get("interval") else ""
+        print(f"[{c['verdict']}] {c['claim']}{interval}\n    {c['evidence']}")
     print(f"\nreport: {out / 'report.html'}")
     return 0
 

@@ -1,7 +1,8 @@
 """report.html: one self-contained page per run (inline CSS, PNGs embedded as base64).
 
-It opens offline in any browser and can be mailed as one file. The page leads with the verdicts,
-then the figures, then the numbers, then how the run was made.
+It opens offline in any browser and can be mailed as one file. The page leads with the verdicts
+(each with its paired interval and its rule), then the figures, then the numbers, then how the run
+was made.
 """
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ h1 { font-size: 1.6em; margin-bottom: .1em; } h2 { font-size: 1.2em; margin-top:
 .claim.yes { border-left-color: #2a9d5c; } .claim.no { border-left-color: #d1342f; }
 .badge { display: inline-block; font-weight: 600; font-size: .8em; padding: .1em .6em; border-radius: 1em;
          color: #fff; margin-right: .6em; vertical-align: middle; }
-.yes .badge { background: #2a9d5c; } .no .badge { background: #d1342f; }
+.claim.maybe { border-left-color: #d9a400; }
+.yes .badge { background: #2a9d5c; } .no .badge { background: #d1342f; } .maybe .badge { background: #b58900; }
+.claim .interval { margin-top: .3em; } .claim .rule { color: #666; font-size: .88em; margin-top: .3em; }
 .claim .text { font-weight: 600; } .claim .evidence { color: #444; margin-top: .3em; }
 figure { background: #fff; border: 1px solid #e3e3e3; border-radius: 6px; margin: 1em 0; padding: .8em; }
 figure img { max-width: 100%; display: block; margin: auto; } figcaption { color: #555; font-size: .9em; margin-top: .4em; }
@@ -104,6 +107,26 @@ def _cards(summary: dict) -> list[str]:
     return cards
 
 
+_BADGE = {"supported": "yes", "not supported": "no", "inconclusive": "maybe"}
+
+
+def _claims(summary: dict) -> list[str]:
+    """The verdicts, first on the page: each with its paired interval and the rule it was judged by."""
+    out = ["<h2>Verdicts</h2>"]
+    if not summary["claims"]:
+        out.append("<p>This run's settings do not allow a verdict (it needs both BN and no-BN variants, "
+                   "and at least two values on the grid).</p>")
+    for c in summary["claims"]:
+        interval = (f"<div class='interval'><b>{_e(c['interval'])}</b> — {_e(c['reason'])}</div>"
+                    if c.get("interval") else "")
+        rule = f"<div class='rule'>Rule (fixed before the run): {_e(c['rule'])}.</div>" if c.get("rule") else ""
+        out.append(
+            f"<div class='claim {_BADGE.get(c['verdict'], 'maybe')}'><span class='badge'>{_e(c['verdict'])}</span>"
+            f"<span class='text'>{_e(c['claim'])}</span>{interval}<div class='evidence'>{_e(c['evidence'])}</div>{rule}</div>"
+        )
+    return out
+
+
 def render(summary: dict, folder: Path) -> str:
     """The HTML page for `summary` (as written to summary.json); PNGs are read from `folder`."""
     out = [
@@ -114,21 +137,11 @@ def render(summary: dict, folder: Path) -> str:
         f"{_e(summary['environment']['started_utc'])} · {summary['train_seconds']:.0f} s of training</p>",
         f"<p>{_e(summary['description'])}</p>",
     ]
+    out += _claims(summary)
     out += _cards(summary)
     out.append("<h2>Figures</h2>")
     for f in summary["figures"]:
         out.append(f"<figure>{_img(folder / f['file'])}<figcaption>{_e(f['caption'])}</figcaption></figure>")
-    out.append("<h2>Claims</h2>")
-    if not summary["claims"]:
-        out.append("<p>This run's settings do not allow a verdict (it needs both BN and no-BN variants, "
-                   "and at least two values on the grid).</p>")
-    for c in summary["claims"]:
-        cls = "yes" if c["verdict"] == "supported" else "no"
-        out.append(
-            f"<div class='claim {cls}'><span class='badge'>{_e(c['verdict'])}</span>"
-            f"<span class='text'>{_e(c['claim'])}</span><div class='evidence'>{_e(c['evidence'])}</div></div>"
-        )
-
     target = summary["target_accuracy"]
     out += [
         "<h2>Numbers</h2>",

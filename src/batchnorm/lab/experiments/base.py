@@ -18,9 +18,10 @@ from torch import nn
 from ..config import RunConfig
 from ..data import Dataset
 from ..models import label
+from ..stats import SUPPORTED, Rule, Verdict, judge
 from ..train import History, Settings
 
-__all__ = ["Cell", "CellResult", "Claim", "Experiment", "Group", "groups", "fmt_pct", "fmt_setting"]
+__all__ = ["Cell", "CellResult", "Claim", "Experiment", "Group", "groups", "paired", "fmt_pct", "fmt_setting"]
 
 
 @dataclass(frozen=True)
@@ -47,16 +48,33 @@ class CellResult:
 
 @dataclass
 class Claim:
+    """A tutorial's claim and its verdict under a Rule fixed before the run (see lab/stats.py)."""
+
     claim: str  # the tutorial's claim, as a sentence
-    supported: bool
+    verdict: str  # stats.OUTCOMES: "supported", "not supported" or "inconclusive"
     evidence: str  # the numbers behind the verdict, as a sentence
+    judged: Verdict | None = None  # the rule, the paired interval and why this outcome
+
+    @classmethod
+    def of(cls, claim: str, rule: Rule, effects: list[float], evidence: str) -> "Claim":
+        """Judge `claim` by `rule` on the per-seed paired `effects`."""
+        verdict = judge(rule, effects)
+        return cls(claim, verdict.outcome, evidence, verdict)
 
     @property
-    def verdict(self) -> str:
-        return "supported" if self.supported else "not supported"
+    def supported(self) -> bool:
+        return self.verdict == SUPPORTED
+
+    @property
+    def interval(self) -> str:
+        return self.judged.text() if self.judged else ""
 
     def as_dict(self) -> dict[str, Any]:
-        return {"claim": self.claim, "verdict": self.verdict, "evidence": self.evidence}
+        out = {"claim": self.claim, "verdict": self.verdict, "evidence": self.evidence}
+        if self.judged is not None:
+            out.update(interval=self.judged.text(), reason=self.judged.reason, rule=self.judged.rule.describe(),
+                       statistics=self.judged.as_dict())
+        return out
 
 
 @dataclass(frozen=True)
@@ -108,6 +126,13 @@ class Group:
             out.append(hit)
         return out
 
+    def by_seed(self, column: str) -> dict[int, float]:
+        """seed -> the last epoch's `column` (what paired comparisons line up)."""
+        return {r.cell.seed: (r.history.rows[-1][column] if r.history.rows else math.nan) for r in self.results}
+
+    def extra_by_seed(self, key: str) -> dict[int, float]:
+        return {r.cell.seed: r.extras.get(key, math.nan) for r in self.results}
+
     def mean(self, column: str) -> float:
         return _mean(self.finals(column))
 
@@ -151,6 +176,11 @@ def groups(results: list[CellResult]) -> list[Group]:
 
 def find(gs: list[Group], variant: str, setting: float | None = None) -> Group:
     return next(g for g in gs if g.variant == variant and g.setting == setting)
+
+
+def paired(a: dict[int, float], b: dict[int, float]) -> list[float]:
+    """Per seed present on both sides, a[seed] - b[seed], in seed order (NaN when either is missing)."""
+    return [a[s] - b[s] if a[s] is not None and b[s] is not None else math.nan for s in sorted(a.keys() & b.keys())]
 
 
 def fmt_pct(x: float) -> str:
