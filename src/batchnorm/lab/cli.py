@@ -23,7 +23,7 @@ import sys
 import threading
 from pathlib import Path
 
-__all__ = ["main"]
+__all__ = ["main", "run_overrides"]
 
 DEMO_OUT = Path("runs") / "demo"
 # = lab.distributed.DEFAULT_TIMEOUT and PEER_FAILED (not imported: `batchnorm list` starts without torch)
@@ -116,7 +116,7 @@ def _run(name: str, overrides: dict, out: Path, resume: bool, overwrite: bool) -
     for c in summary["claims"]:
         interval = f"\n    {c['interval']}: {c['reason']}" if c.get("interval") else ""
         print(f"[{c['verdict']}] {c['claim']}{interval}\n    {c['evidence']}")
-    print(f"\nreport: {out / 'report.html'}")
+    print(f"\nreproduce: {summary['command']}\nreport: {out / 'report.html'}")
     return 0
 
 
@@ -162,6 +162,16 @@ def _run_ranks(args, overrides: dict, out: Path, argv: list[str]) -> int:
     return _run(args.experiment, overrides, out, args.resume, args.overwrite)
 
 
+# The `run` flags that are RunConfig fields (the rest say where and how to run, not what).
+RUN_FIELDS = ("seeds", "epochs", "lr", "batch_size", "data", "data_dir", "limit", "target", "grid", "variants",
+              "log_every", "threads")
+
+
+def run_overrides(args: argparse.Namespace) -> dict:
+    """The RunConfig fields `batchnorm run` was given (None where a flag was not)."""
+    return {k: getattr(args, k) for k in RUN_FIELDS}
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -185,8 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides = {"seeds": args.seeds, "epochs": args.epochs}
             # The demo's own folder is replaced on every demo; a folder you name is only with --overwrite.
             return _run("circles", overrides, out, False, args.overwrite or args.out is None)
-        overrides = {k: getattr(args, k) for k in (
-            "seeds", "epochs", "lr", "batch_size", "data", "data_dir", "limit", "target", "grid", "variants", "log_every", "threads")}
+        overrides = run_overrides(args)
         out = args.out or Path("runs") / args.experiment
         return _run_ranks(args, overrides, out, sys.argv[1:] if argv is None else list(argv))
     except KeyboardInterrupt:

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-__all__ = ["render"]
+__all__ = ["render", "command"]
 
 _CSS = """
 body { font: 15px/1.5 -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif; color: #222;
@@ -66,26 +66,45 @@ def _img(path: Path) -> str:
     return f'<img alt="{_e(path.name)}" src="data:image/png;base64,{data}">'
 
 
-def _command(summary: dict) -> str:
-    config = summary["config"]
+# RunConfig fields that change only what is printed, never a number: left out of the command.
+_NOT_NUMBERS = ("experiment", "log_every")
+
+
+def _flag_value(value) -> str:
+    if isinstance(value, list):
+        return ",".join(_flag_value(v) for v in value)
+    if isinstance(value, float):
+        return repr(value)  # repr round-trips a float exactly; :g would round 0.123456789
+    return str(value)
+
+
+def command(config: dict) -> str:
+    """`batchnorm run ...` with every flag whose value differs from the experiment's default, so that
+    the command reproduces the run (same config, same numbers). `--seeds` is always given."""
+    from .config import RunConfig
+    from .experiments import get
+
     name = config["experiment"]
-    parts = ["batchnorm", "run", name, "--seeds", str(config["seeds"]), "--epochs", str(config["epochs"])]
-    if summary["experiment"] in ("mlp", "cnn", "circles"):
-        parts += ["--lr", f"{config['lr']:g}"]
-    parts += ["--batch-size", str(config["batch_size"])]
-    if config.get("threads", 1) != 1:
-        parts += ["--threads", str(config["threads"])]
-    if name != "circles":
-        parts += ["--data", config["data"]]
-    if config.get("data_dir"):
-        parts += ["--data-dir", config["data_dir"]]
-    if config.get("grid"):
-        parts += ["--grid", ",".join(f"{v:g}" for v in config["grid"])]
-    if config.get("variants"):
-        parts += ["--variants", ",".join(config["variants"])]
-    if config.get("limit"):
-        parts += ["--limit", str(config["limit"])]
+    default = RunConfig(experiment=name, **get(name).defaults).numbers()
+    parts = ["batchnorm", "run", name]
+    for key, value in config.items():
+        if key in _NOT_NUMBERS or key not in default or (value == default[key] and key != "seeds"):
+            continue
+        if isinstance(value, bool):
+            parts.append(f"--{key.replace('_', '-')}" if value else f"--no-{key.replace('_', '-')}")
+            continue
+        if value is None:
+            continue
+        parts += [f"--{key.replace('_', '-')}", _flag_value(value)]
     return " ".join(parts)
+
+
+def _code(version: dict | None) -> str:
+    if not version:
+        return "not recorded"
+    commit = version.get("git_commit")
+    where = (f"git commit {commit}" + (" with uncommitted changes" if version.get("git_dirty") else "")) if commit else "no git checkout"
+    return f"batchnorm {version['package']}, {where}, source SHA-256 {version['source_sha256']}"
 
 
 def _cards(summary: dict) -> list[str]:
@@ -165,10 +184,11 @@ def render(summary: dict, folder: Path) -> str:
     out += [
         "<h2>How this was made</h2>",
         f"<p><b>Data.</b> {_e(summary['data'])}</p>",
-        f"<p><b>Reproduce.</b> <code>{_e(_command(summary))}</code> — same seeds, same numbers. "
+        f"<p><b>Reproduce.</b> <code>{_e(command(summary['config']))}</code> — same seeds, same numbers. "
         "Per-epoch numbers are in <code>metrics.csv</code>, everything on this page in <code>summary.json</code>.</p>",
         f"<details><summary>Configuration</summary><table>{config_rows}</table></details>",
         f"<details><summary>Environment</summary><table>{env_rows}</table></details>",
+        f"<p><b>Code.</b> {_e(_code(summary.get('code_version')))}</p>",
         "</body></html>",
     ]
     return "\n".join(out)

@@ -282,6 +282,8 @@ def _after_epoch(cell, row, config, experiment, bar, say, on_epoch) -> None:
 
 def _summarize(experiment, config: RunConfig, data, results: list[CellResult], out: Path, seconds: float) -> dict:
     from . import report
+    from .report import command
+    from .version import code_version
 
     claims = experiment.claims(config, results)
     figures = experiment.figures(out, config, data, results)
@@ -292,6 +294,8 @@ def _summarize(experiment, config: RunConfig, data, results: list[CellResult], o
         "data": data.description,
         "config": config.numbers(),
         "environment": environment(),
+        "code_version": code_version(),  # package version, source hash, git commit: which code made these numbers
+        "command": command(config.numbers()),  # reproduces this run
         "target_accuracy": config.target,
         "setting_name": experiment.setting_name,  # what the number after "@" in a variant's name is
         "variants": {g.name: g.summary(config.target) for g in groups(results)},
