@@ -38,6 +38,11 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.01,0.1,1 (got {text!r})") from None
 
 
+def _floats_or_none(text: str) -> list[float]:
+    """--tune-lr: comma-separated learning rates, or `none` for no tuning."""
+    return [] if text.strip().lower() == "none" else _floats(text)
+
+
 def _names(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
@@ -59,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("experiment", help="circles, mlp, cnn, lr-sweep, depth-sweep, batch-sweep, gap-sweep")
     run.add_argument("--seeds", type=int, help="seeds per variant (runs with seeds 0..K-1)")
     run.add_argument("--epochs", type=int, help="epochs per run")
+    run.add_argument("--steps", type=int, help="batch-sweep: SGD steps at every batch size (sets the epochs)")
     run.add_argument("--lr", type=float, help="SGD learning rate")
     run.add_argument("--batch-size", type=int, dest="batch_size", help="mini-batch size, 0 = full batch")
     run.add_argument("--data", help="circles, digits (bundled, offline), mnist or fashion-mnist")
@@ -67,6 +73,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--target", type=float, help="test accuracy counted as converged (epochs_to_target)")
     run.add_argument("--grid", type=_floats, help="the swept values, comma-separated (sweeps only)")
     run.add_argument("--variants", type=_names, help="normalization variants to compare, comma-separated (sweeps)")
+    run.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=None,
+                     help="standardize inputs with the training split's per-feature mean and std (a control)")
+    run.add_argument("--init", choices=["default", "he"], help="weight init: PyTorch's default or He (a control)")
+    run.add_argument("--tune-lr", dest="tune_lr", type=_floats_or_none,
+                     help="choose each variant's lr on a validation split from these values (a control); none = off")
+    run.add_argument("--tune-seeds", dest="tune_seeds", type=int, help="seeds per learning rate when tuning")
     run.add_argument("--log-every", type=int, dest="log_every", help="print progress every N epochs (0 = last only)")
     run.add_argument("--threads", type=int, help="torch CPU threads (default 1: fastest for these small nets)")
     run.add_argument("--nproc", type=int, help="train data-parallel in N local processes (DDP + SyncBatchNorm, gloo)")
@@ -163,8 +175,8 @@ def _run_ranks(args, overrides: dict, out: Path, argv: list[str]) -> int:
 
 
 # The `run` flags that are RunConfig fields (the rest say where and how to run, not what).
-RUN_FIELDS = ("seeds", "epochs", "lr", "batch_size", "data", "data_dir", "limit", "target", "grid", "variants",
-              "log_every", "threads")
+RUN_FIELDS = ("seeds", "epochs", "steps", "lr", "batch_size", "data", "data_dir", "limit", "target", "grid", "variants",
+              "standardize", "init", "tune_lr", "tune_seeds", "log_every", "threads")
 
 
 def run_overrides(args: argparse.Namespace) -> dict:

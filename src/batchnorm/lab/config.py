@@ -22,6 +22,7 @@ class RunConfig:
     experiment: str  # a name from `batchnorm list`
     seeds: int = 3  # independent runs per variant (seeds 0..seeds-1); the plots band over them
     epochs: int = 10  # passes over the training set
+    steps: int = 0  # batch-sweep: SGD steps at every batch size (0: the sweep's default); sets the epochs
     lr: float = 0.1  # SGD learning rate, the tutorials' 0.1 (the lr sweep overrides it per cell)
     batch_size: int = 64  # mini-batch size; 0 = full batch (circles trains full-batch, as seed 000)
     data: str = "digits"  # one of DATASETS
@@ -30,6 +31,12 @@ class RunConfig:
     target: float = 0.9  # test accuracy that counts as "converged" for epochs_to_target
     grid: list[float] = field(default_factory=list)  # the swept values (learning rates, depths, ...)
     variants: list[str] = field(default_factory=list)  # normalization variants to compare (models.NORMS)
+    # The controls (lab/controls.py). Any of them set: each claim is also trained at the tutorial's
+    # shared setting, shown beside the controlled verdict.
+    standardize: bool = False  # standardize inputs per feature with the training split's statistics
+    init: str = "default"  # "default" (PyTorch) or "he" (Kaiming normal)
+    tune_lr: list[float] = field(default_factory=list)  # per-variant lr chosen on validation from this grid
+    tune_seeds: int = 2  # seeds per learning rate when tuning
     log_every: int = 0  # print a tutorial-style progress line every n epochs (0 = the last epoch only)
     threads: int = 1  # torch CPU threads. 1: these nets are too small to gain from more (threads only
     #                   contend), and the summation order, hence the numbers, does not depend on the machine
@@ -48,6 +55,8 @@ class RunConfig:
         problems = []
         if self.seeds < 1:
             problems.append(f"--seeds must be at least 1 (got {self.seeds})")
+        if self.steps < 0:
+            problems.append(f"--steps must be 0 (the default) or positive (got {self.steps})")
         if self.epochs < 1:
             problems.append(f"--epochs must be at least 1 (got {self.epochs})")
         if not self.lr > 0:
@@ -60,6 +69,12 @@ class RunConfig:
             problems.append(f"--limit must be 0 (all) or positive (got {self.limit})")
         if not 0 < self.target <= 1:
             problems.append(f"--target must be an accuracy in (0, 1] (got {self.target})")
+        if self.init not in ("default", "he"):
+            problems.append(f"--init must be default or he (got {self.init!r})")
+        if any(not v > 0 for v in self.tune_lr):
+            problems.append(f"--tune-lr values must be positive learning rates (got {self.tune_lr})")
+        if self.tune_seeds < 1:
+            problems.append(f"--tune-seeds must be at least 1 (got {self.tune_seeds})")
         if self.threads < 1:
             problems.append(f"--threads must be at least 1 (got {self.threads})")
         if problems:

@@ -71,6 +71,8 @@ _NOT_NUMBERS = ("experiment", "log_every")
 
 
 def _flag_value(value) -> str:
+    if value == []:
+        return "none"  # --tune-lr none
     if isinstance(value, list):
         return ",".join(_flag_value(v) for v in value)
     if isinstance(value, float):

@@ -18,17 +18,19 @@ from ..config import RunConfig
 from ..data import Dataset
 from ..train import Settings
 from ..stats import Rule
-from .base import Cell, CellResult, Claim, Experiment, find, fmt_pct, groups, paired
+from .base import Cell, CellResult, Claim, Experiment, by_arm, find, fmt_pct, groups, main_results, paired, with_controls
 
 VARIANTS = ("bn", "none")  # BN first, as the tutorials train it first
+
+# The controlled arm of the digits experiments (lab/controls.py): standardized inputs, He init and
+# each variant's lr chosen on validation from a x2 grid around the tutorials' 0.1.
+TUNE_GRID = [0.025, 0.05, 0.1, 0.2, 0.4, 0.8]
+CONTROLS = dict(standardize=True, init="he", tune_lr=TUNE_GRID, tune_seeds=2)
 
 
 def _cells(build, config: RunConfig, data: Dataset) -> list[Cell]:
     settings = Settings(config.epochs, config.lr, config.batch_size)
-    return [
-        Cell(variant, None, seed, settings, partial(build, variant))
-        for variant in VARIANTS for seed in range(config.seeds)
-    ]
+    return with_controls(config, [(variant, None, settings, partial(build, variant)) for variant in VARIANTS])
 
 
 def _fmt_epochs(value: float | None, hits: list) -> str:
@@ -102,7 +104,7 @@ def _avg(values: list[float]) -> float:
 def comparison_figures(out: Path, config: RunConfig, data: Dataset, results: list[CellResult]) -> list[tuple[str, str]]:
     from .. import plots  # matplotlib only when drawing: `batchnorm list` starts fast
 
-    gs = groups(results)
+    gs = groups(main_results(results))
     files = [("curves.png", plots.curves(out / "curves.png", gs, title=f"{config.experiment}" + ("" if data.name == config.experiment else f" on {data.name}"), target=config.target))]
     return files
 
@@ -134,7 +136,7 @@ def circles_figures(out: Path, config: RunConfig, data: Dataset, results: list[C
     files = comparison_figures(out, config, data, results)
     boundaries = {
         models.label(r.cell.variant): (r.extras["grid"], r.history.rows[-1]["test_accuracy"])
-        for r in results if "grid" in r.extras
+        for r in main_results(results) if "grid" in r.extras
     }
     files.insert(0, ("data.png", plots.circles(out / "data.png", data, boundaries, BOX)))
     return files
@@ -151,7 +153,7 @@ CIRCLES = Experiment(
     defaults=dict(seeds=5, epochs=500, lr=0.1, batch_size=0, data="circles", target=0.95, log_every=100),
     setting_name=None,
     cells=partial(_cells, models.circles_net),
-    claims=comparison_claims,
+    claims=by_arm(comparison_claims),
     figures=circles_figures,
     after_cell=_decision_grid,
     data_choices=("circles",),
@@ -167,10 +169,10 @@ MLP = Experiment(
         "batch 64. PyTorch conventions, not the tutorial's: momentum weighs the new batch, the running "
         "variance is unbiased and starts at 1, gamma=1 and beta=0 at the start."
     ),
-    defaults=dict(seeds=5, epochs=15, lr=0.1, batch_size=64, data="digits", target=0.9),
+    defaults=dict(seeds=5, epochs=15, lr=0.1, batch_size=64, data="digits", target=0.9, **CONTROLS),
     setting_name=None,
     cells=partial(_cells, models.mnist_mlp),
-    claims=comparison_claims,
+    claims=by_arm(comparison_claims),
     figures=comparison_figures,
 )
 
@@ -181,9 +183,9 @@ CNN = Experiment(
         "Seed 002's conv_bn_net: Conv(1,6,3,p=1), BN2d, ReLU, MaxPool, Conv(6,16,5), BN2d, ReLU, MaxPool, "
         "Linear(400,10), with batchnorm.BatchNorm2d, against the same net without BN; SGD lr 0.1, batch 64."
     ),
-    defaults=dict(seeds=5, epochs=10, lr=0.1, batch_size=64, data="digits", target=0.9),
+    defaults=dict(seeds=5, epochs=10, lr=0.1, batch_size=64, data="digits", target=0.9, **CONTROLS),
     setting_name=None,
     cells=partial(_cells, models.mnist_cnn),
-    claims=comparison_claims,
+    claims=by_arm(comparison_claims),
     figures=comparison_figures,
 )

@@ -20,9 +20,12 @@ from torch import nn
 from .. import models
 from ..config import RunConfig
 from ..data import Dataset
+from ..controls import prepare
 from ..train import Settings, accuracy
 from ..stats import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED, Rule
-from .base import Cell, CellResult, Claim, Experiment, find, fmt_pct, groups, paired
+from .base import Cell, CellResult, Claim, Experiment, by_arm, find, fmt_pct, groups, main_results, paired, with_controls
+
+from .compare import CONTROLS  # noqa: E402  (the controlled arm: standardized inputs, He init, tuned lr)
 
 DEPTH = 2  # hidden layers of the swept MLP when the depth is not what is swept
 
@@ -37,7 +40,7 @@ def _variants(config: RunConfig) -> list[str]:
 
 def _sweep_cells(vary: str, config: RunConfig, data: Dataset) -> list[Cell]:
     """One cell per (variant, grid value, seed); `vary` says which training knob the grid sets."""
-    cells = []
+    specs = []
     for variant in _variants(config):
         for value in config.grid:
             lr, batch, depth = config.lr, config.batch_size, DEPTH
@@ -47,10 +50,26 @@ def _sweep_cells(vary: str, config: RunConfig, data: Dataset) -> list[Cell]:
                 batch = int(value)
             elif vary == "depth":
                 depth = int(value)
-            settings = Settings(config.epochs, lr, batch)
+            epochs = config.epochs
+            if vary == "batch_size":  # lr scaled with the batch, and the same number of steps at every size
+                lr = config.lr * batch / REFERENCE_BATCH
+                epochs = epochs_for_steps(config.steps or STEPS, batch, len(data.x_train))
+            settings = Settings(epochs, lr, batch)
             make = partial(models.deep_mlp, depth, variant, inputs=data.x_train[0].numel(), classes=data.classes)
-            cells += [Cell(variant, float(value), seed, settings, make) for seed in range(config.seeds)]
-    return cells
+            specs.append((variant, float(value), settings, make))
+    return with_controls(config, specs, tune=vary != "lr")  # the lr sweep sweeps the lr: nothing to tune
+
+
+# The batch sweep's design: lr = --lr x batch / REFERENCE_BATCH (the linear scaling rule), and about
+# STEPS SGD steps at every batch size (epochs = STEPS x batch / training examples, rounded up), so
+# batch size is not confounded with lr/batch or with the number of steps.
+REFERENCE_BATCH = 64
+STEPS = 400
+
+
+def epochs_for_steps(steps: int, batch: int, n: int) -> int:
+    """Epochs that give at least `steps` SGD steps at `batch` on `n` examples."""
+    return max(1, math.ceil(steps * batch / n))
 
 
 def _check_grid(name: str, integer: bool, config: RunConfig, least: float = 0) -> None:
@@ -80,7 +99,11 @@ RULE_LR = Rule("log2 of the largest working learning rate, BN minus NoBN (one x2
                "greater", 0.5, unit="x2 steps")
 RULE_DEPTH = Rule("BN's lead (BN minus NoBN final test accuracy) at the deepest net minus its lead at the shallowest",
                   "greater", 0.01)
-RULE_BATCH_DEGRADES = Rule("BN's final test accuracy at its best batch size minus at the smallest", "greater", 0.01)
+RULE_BATCH_DEGRADES = Rule("BN's lead over NoBN (final test accuracy, same batch, lr and steps) at the reference "
+                           "batch (64, or the largest below it) minus its lead at the smallest batch", "greater", 0.01)
+RULE_RECALIBRATION = Rule("BN's test accuracy at the smallest batch, recalibrated running statistics minus "
+                          "the running statistics of training", "greater", 0.01)
+CONTROL_TRAINS = 0.5  # the no-BN control must beat this test accuracy at a batch size for BN to be judged there
 RULE_BN_HELPS = Rule("final test accuracy, BN minus NoBN, at one batch size", "greater", 0.01)
 RULE_HOLDS_UP = Rule("final test accuracy at the smallest batch, the variant minus BN", "greater", 0.01)
 RULE_FEW_SAMPLES = Rule("final test accuracy, BN minus GhostBN, averaged over the batch sizes above the virtual batch",
@@ -176,27 +199,50 @@ def batch_claims(config: RunConfig, results: list[CellResult]) -> list[Claim]:
     if "bn" not in {g.variant for g in gs} or len(config.grid) < 2:
         return []
     bn = sorted((g for g in gs if g.variant == "bn"), key=lambda g: g.setting)
-    best = max(bn, key=lambda g: g.mean("test_accuracy"))
     smallest = bn[0]
-    claims = [Claim.of(
-        "BN degrades with small batches: a few examples give noisy batch statistics (seed 000 section 2 and seed 002 say so of test batches).",
-        RULE_BATCH_DEGRADES, paired(best.by_seed("test_accuracy"), smallest.by_seed("test_accuracy")),
-        f"BN's final test accuracy is {fmt_pct(smallest.mean('test_accuracy'))} at batch {smallest.setting:g} against "
-        f"{fmt_pct(best.mean('test_accuracy'))} at its best batch size {best.setting:g}. By batch size — " + "; ".join(
-            f"{models.label(v)} {_table(sorted((g for g in gs if g.variant == v), key=lambda g: g.setting))}"
-            for v in dict.fromkeys(g.variant for g in gs)
-        ) + ".",
-    )]
+    by_size = "; ".join(
+        f"{models.label(v)} {_table(sorted((g for g in gs if g.variant == v), key=lambda g: g.setting))}"
+        for v in dict.fromkeys(g.variant for g in gs))
+    claims = []
     if "none" in {g.variant for g in gs}:
-        per_batch = {g.setting: Claim.of("", RULE_BN_HELPS, paired(g.by_seed("test_accuracy"),
-                                                                   find(gs, "none", g.setting).by_seed("test_accuracy")), "")
-                     for g in bn}
+        # BN's lead over the no-BN control at the same batch size, lr and steps: everything but BN's
+        # batch statistics is the same on both sides, so a lead that shrinks at small batches is BN's.
+        reference = max((g for g in bn if g.setting <= REFERENCE_BATCH), key=lambda g: g.setting, default=bn[-1])
+        lead = {g.setting: paired(g.by_seed("test_accuracy"), find(gs, "none", g.setting).by_seed("test_accuracy")) for g in bn}
+        nobn = {g.setting: find(gs, "none", g.setting).mean("test_accuracy") for g in bn}
+        dead = [b for b, a in nobn.items() if not a > CONTROL_TRAINS]
+        claim = Claim.of(
+            "BN degrades with small batches: a few examples give noisy batch statistics (seed 000 section 2 and seed 002 say so of test batches).",
+            RULE_BATCH_DEGRADES, [r - s for r, s in zip(lead[reference.setting], lead[smallest.setting])],
+            f"BN's lead over NoBN (same batch, lr, steps) is {100 * _avg(lead[smallest.setting]):+.1f} points at batch "
+            f"{smallest.setting:g} and {100 * _avg(lead[reference.setting]):+.1f} at batch {reference.setting:g}. "
+            f"Final test accuracy by batch size — {by_size}.",
+        )
+        if dead:
+            claim.verdict = INCONCLUSIVE
+            claim.evidence += (f" The no-BN control did not train at batch " + ", ".join(f"{b:g}" for b in dead)
+                               + f" (at most {100 * CONTROL_TRAINS:.0f}%), so the comparison means nothing there.")
+        claims.append(claim)
+        per_batch = {b: Claim.of("", RULE_BN_HELPS, lead[b], "") for b in lead}
         outcomes = {c.verdict for c in per_batch.values()}
         verdict = (NOT_SUPPORTED if NOT_SUPPORTED in outcomes else INCONCLUSIVE if INCONCLUSIVE in outcomes else SUPPORTED)
         claims.append(Claim(
             "BN helps at every batch size.", verdict,
             "BN minus NoBN by batch size — " + "; ".join(f"{b:g}: {c.interval} ({c.verdict})" for b, c in per_batch.items())
-            + f". Supported only if supported at every batch size ({RULE_BN_HELPS.describe()}).",
+            + f". Supported only if supported at every batch size.",
+        ))
+    recal = [(g.setting, g.extra_mean("recalibrated_accuracy"), g.extra_mean("batch_stats_accuracy"), g.mean("test_accuracy"))
+             for g in bn if g.results and "recalibrated_accuracy" in g.results[0].extras]
+    if recal:
+        claims.append(Claim.of(
+            "At small batches BN's running statistics, not its weights, are what fails (recalibrating them to the "
+            "population statistics recovers the accuracy).", RULE_RECALIBRATION,
+            paired(smallest.extra_by_seed("recalibrated_accuracy"), smallest.by_seed("test_accuracy")),
+            "BN's test accuracy by batch size, eval mode (running statistics) / recalibrated (population statistics "
+            "of the training set, batchnorm.recalibrate) / batch statistics (test batches of the training batch size): "
+            + "; ".join(f"{b:g}: {fmt_pct(e)} / {fmt_pct(r)} / {fmt_pct(t)}" for b, r, t, e in recal)
+            + ". If recalibrating does not help, the small-batch loss is a training failure (noisy normalization "
+            "during training), not stale running statistics.",
         ))
     # Any other variant (GhostBatchNorm, BatchRenorm, ... added to models.NORMS) is there to fix BN's
     # small-batch weakness: check exactly that, at the smallest batch size.
@@ -215,6 +261,22 @@ def batch_claims(config: RunConfig, results: list[CellResult]) -> list[Claim]:
     if "ghost" in {g.variant for g in gs}:
         claims += _ghost_claim(gs, bn)
     return claims
+
+
+def _batch_after(cell: Cell, model: nn.Module, data: Dataset, config: RunConfig) -> dict:
+    """For BN nets: test accuracy with recalibrated running statistics and with batch statistics."""
+    import copy
+
+    import batchnorm
+
+    if not any(isinstance(m, batchnorm.BatchNorm1d) for m in model.modules()):
+        return {}
+    data = prepare(data, cell.settings)
+    probe = batchnorm.recalibrate(copy.deepcopy(model), data.x_train.split(256)).eval()
+    batch = max(2, cell.settings.batch_size)
+    stats = copy.deepcopy(model).train()
+    return {"recalibrated_accuracy": accuracy(probe, data.x_test, data.y_test),
+            "batch_stats_accuracy": accuracy(stats, data.x_test, data.y_test, batch_size=batch)}
 
 
 def _ghost_claim(gs, bn) -> list[Claim]:
@@ -243,13 +305,14 @@ def _gap_cells(config: RunConfig, data: Dataset) -> list[Cell]:
     # Only BN variants have a gap: a net without BN computes the same thing in both modes.
     settings = Settings(config.epochs, config.lr, config.batch_size, batch_stats_eval=config.batch_size or len(data.x_test))
     make = lambda variant: partial(models.deep_mlp, DEPTH, variant, inputs=data.x_train[0].numel(), classes=data.classes)
-    return [Cell(v, None, seed, settings, make(v)) for v in _variants(config) for seed in range(config.seeds)]
+    return with_controls(config, [(v, None, settings, make(v)) for v in _variants(config)], tune=False)
 
 
 def _gap_after(cell: Cell, model: nn.Module, data: Dataset, config: RunConfig) -> dict:
     """Test accuracy with running statistics, and with batch statistics at each test batch size."""
     import copy
 
+    data = prepare(data, cell.settings)  # what the cell was trained and tested on (standardized or not)
     model.eval()
     running = accuracy(model, data.x_test, data.y_test)
     probe = copy.deepcopy(model).train()  # a copy: train-mode forwards update running statistics
@@ -306,7 +369,7 @@ def _seed002_claim(bn: list[CellResult], seed002: list[CellResult]) -> list[Clai
 def _sweep_figures(xlabel: str, logx: bool, out: Path, config: RunConfig, data: Dataset, results) -> list[tuple[str, str]]:
     from .. import plots  # matplotlib only when drawing: `batchnorm list` starts fast
 
-    gs = groups(results)
+    gs = groups(main_results(results))
     return [("sweep.png", plots.sweep(out / "sweep.png", gs, xlabel=xlabel, logx=logx, target=config.target,
                                             title=f"{config.experiment} on {data.name}"))]
 
@@ -314,6 +377,7 @@ def _sweep_figures(xlabel: str, logx: bool, out: Path, config: RunConfig, data: 
 def _gap_figures(out: Path, config: RunConfig, data: Dataset, results) -> list[tuple[str, str]]:
     from .. import plots
 
+    results = main_results(results)
     bn = [r for r in results if r.cell.variant == "bn"]
     seed002 = [r for r in results if r.cell.variant == "bn-seed002"]
     if not bn:
@@ -340,10 +404,10 @@ LR_SWEEP = Experiment(
     title="Claim: BN tolerates larger learning rates",
     description="Final test accuracy and divergence over learning rates, BN against no BN, MLP 784-100-100-10, batch 64.",
     defaults=dict(seeds=5, epochs=8, batch_size=64, data="digits", target=0.9,
-                  grid=[0.01, 0.03, 0.1, 0.3, 1.0, 3.0], variants=["none", "bn"]),
+                  grid=[0.01, 0.03, 0.1, 0.3, 1.0, 3.0], variants=["none", "bn"], standardize=True, init="he"),
     setting_name="learning rate",
     cells=_sweep("lr", "learning rates", integer=False),
-    claims=lr_claims,
+    claims=by_arm(lr_claims),
     figures=partial(_sweep_figures, "learning rate", True),
 )
 
@@ -352,10 +416,10 @@ DEPTH_SWEEP = Experiment(
     title="Claim: BN matters more as nets get deeper",
     description="Final test accuracy over the number of hidden layers (width 100), BN against no BN, lr 0.1, batch 64.",
     defaults=dict(seeds=5, epochs=8, batch_size=64, data="digits", target=0.9,
-                  grid=[2, 5, 10, 20], variants=["none", "bn"]),
+                  grid=[2, 5, 10, 20], variants=["none", "bn"], **CONTROLS),
     setting_name="hidden layers",
     cells=_sweep("depth", "depths", integer=True),
-    claims=depth_claims,
+    claims=by_arm(depth_claims),
     figures=partial(_sweep_figures, "hidden layers", False),
 )
 
@@ -364,18 +428,21 @@ BATCH_SWEEP = Experiment(
     title="Claim: BN degrades with small batches",
     description=(
         "Final test accuracy over the training batch size, for each normalization variant (--variants, names "
-        "from batchnorm.lab.models.NORMS), MLP 784-100-100-10, lr 0.1, the same number of epochs at every size. "
+        f"from batchnorm.lab.models.NORMS), MLP 784-100-100-10, lr = --lr x batch / {REFERENCE_BATCH} and about --steps "
+        "SGD steps at every size (the number of epochs that gives them), so that the no-BN control sees the same "
+        "lr/batch and steps; for BN also the test accuracy with recalibrated and with batch statistics. "
         f"Beside plain BN: GhostBatchNorm1d with virtual batches of {models.GHOST_VIRTUAL_BATCH} (plain BN at "
         f"batches up to {models.GHOST_VIRTUAL_BATCH}; above, the statistics of {models.GHOST_VIRTUAL_BATCH} samples "
         f"with the gradient of the whole batch) and BatchRenorm1d with r_max={models.RENORM_R_MAX:g}, "
         f"d_max={models.RENORM_D_MAX:g} fixed from the first step."
     ),
-    defaults=dict(seeds=5, epochs=4, data="digits", target=0.9,
-                  grid=[2, 4, 8, 16, 32, 64, 128, 256], variants=["none", "bn", "ghost", "renorm"]),
+    defaults=dict(seeds=5, steps=STEPS, data="digits", target=0.9, grid=[2, 8, 32, 128],
+                  variants=["none", "bn", "renorm"], **{**CONTROLS, "tune_lr": [0.05, 0.1, 0.2, 0.4], "tune_seeds": 1}),
     setting_name="batch size",
     cells=_sweep("batch_size", "batch sizes", integer=True),
-    claims=batch_claims,
+    claims=by_arm(batch_claims),
     figures=partial(_sweep_figures, "batch size", True),
+    after_cell=_batch_after,
 )
 
 GAP_SWEEP = Experiment(
@@ -389,10 +456,10 @@ GAP_SWEEP = Experiment(
         "shown for comparison: the library follows PyTorch's rule."
     ),
     defaults=dict(seeds=5, epochs=8, batch_size=64, data="digits", target=0.9,
-                  grid=[2, 4, 8, 16, 64, 256], variants=["bn", "bn-seed002"]),
+                  grid=[2, 4, 8, 16, 64, 256], variants=["bn", "bn-seed002"], standardize=True),
     setting_name="test batch size",
     cells=_gap_cells_checked,
-    claims=gap_claims,
+    claims=by_arm(gap_claims),
     figures=_gap_figures,
     after_cell=_gap_after,
 )
