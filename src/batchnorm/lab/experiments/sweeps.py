@@ -404,7 +404,7 @@ LR_SWEEP = Experiment(
     title="Claim: BN tolerates larger learning rates",
     description="Final test accuracy and divergence over learning rates, BN against no BN, MLP 784-100-100-10, batch 64.",
     defaults=dict(seeds=5, epochs=8, batch_size=64, data="digits", target=0.9,
-                  grid=[0.01, 0.03, 0.1, 0.3, 1.0, 3.0], variants=["none", "bn"], standardize=True, init="he"),
+                  grid=[0.0125 * 2 ** k for k in range(12)], variants=["none", "bn"], standardize=True, init="he"),
     setting_name="learning rate",
     cells=_sweep("lr", "learning rates", integer=False),
     claims=by_arm(lr_claims),
