@@ -8,7 +8,7 @@ import pytest
 from batchnorm.lab import runner, train
 from batchnorm.lab.runner import RunError, start
 
-MLP = {"seeds": 2, "epochs": 4, "limit": 160}
+MLP = {"seeds": 2, "epochs": 4, "limit": 160, "standardize": False, "init": "default", "tune_lr": []}  # the shared setting alone: 4 cells
 
 
 class Stop(Exception):
