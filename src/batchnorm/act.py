@@ -18,18 +18,21 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from . import native
+import torch
+
+from . import native, ops
 from ._compile import outside_compiled_graphs
 from .autograd_act import BatchNormActEval, BatchNormActTrain
-from .functional import check_arguments, track_batch
+from .functional import check_arguments, check_scalars, track_batch, traced_batch_norm
+from .inplace import check_inplace
 from .kernels import use_torch
 from .kernels.activations import check_activation
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from ._script import ScriptableBatchNormAct1d, ScriptableBatchNormAct2d, ScriptableBatchNormAct3d
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, torch_twin
 
 __all__ = ["batch_norm_act", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d"]
 
 
-@outside_compiled_graphs
 def batch_norm_act(
     x: Tensor,
     running_mean: Tensor | None,
@@ -48,20 +51,49 @@ def batch_norm_act(
     """act(batch_norm(x)) with `batchnorm.functional.batch_norm`'s semantics for the BN part.
 
     With inplace=True x is overwritten by the result (which is returned) and must not be needed
-    elsewhere; autograd raises if it is (a leaf that requires grad, or a tensor saved for backward).
+    elsewhere. Whatever torch's own in-place ops refuse (a leaf that requires grad, a view of one,
+    a view autograd cannot rebase, an expanded tensor, an inference tensor) is refused before
+    anything is written (`batchnorm.inplace`); a tensor saved for backward by an earlier op is
+    reported by autograd at backward, as for torch's in-place ops.
     """
+    check_scalars(x, training, momentum, eps)
     param = check_activation(activation, activation_param, inplace)
+    if ops.tracing():
+        if inplace:  # overwriting an input is not something a traced graph can hold
+            if torch._C._get_tracing_state() is not None:
+                raise RuntimeError(
+                    "BatchNormAct with inplace=True cannot be traced by torch.jit.trace (it overwrites its input); "
+                    "use inplace=False for tracing and export, or torch.compile, which runs the layer eagerly"
+                )
+            return _inplace_outside_graphs(x, running_mean, running_var, weight, bias, training, momentum, eps, activation, param)
+        return traced_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, activation, param)
     if not inplace and use_torch(x, training, fused=True):  # small tensors: torch's kernel (batchnorm.native)
         y = native.batch_norm_act(x, running_mean, running_var, weight, bias, training, momentum, eps, activation, param)
         if y is not None:
             return y
     check_arguments(x, running_mean, running_var, weight, bias, training=training, eps=eps)
+    if inplace:  # everything torch's in-place ops refuse, refused before a byte of x is written
+        check_inplace(x, weight, bias, running_mean, running_var)
     if not training:
         return BatchNormActEval.apply(x, running_mean, running_var, weight, bias, eps, activation, param, inplace)
-    y, mean, var = BatchNormActTrain.apply(x, weight, bias, eps, activation, param, inplace)
+    if inplace:
+        stats: list[Tensor] = []
+        y = BatchNormActTrain.apply(x, weight, bias, eps, activation, param, True, stats)
+        mean, var = stats
+    else:
+        y, mean, var = BatchNormActTrain.apply(x, weight, bias, eps, activation, param, False)
     count = x.numel() // x.shape[1] if x.shape[1] else 0
     track_batch(running_mean, running_var, mean, var, count, momentum, who=layer if layer is not None else "batch_norm_act")
     return y
+
+
+@outside_compiled_graphs
+def _inplace_outside_graphs(x, running_mean, running_var, weight, bias, training, momentum, eps, activation, param):
+    """The memory-saving mode under torch.compile: a graph break, run as eager code."""
+    return batch_norm_act(
+        x, running_mean, running_var, weight, bias, training=training, momentum=momentum, eps=eps,
+        activation=activation, activation_param=param, inplace=True,
+    )
 
 
 class _BatchNormAct:
@@ -93,13 +125,23 @@ class _BatchNormAct:
             extra += f", activation_param={self.activation_param}"
         return super().extra_repr() + extra + (", inplace=True" if self.inplace else "")
 
+    def __prepare_scriptable__(self) -> torch.nn.Module:
+        """For torch.jit.script: torch's BN forward then the activation, with this layer's
+        Parameters and buffers under the same names (batchnorm/_script.py)."""
+        twin = torch_twin(self, _SCRIPTABLE)
+        twin.activation, twin.activation_param = self.activation, float(self.activation_param)
+        return twin
+
     def _batch_norm(self, x: Tensor, weight, bias, running_mean, running_var, *, training: bool, momentum: float) -> Tensor:
-        return batch_norm_act.__wrapped__(  # forward is already outside any compiled graph
+        return batch_norm_act(
             x, running_mean, running_var, weight, bias,
             training=training, momentum=momentum, eps=self.eps,
             activation=self.activation, activation_param=self.activation_param, inplace=self.inplace,
             layer=self,
         )
+
+
+_SCRIPTABLE = (ScriptableBatchNormAct1d, ScriptableBatchNormAct2d, ScriptableBatchNormAct3d)
 
 
 class BatchNormAct1d(_BatchNormAct, BatchNorm1d):

@@ -77,10 +77,11 @@ def _save_for_inplace(ctx, x, y, weight_used, *vectors):
 class BatchNormActTrain(torch.autograd.Function):
     """act(BN(x)) with the batch's statistics: (x, weight, bias, eps, activation, param, inplace)
     -> (y, mean, var). mean and the biased var (C,) are not differentiable (for the running update).
-    With inplace=True, y is x, overwritten."""
+    With inplace=True, y is x, overwritten, and y alone is returned: mean and var are appended to
+    the list `stats_out`."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps: float, activation: str, param: float, inplace: bool):
+    def forward(ctx, x, weight, bias, eps: float, activation: str, param: float, inplace: bool, stats_out: list | None = None):
         impl = kernels.implementation(x, fused=True)
         # batch_stats, invstd, normalize_act (on the fast path: two passes, the math between them compiled)
         if inplace:
@@ -91,14 +92,19 @@ class BatchNormActTrain(torch.autograd.Function):
             y, mean, var, invstd = impl.forward_train_act(x, weight, bias, eps, activation, param)
             ctx.save_for_backward(x, weight, bias, mean, invstd)
         ctx.eps, ctx.activation, ctx.param, ctx.inplace = eps, activation, param, inplace
-        ctx.mark_non_differentiable(mean, var)
         ctx.set_materialize_grads(False)  # see autograd._NO_GRADIENT
+        if inplace:
+            # One output: autograd lets a Function overwrite a view (a channel slice of a conv
+            # output) only when it returns nothing else, so the statistics leave by `stats_out`.
+            stats_out.extend((mean, var))
+            return y
+        ctx.mark_non_differentiable(mean, var)
         return y, mean, var
 
     @staticmethod
-    def backward(ctx, dy: Tensor | None, _dmean, _dvar):
+    def backward(ctx, dy: Tensor | None, *_dstats):
         if dy is None:
-            return _NO_GRADIENT * 7
+            return _NO_GRADIENT * 8
         saved, weight, bias, mean, invstd = ctx.saved_tensors
         if torch.is_grad_enabled():
             # create_graph=True: the statistics must depend on x in the graph for double backward.
@@ -114,7 +120,7 @@ class BatchNormActTrain(torch.autograd.Function):
         )
         # In-place mode saved weight_used; its gradient passes straight through to weight.
         dweight, dbias = param_grads(weight, bias, sum_g, sum_g_xhat, *ctx.needs_input_grad[1:3])
-        return dx, dweight, dbias, None, None, None, None
+        return dx, dweight, dbias, None, None, None, None, None
 
 
 class BatchNormActEval(torch.autograd.Function):

@@ -15,6 +15,7 @@ Conventions (stated once, here; see docs/conventions.md):
 """
 from __future__ import annotations
 
+import numbers
 import os
 import sys
 import warnings
@@ -23,11 +24,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import native
-from ._compile import outside_compiled_graphs
+from . import native, ops
 from ._format import shape_of
 from .autograd import BatchNormEval, BatchNormTrain
-from .kernels import implementation, use_torch
+from .kernels import implementation, reference_act, use_torch
 
 __all__ = [
     "batch_stats",
@@ -38,6 +38,9 @@ __all__ = [
     "check_batch_size",
     "check_dtypes",
     "check_arguments",
+    "check_scalars",
+    "traced_batch_norm",
+    "check_devices",
     "track_batch",
 ]
 
@@ -74,23 +77,50 @@ def update_running_stats(
         running_var  = (1 - momentum) * running_var  + momentum * var * count / (count - 1)
 
     `var` is the biased batch variance over `count` elements per channel; the running variance
-    gets the unbiased one. A channel whose batch mean or variance is not finite (NaN/Inf in the
-    input) keeps its running values: torch would let one bad batch poison them for good.
+    gets the unbiased one. A channel whose new running mean or variance would not be finite *as
+    stored* keeps its running values: a NaN/Inf in the input, or finite statistics beyond the
+    buffer's dtype (activations of 1e20 have a variance of 1e40, inf in float32). torch would let
+    one such batch poison them for good.
     """
+    updated, skipped = _next_running_stats(running_mean, running_var, mean, var, count, momentum)
+    _store_running_stats(running_mean, running_var, updated, skipped)
+    return skipped if isinstance(skipped, Tensor) else torch.from_numpy(skipped)
+
+
+def _next_running_stats(running_mean, running_var, mean, var, count: int, momentum: float):
+    """([new running_mean, new running_var] rounded to the buffers' dtypes (None where there is
+    no buffer), skipped mask (C,)): the update, computed but not stored, so that a warning about
+    the skipped channels can come before anything is written. NumPy arrays for plain CPU
+    vectors, tensors otherwise."""
     arrays = _numpy_views(running_mean, running_var, mean, var)
     if arrays is not None:
-        return torch.from_numpy(_update_in_numpy(*arrays, count, momentum))
+        return _next_in_numpy(*arrays, count, momentum)
     with torch.no_grad():
-        finite = torch.isfinite(mean) & torch.isfinite(var)  # (C,)
+        keep = torch.isfinite(mean) & torch.isfinite(var)  # (C,)
         unbiased = var.double() * count / (count - 1) if count > 1 else var.double()
+        updated = []
         for running, batch in ((running_mean, mean), (running_var, unbiased)):
             if running is None:
+                updated.append(None)
                 continue
             # in float64 and rounded once into the buffer: correctly rounded (torch's CPU update mixes
             # float32 steps and can be a few ulps off; tests/core/test_core_numerics.py)
-            updated = running.double() * (1.0 - momentum) + batch.double() * momentum
-            running.copy_(torch.where(finite, updated.to(running.dtype), running))
-    return ~finite
+            value = (running.double() * (1.0 - momentum) + batch.double() * momentum).to(running.dtype)
+            keep &= torch.isfinite(value)  # the value as it will be stored
+            updated.append(value)
+    return updated, ~keep
+
+
+def _store_running_stats(running_mean, running_var, updated, skipped) -> None:
+    """Write `_next_running_stats`' values into the buffers, except in the skipped channels."""
+    for running, value in zip((running_mean, running_var), updated):
+        if running is None:
+            continue
+        if isinstance(value, np.ndarray):
+            np.copyto(running.numpy(), value, where=~skipped)
+        else:
+            with torch.no_grad():
+                running.copy_(torch.where(skipped, running, value))
 
 
 def _numpy_views(*tensors: Tensor | None) -> list[np.ndarray | None] | None:
@@ -98,7 +128,7 @@ def _numpy_views(*tensors: Tensor | None) -> list[np.ndarray | None] | None:
     any tensor is something else (another device or dtype, a subclass, under torch.func or
     torch.compile). The running-statistics rule on (C,) vectors costs ~5 us in NumPy against ~60 us
     of torch's per-op dispatch, per training step of every layer."""
-    if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
+    if torch._C._are_functorch_transforms_active() or ops.tracing():
         return None
     views = []
     for t in tensors:
@@ -114,17 +144,21 @@ def _numpy_views(*tensors: Tensor | None) -> list[np.ndarray | None] | None:
 _NUMPY_DTYPES = (torch.float32, torch.float64)
 
 
-def _update_in_numpy(running_mean, running_var, mean, var, count: int, momentum: float) -> np.ndarray:
-    """update_running_stats on NumPy views, operation for operation the same float64 arithmetic
-    (so bit for bit the same result); returns the mask of skipped channels."""
-    finite = np.isfinite(mean) & np.isfinite(var)  # (C,)
+def _next_in_numpy(running_mean, running_var, mean, var, count: int, momentum: float):
+    """_next_running_stats on NumPy views, operation for operation the same float64 arithmetic
+    (so bit for bit the same result)."""
+    keep = np.isfinite(mean) & np.isfinite(var)  # (C,)
     unbiased = var.astype(np.float64) * count / (count - 1) if count > 1 else var.astype(np.float64)
-    for running, batch in ((running_mean, mean), (running_var, unbiased)):
-        if running is None:
-            continue
-        updated = running.astype(np.float64) * (1.0 - momentum) + batch.astype(np.float64) * momentum
-        np.copyto(running, updated.astype(running.dtype), where=finite)
-    return ~finite
+    updated = []
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is what the mask catches
+        for running, batch in ((running_mean, mean), (running_var, unbiased)):
+            if running is None:
+                updated.append(None)
+                continue
+            value = (running.astype(np.float64) * (1.0 - momentum) + batch.astype(np.float64) * momentum).astype(running.dtype)
+            keep &= np.isfinite(value)  # the value as it will be stored
+            updated.append(value)
+    return updated, ~keep
 
 
 def check_input(
@@ -192,31 +226,33 @@ def _caller_outside_batchnorm() -> int:
     return level
 
 
-@outside_compiled_graphs
 def batch_norm(
-    x: Tensor,
+    input: Tensor,
     running_mean: Tensor | None,
     running_var: Tensor | None,
     weight: Tensor | None = None,
     bias: Tensor | None = None,
-    *,
-    training: bool,
+    training: bool = False,
     momentum: float = 0.1,
     eps: float = 1e-5,
+    *,
     layer: object = None,
 ) -> Tensor:
-    """Batch normalization with the semantics of `torch.nn.functional.batch_norm`.
+    """Batch normalization with the semantics and the signature of `torch.nn.functional.batch_norm`.
 
-    x: (N, C, *), channels on dim 1. training=True normalizes with the batch statistics and, if
-    given, updates running_mean / running_var in place by the momentum rule; training=False
-    normalizes with running_mean / running_var, which must then be given. Unlike torch,
-    `training` has no default: say which statistics you mean.
+    input: (N, C, *), channels on dim 1. training=True normalizes with the batch statistics and, if
+    given, updates running_mean / running_var in place by the momentum rule; training=False (the
+    default, as in torch) normalizes with running_mean / running_var, which must then be given.
 
     Tensors below `kernels.MIN_NUMEL` run torch's own kernel (`batchnorm.native`: torch's
     numbers bit for bit, the library's errors and NaN guard); the rest the library's Function.
 
     `layer` only names the caller in the warning about non-finite statistics (modules pass self).
     """
+    x = input
+    check_scalars(x, training, momentum, eps)
+    if ops.tracing():  # torch.compile, torch.export, torch.jit.trace: operators a graph can hold
+        return traced_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
     if use_torch(x, training):  # a tensor too small for the kernels' fixed costs: torch's own kernel
         y = native.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
         if y is not None:  # None: bad arguments or a non-finite batch, which the path below handles
@@ -228,6 +264,57 @@ def batch_norm(
     count = x.numel() // x.shape[1] if x.shape[1] else 0
     track_batch(running_mean, running_var, mean, var, count, momentum, who=layer if layer is not None else "batch_norm")
     return y
+
+
+def traced_batch_norm(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float | Tensor,
+    eps: float,
+    activation: str = "identity",
+    param: float = 0.0,
+) -> Tensor:
+    """act(batch_norm(...)) through the `batchnorm::` operators and plain torch ops, for code torch
+    traces: no value is read in Python, so the whole call fits in one graph. The NaN/Inf guard of
+    the running statistics is the same tensor math as in eager; its warning, which would need the
+    values, is left out. `momentum` may be a 0-d tensor (momentum=None's 1 / (count + 1))."""
+    check_arguments(x, running_mean, running_var, weight, bias, training=training, eps=eps)
+    if torch.onnx.is_in_onnx_export():
+        # ONNX has BatchNormalization, which torch's own op translates to; ours it would not know
+        y = torch.batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps, False)
+        return reference_act.activate(y, activation, param)
+    if not training:
+        return ops.forward_eval(x, running_mean, running_var, weight, bias, eps, activation, param)
+    y, mean, var, _ = ops.forward_train(x, weight, bias, eps, activation, param)
+    count = x.numel() // x.shape[1] if x.shape[1] else 0
+    if count and not (running_mean is None and running_var is None):
+        updated, skipped = _next_running_stats(running_mean, running_var, mean, var, count, momentum)
+        _store_running_stats(running_mean, running_var, updated, skipped)
+    return y
+
+
+def check_scalars(x: object, training: object, momentum: object, eps: object) -> None:
+    """The arguments that are not per-channel tensors, checked before anything reads them (torch's
+    argument parser refuses the same, with less to go on)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"batch_norm(): argument 'input' must be a Tensor of shape (N, C, *), not {type(x).__name__}")
+    if not isinstance(training, bool):
+        raise TypeError(f"batch_norm(): argument 'training' must be bool, not {type(training).__name__}")
+    if momentum is None:
+        raise TypeError(
+            "batch_norm(): argument 'momentum' must be a float (the new batch's weight in the running statistics), "
+            "not None. momentum=None, a cumulative average, is an option of the layers; in the functional form pass "
+            "this batch's weight in that average, 1 / (num_batches_tracked + 1)"
+        )
+    for name, value in (("momentum", momentum), ("eps", eps)):
+        if name == "momentum" and isinstance(value, Tensor) and value.dim() == 0:
+            continue  # momentum=None's 1 / (num_batches_tracked + 1), computed by a layer in traced code
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"batch_norm(): argument '{name}' must be a float, not {type(value).__name__} ({value!r})")
 
 
 def check_arguments(
@@ -243,6 +330,11 @@ def check_arguments(
     """Every check of `batch_norm`'s arguments, in torch's order, so that a call with several
     mistakes gets torch's error."""
     check_input(x)  # the rank first: every other check reads x.shape[1]
+    if not (x.is_floating_point() or x.device.type == "meta"):
+        raise NotImplementedError(
+            f"batch_norm takes a floating-point input (float32, float64, float16 or bfloat16); got {x.dtype} input "
+            f"of shape {shape_of(x)}: convert the data, e.g. x.float() (integer images: x.float() / 255)"
+        )
     if training:
         check_batch_size(x)
     if training and not eps > 0.0:
@@ -259,7 +351,24 @@ def check_arguments(
     check_input(x, running_mean, running_var, weight, bias)  # in torch's order: running_mean, running_var, weight, bias
     if training and (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
+    check_devices(x, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
     check_dtypes(x, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias)
+
+
+def check_devices(x: Tensor, **vectors: Tensor | None) -> None:
+    """Every per-channel vector on x's device. A module on the meta device (built for shape
+    inference, or by a lazy-init library) has no values to normalize with."""
+    for name, v in vectors.items():
+        if v is not None and v.device != x.device:
+            hint = (
+                " A module on the meta device has no values: materialize it first, e.g. "
+                "module.to_empty(device='cpu') then load a state_dict or call reset_parameters()"
+                if v.device.type == "meta" else f" Move the module or the input, e.g. module.to({str(x.device)!r})"
+            )
+            raise RuntimeError(
+                f"batch_norm expected every tensor on the input's device {x.device}; got {name} on {v.device} "
+                f"(input of shape {shape_of(x)}).{hint}"
+            )
 
 
 def track_batch(
@@ -278,24 +387,24 @@ def track_batch(
         return  # an empty batch leaves the running statistics alone, as in torch
     # Warn before updating: under `-W error` the warning raises, and a rejected batch must leave
     # every running statistic as it was, not half-updated.
-    channels = _nonfinite_channels(mean, var)  # what update_running_stats keeps
+    updated, skipped = _next_running_stats(running_mean, running_var, mean, var, count, momentum)
+    channels = _channels_of(skipped, mean)
     if channels:
         warnings.warn(
-            f"{who if isinstance(who, str) else repr(who)}: the batch statistics of channels {channels} are not "
-            f"finite (NaN or Inf in the input); their running_mean/running_var were kept, the other channels updated",
+            f"{who if isinstance(who, str) else repr(who)}: the running statistics of channels {channels} would not "
+            f"be finite after this batch (its statistics are not finite: NaN or Inf in the input, or values beyond "
+            f"the range of the buffers' dtype); their running_mean/running_var were kept, the other channels updated",
             RuntimeWarning,
             stacklevel=_caller_outside_batchnorm(),
         )
-    update_running_stats(running_mean, running_var, mean, var, count, momentum)
+    _store_running_stats(running_mean, running_var, updated, skipped)
 
 
-def _nonfinite_channels(mean: Tensor, var: Tensor) -> list[int]:
-    """The channels whose batch mean or variance is NaN or Inf. Meta tensors (shape inference)
-    have no values to inspect, and torch runs them fine: none."""
-    arrays = _numpy_views(mean, var)
-    if arrays is not None:
-        return np.flatnonzero(~(np.isfinite(arrays[0]) & np.isfinite(arrays[1]))).tolist()
+def _channels_of(skipped, mean: Tensor) -> list[int]:
+    """The skipped channels as a list. Meta tensors (shape inference) have no values to inspect,
+    and torch runs them fine: none."""
+    if isinstance(skipped, np.ndarray):
+        return np.flatnonzero(skipped).tolist()
     if mean.device.type == "meta":
         return []
-    skipped = ~(torch.isfinite(mean) & torch.isfinite(var))  # (C,)
     return skipped.nonzero().flatten().tolist() if bool(skipped.any()) else []

@@ -47,7 +47,7 @@ class _Ghost:
 
     @outside_compiled_graphs
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training or x.dim() < 2 or x.shape[0] <= self.virtual_batch_size:
+        if not self._uses_batch_statistics() or x.dim() < 2 or x.shape[0] <= self.virtual_batch_size:
             return super().forward(x)  # eval, or a single chunk: plain BatchNorm
         self._check_input_dim(x)
         chunks = x.split(self.virtual_batch_size, dim=0)  # (N, C, *) -> [(vbs, C, *), ..., (rest, C, *)]

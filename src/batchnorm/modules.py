@@ -7,11 +7,13 @@ classes differ only in the input check, as in torch.
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 
 from . import functional as F
-from ._compile import outside_compiled_graphs
+from . import ops
 from ._format import shape_of
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
@@ -22,6 +24,15 @@ class _BatchNorm(torch.nn.modules.batchnorm._BatchNorm):
 
     _ranks: tuple[int, ...] = ()
     _layout: str = ""
+    # Set on an instance by `batchnorm.freeze`: the layer normalizes as in eval, whatever
+    # `training` says. Read here, in forward, rather than by flipping `training` around the call,
+    # so that forwards from several threads never see (or leave) another call's flag.
+    _batchnorm_frozen: bool = False
+
+    def _uses_batch_statistics(self) -> bool:
+        """True when this call normalizes with (and updates) the batch's statistics: training and
+        not frozen. (Without running statistics the batch's are used in eval too; see forward.)"""
+        return self.training and not self._batchnorm_frozen
 
     def _check_input_dim(self, x: Tensor) -> None:
         if x.dim() not in self._ranks:
@@ -41,7 +52,14 @@ class _BatchNorm(torch.nn.modules.batchnorm._BatchNorm):
     def _momentum(self, update: bool, num_batches_tracked: Tensor | None) -> float:
         """The weight of this batch in the running statistics; `momentum=None` is a cumulative
         average, in which the k-th batch (counted once this one succeeds) gets weight 1/k."""
+        if self.momentum is None and update and ops.tracing():
+            return 1.0 / (num_batches_tracked.double() + 1.0)  # a graph cannot read the count's value
         if self.momentum is not None:
+            if isinstance(self.momentum, bool) or not isinstance(self.momentum, numbers.Real):
+                raise TypeError(
+                    f"{type(self).__name__}.momentum must be a float (the new batch's weight, e.g. 0.1) or None "
+                    f"(a cumulative average), not {type(self.momentum).__name__} ({self.momentum!r})"
+                )
             return self.momentum
         return 1.0 / (float(num_batches_tracked) + 1.0) if update else 0.0
 
@@ -63,11 +81,10 @@ class _BatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         except KeyError:
             return self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked
 
-    @outside_compiled_graphs
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
         weight, bias, running_mean, running_var, num_batches_tracked = self._state()
-        training = self.training
+        training = self._uses_batch_statistics()
         update = training and self.track_running_stats and num_batches_tracked is not None
         momentum = self._momentum(update, num_batches_tracked)
         # Batch statistics in training, and in eval when there are no running statistics to use.
@@ -80,13 +97,49 @@ class _BatchNorm(torch.nn.modules.batchnorm._BatchNorm):
             num_batches_tracked.add_(1)
         return y
 
+    def __prepare_scriptable__(self) -> torch.nn.Module:
+        """What `torch.jit.script` compiles in this layer's place: torch's own BatchNorm{1,2,3}d
+        with this layer's Parameter and buffer objects (the forward is the same computation;
+        TorchScript cannot compile ours). Variants whose training differs from BN refuse."""
+        return torch_twin(self)
+
     def _batch_norm(self, x: Tensor, weight, bias, running_mean, running_var, *, training: bool, momentum: float) -> Tensor:
         """The normalization itself, given the bookkeeping's decisions (BatchNormAct overrides it).
-        `__wrapped__`: forward is already outside any compiled graph (see _compile)."""
-        return F.batch_norm.__wrapped__(
+        """
+        return F.batch_norm(
             x, running_mean, running_var, weight, bias,
             training=training, momentum=momentum, eps=self.eps, layer=self,
         )
+
+
+def torch_twin(layer: _BatchNorm, classes: tuple | None = None) -> torch.nn.Module:
+    """torch's BatchNorm{1,2,3}d (or the matching one of `classes`) holding `layer`'s own Parameter and buffer objects (so an
+    optimizer, a checkpoint and `layer` itself see every change), in `layer`'s mode (eval when
+    frozen). Only for layers whose forward is BN's: plain BN, and the variants in eval."""
+    torch_class = next((twin for c, twin in zip(_TORCH_CLASSES, classes or _TORCH_CLASSES) if isinstance(layer, c)), None)
+    differs = type(layer).forward is not _BatchNorm.forward  # Ghost, Renorm, Sync: their own training
+    if torch_class is None or (differs and layer._uses_batch_statistics()):
+        raise RuntimeError(
+            f"{type(layer).__name__} in training mode has no equivalent among torch's layers, so torch.jit.script "
+            f"cannot compile it; script the model in eval mode, or use torch.compile / torch.export, which trace "
+            f"the library's layers as they are"
+        )
+    twin = torch_class(layer.num_features, layer.eps, layer.momentum, affine=False, track_running_stats=False, device="meta")
+    twin.affine, twin.track_running_stats = layer.affine, layer.track_running_stats
+    twin._parameters = {k: v for k, v in layer._parameters.items()}
+    twin._buffers = {k: v for k, v in layer._buffers.items()}
+    twin.training = layer._uses_batch_statistics()
+    return keep_alive(twin, layer)
+
+
+def keep_alive(replacement: torch.nn.Module, original: torch.nn.Module) -> torch.nn.Module:
+    """`replacement`, holding a reference to `original`. torch.jit.script swaps each submodule for
+    what its __prepare_scriptable__ returns and remembers the swap by id(original); a freed
+    original's id can then be reused by a later replacement, which jit.script would mistake for
+    the earlier one (a layer compiled with another layer's parameters). A plain tuple in __dict__
+    is not a submodule, and TorchScript ignores an attribute it cannot type unless forward uses it."""
+    replacement.__dict__["_batchnorm_original"] = (original,)
+    return replacement
 
 
 class BatchNorm1d(_BatchNorm, torch.nn.BatchNorm1d):
@@ -108,3 +161,6 @@ class BatchNorm3d(_BatchNorm, torch.nn.BatchNorm3d):
 
     _ranks = (5,)
     _layout = "(N, C, D, H, W)"
+
+
+_TORCH_CLASSES = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)

@@ -77,7 +77,7 @@ class _Renorm:
 
     @outside_compiled_graphs
     def forward(self, x: Tensor) -> Tensor:
-        if not self.training or self.running_mean is None:
+        if not self._uses_batch_statistics() or self.running_mean is None:
             return super().forward(x)  # eval (or running stats removed): plain BatchNorm
         self._check_input_dim(x)
         F.check_arguments(x, self.running_mean, self.running_var, self.weight, self.bias, training=True, eps=self.eps)

@@ -209,7 +209,7 @@ class SyncBatchNorm(_BatchNorm):
 
     def _sync_group(self):
         """(group, size) when statistics must be synchronized, else None."""
-        if not (self.training and dist.is_available() and dist.is_initialized()):
+        if not (self._uses_batch_statistics() and dist.is_available() and dist.is_initialized()):
             return None
         group = self.process_group if self.process_group is not None else dist.group.WORLD
         size = dist.get_world_size(group)
@@ -217,6 +217,9 @@ class SyncBatchNorm(_BatchNorm):
 
     @outside_compiled_graphs
     def forward(self, x: Tensor) -> Tensor:
+        self._check_input_dim(x)
+        if x.shape[1] == 0:  # torch's SyncBatchNorm refuses it, in training and in eval
+            raise ValueError("SyncBatchNorm number of input channels should be non-zero")
         if x.dim() in _DIMS_OF_RANK:
             self._batchnorm_dims = _DIMS_OF_RANK[x.dim()]
         sync = self._sync_group()

@@ -161,8 +161,11 @@ def test_functional_vector_of_the_right_size_but_wrong_shape_is_refused(name):
         F.batch_norm(torch.randn(4, 3), **args, training=True)
 
 
-def test_functional_training_has_no_default():
-    with pytest.raises(TypeError):
+def test_functional_training_defaults_to_eval_as_in_torch():
+    """training=False by default, as torch's: without running statistics both refuse alike."""
+    with pytest.raises(RuntimeError, match="running_mean must be defined in evaluation mode") as theirs:
+        torch.nn.functional.batch_norm(torch.randn(4, 3), None, None)
+    with pytest.raises(RuntimeError, match=str(theirs.value)):
         F.batch_norm(torch.randn(4, 3), None, None)
 
 

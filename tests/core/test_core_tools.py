@@ -191,7 +191,7 @@ def test_freeze_survives_convert_both_ways():
 
 
 class UserBN(nn.BatchNorm2d):
-    """A user's own subclass may override forward: convert must leave it alone."""
+    """A user's own subclass may override forward: convert must leave it alone, and say so."""
 
     def forward(self, x):
         return super().forward(x) * 2
@@ -219,7 +219,10 @@ def test_convert_replaces_every_torch_bn_and_keeps_the_same_state_objects(dtype)
     names = bn_of_type(model, TORCH_TYPES)
     flags = {name: m.training for name, m in model.named_modules()}
     reprs = {name: repr(m) for name, m in model.named_modules() if name in names}
-    assert batchnorm.convert(model) is model
+    with pytest.warns(UserWarning, match=r"left 2 BatchNorm layer\(s\)") as caught:  # said, not silent
+        assert batchnorm.convert(model) is model
+    assert "'sync' (SyncBatchNorm): torch.nn.SyncBatchNorm does not know its input rank" in str(caught[0].message)
+    assert "'dict.user' (UserBN): its class UserBN is not one convert knows" in str(caught[0].message)
     assert bn_of_type(model, OUR_TYPES) == names and bn_of_type(model, TORCH_TYPES) == []
     assert type(model.dict["user"]) is UserBN and type(model.sync) is nn.SyncBatchNorm
     for name, tensor in model.state_dict(keep_vars=True).items():
@@ -237,7 +240,8 @@ def test_convert_replaces_every_torch_bn_and_keeps_the_same_state_objects(dtype)
 
 def test_convert_on_meta_device_keeps_the_device():
     model = Zoo().to("meta")
-    batchnorm.convert(model)
+    with pytest.warns(UserWarning, match="'dict.user' \\(UserBN\\)"):
+        batchnorm.convert(model)
     assert all(t.device.type == "meta" for t in model.state_dict().values())
     assert isinstance(model.seq[1], batchnorm.BatchNorm2d)
 
@@ -307,7 +311,8 @@ def test_convert_bad_target_raises(to):
 
 def test_convert_a_lazy_bn_after_materialization():
     model = nn.Sequential(nn.LazyBatchNorm2d())
-    batchnorm.convert(model)  # not materialized: not a BatchNorm2d yet, left alone
+    with pytest.warns(UserWarning, match=r"'0' \(LazyBatchNorm2d\): it is lazy and not initialized yet"):
+        batchnorm.convert(model)  # not materialized: not a BatchNorm2d yet, left alone
     assert isinstance(model[0], nn.LazyBatchNorm2d)
     model(randn((2, 3, 2, 2)))  # materializes into torch.nn.BatchNorm2d
     batchnorm.convert(model)

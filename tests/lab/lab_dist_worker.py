@@ -4,7 +4,9 @@ The tests launch it with `batchnorm.lab.distributed.launch(argv, nproc, command=
 so each rank runs the real `batchnorm` CLI with two additions that only tests need:
 - every trained model is saved (rank 0: OUT/models/KEY.pt), to compare final parameters;
 - with LAB_TEST_FAIL="RANK:EPOCH" that rank raises at the start of that epoch (0-based); with
-  "RANK:EPOCH:hang" it stops responding there instead (sleeps until it is killed);
+  "RANK:EPOCH:hang" it stops responding there instead (sleeps until it is killed); with
+  LAB_TEST_FAULT_AT=FILE it first writes the time of the fault (time.time()) there, so that a test
+  can bound the time from the fault to the run's exit rather than the whole run;
 - with LAB_TEST_DTYPE=float64, models and data are float64 (the lab trains in float32), so that one
   process and two can be compared to 1e-12 instead of float32's rounding amplified by SGD.
 """
@@ -43,6 +45,8 @@ def saving_train(make_model, data, settings, *, seed, checkpoint=None, on_epoch=
 def failing_epoch(rank: int, epoch: int, hang: bool):
     def run(net, optimizer, data, settings, generator, history, ranks):
         if ranks.rank == rank and len(history.rows) == epoch:
+            if os.environ.get("LAB_TEST_FAULT_AT"):
+                Path(os.environ["LAB_TEST_FAULT_AT"]).write_text(repr(time.time()))
             if hang:
                 time.sleep(3600)
             raise RuntimeError(f"rank {rank} fails on purpose at epoch {epoch}")

@@ -114,3 +114,22 @@ def test_download_command(tmp_path, http_server, make_mnist, monkeypatch, capsys
     err = capsys.readouterr().err
     assert "batchnorm: error:" in err and "SHA-256 is" in err and "not kept" in err
     assert not (tmp_path / "data" / "mnist" / "train-labels-idx1-ubyte.gz").exists()
+
+
+@pytest.mark.parametrize("server", ["missing", "bad-checksum"])
+def test_a_corrupt_local_file_is_deleted_when_the_download_fails(tmp_path, http_server, make_mnist, server):
+    # docs/lab.md: a file that fails the check is deleted, never kept; also one already on disk.
+    base_url, served, _ = http_server
+    make_mnist(served)
+    table = _table(served)
+    victim = tmp_path / "data" / "mnist" / "train-images-idx3-ubyte.gz"
+    victim.parent.mkdir(parents=True)
+    victim.write_bytes(b"garbage, not the published file")
+    if server == "missing":
+        (served / victim.name).unlink()  # the mirror has lost it: a 404
+    else:
+        (served / victim.name).write_bytes(b"a different corrupt copy")
+    with pytest.raises(DataError, match=f"(?s)could not download {victim.name}.*corrupt copy .* was deleted"):
+        download("mnist", tmp_path / "data", base_url, files=table, log=lambda s: None)
+    assert not victim.exists()
+    assert not [p for p in victim.parent.iterdir() if p.name.endswith(".part")]

@@ -142,7 +142,8 @@ def test_convert_back_without_record_changes_nothing():
 
 def test_torch_sync_batchnorm_goes_to_batchnorm_only_with_dims():
     model = nn.Sequential(nn.SyncBatchNorm(3), nn.BatchNorm2d(3))
-    batchnorm.convert(model)  # as convert(model) always did: torch's SyncBatchNorm left alone
+    with pytest.warns(UserWarning, match=r"left 1 BatchNorm layer\(s\) as they are: '0' \(SyncBatchNorm\): torch.nn.SyncBatchNorm does not know its input rank: pass dims=1, 2 or 3"):
+        batchnorm.convert(model)  # as convert(model) always did: torch's SyncBatchNorm left alone, now said
     assert type(model[0]) is nn.SyncBatchNorm and type(model[1]) is batchnorm.BatchNorm2d
     weight = model[0].weight
     batchnorm.convert(model, to="batchnorm", dims=2)

@@ -14,6 +14,8 @@ identity, leaky_relu with slope > 0, elu with alpha > 0.
 """
 from __future__ import annotations
 
+import math
+
 __all__ = ["CODES", "DEFAULT_PARAM", "INVERTIBLE", "check_activation"]
 
 CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "elu": 3, "silu": 4}
@@ -30,6 +32,8 @@ def check_activation(activation: str, param: float | None, inplace: bool) -> flo
     elif activation not in ("leaky_relu", "elu") and param != DEFAULT_PARAM[activation]:
         raise ValueError(f"activation_param applies to leaky_relu (slope) and elu (alpha), not {activation!r} (got {param!r})")
     param = float(param)
+    if not math.isfinite(param):  # torch accepts a NaN slope and returns NaN everywhere it is used
+        raise ValueError(f"activation_param must be a finite number for {activation} (got {param})")
     if inplace:
         if activation not in INVERTIBLE:
             hint = " use activation='leaky_relu' (e.g. activation_param=0.01) instead" if activation == "relu" else ""
@@ -37,6 +41,6 @@ def check_activation(activation: str, param: float | None, inplace: bool) -> flo
                 f"inplace=True recovers the input from the output, so it needs an invertible activation "
                 f"({', '.join(INVERTIBLE)}); {activation!r} is not invertible:{hint or ' choose one of those'}"
             )
-        if param <= 0.0 and activation in ("leaky_relu", "elu"):
+        if not param > 0.0 and activation in ("leaky_relu", "elu"):
             raise ValueError(f"inplace=True needs activation_param > 0 for {activation} to be invertible (got {param})")
     return param

@@ -23,24 +23,15 @@ import sys
 import threading
 from pathlib import Path
 
+from .config import INITS
+from .flags import NPROC, TIMEOUT, bounded, finite_list, learning_rates, number
+
 __all__ = ["main", "run_overrides"]
 
 DEMO_OUT = Path("runs") / "demo"
 # = lab.distributed.DEFAULT_TIMEOUT and PEER_FAILED (not imported: `batchnorm list` starts without torch)
 DEFAULT_TIMEOUT = 300.0
 PEER_FAILED = 3
-
-
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.01,0.1,1 (got {text!r})") from None
-
-
-def _floats_or_none(text: str) -> list[float]:
-    """--tune-lr: comma-separated learning rates, or `none` for no tuning."""
-    return [] if text.strip().lower() == "none" else _floats(text)
 
 
 def _names(text: str) -> list[str]:
@@ -56,33 +47,33 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="seed 000's concentric circles, BN vs no BN, with its report")
     demo.add_argument("--out", type=Path, default=None, help=f"output folder (default {DEMO_OUT}, replaced on each demo)")
-    demo.add_argument("--seeds", type=int, default=None, help="seeds per variant (default 5)")
-    demo.add_argument("--epochs", type=int, default=None, help="epochs (default 500, as seed 000)")
+    demo.add_argument("--seeds", type=number("seeds"), default=None, help="seeds per variant (default 5)")
+    demo.add_argument("--epochs", type=number("epochs"), default=None, help="epochs (default 500, as seed 000)")
     demo.add_argument("--overwrite", action="store_true", help="replace the run in --out")
 
     run = sub.add_parser("run", help="run an experiment or a claims sweep (see `batchnorm list`)")
     run.add_argument("experiment", help="circles, mlp, cnn, lr-sweep, depth-sweep, batch-sweep, gap-sweep")
-    run.add_argument("--seeds", type=int, help="seeds per variant (runs with seeds 0..K-1)")
-    run.add_argument("--epochs", type=int, help="epochs per run")
-    run.add_argument("--steps", type=int, help="batch-sweep: SGD steps at every batch size (sets the epochs)")
-    run.add_argument("--lr", type=float, help="SGD learning rate")
-    run.add_argument("--batch-size", type=int, dest="batch_size", help="mini-batch size, 0 = full batch")
+    run.add_argument("--seeds", type=number("seeds"), help="seeds per variant (runs with seeds 0..K-1)")
+    run.add_argument("--epochs", type=number("epochs"), help="epochs per run")
+    run.add_argument("--steps", type=number("steps"), help="batch-sweep: SGD steps at every batch size (sets the epochs)")
+    run.add_argument("--lr", type=number("lr"), help="SGD learning rate")
+    run.add_argument("--batch-size", type=number("batch_size"), dest="batch_size", help="mini-batch size, 0 = full batch")
     run.add_argument("--data", help="circles, digits (bundled, offline), mnist or fashion-mnist")
     run.add_argument("--data-dir", dest="data_dir", help="folder with the MNIST IDX files (default data)")
-    run.add_argument("--limit", type=int, help="use only the first N train and test examples")
-    run.add_argument("--target", type=float, help="test accuracy counted as converged (epochs_to_target)")
-    run.add_argument("--grid", type=_floats, help="the swept values, comma-separated (sweeps only)")
+    run.add_argument("--limit", type=number("limit"), help="use only the first N train and test examples")
+    run.add_argument("--target", type=number("target"), help="test accuracy counted as converged (epochs_to_target)")
+    run.add_argument("--grid", type=finite_list, help="the swept values, comma-separated (sweeps only)")
     run.add_argument("--variants", type=_names, help="normalization variants to compare, comma-separated (sweeps)")
     run.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=None,
                      help="standardize inputs with the training split's per-feature mean and std (a control)")
-    run.add_argument("--init", choices=["default", "he"], help="weight init: PyTorch's default or He (a control)")
-    run.add_argument("--tune-lr", dest="tune_lr", type=_floats_or_none,
+    run.add_argument("--init", choices=INITS, help="weight init: PyTorch's default or He (a control)")
+    run.add_argument("--tune-lr", dest="tune_lr", type=learning_rates,
                      help="choose each variant's lr on a validation split from these values (a control); none = off")
-    run.add_argument("--tune-seeds", dest="tune_seeds", type=int, help="seeds per learning rate when tuning")
-    run.add_argument("--log-every", type=int, dest="log_every", help="print progress every N epochs (0 = last only)")
-    run.add_argument("--threads", type=int, help="torch CPU threads (default 1: fastest for these small nets)")
-    run.add_argument("--nproc", type=int, help="train data-parallel in N local processes (DDP + SyncBatchNorm, gloo)")
-    run.add_argument("--timeout", type=float, default=None,
+    run.add_argument("--tune-seeds", dest="tune_seeds", type=number("tune_seeds"), help="seeds per learning rate when tuning")
+    run.add_argument("--log-every", type=number("log_every"), dest="log_every", help="print progress every N epochs (0 = last only)")
+    run.add_argument("--threads", type=number("threads"), help="torch CPU threads (default 1: fastest for these small nets)")
+    run.add_argument("--nproc", type=bounded(NPROC), help="train data-parallel in N local processes (DDP + SyncBatchNorm, gloo)")
+    run.add_argument("--timeout", type=bounded(TIMEOUT), default=None,
                      help=f"data-parallel: seconds a process waits for the others before failing (default {DEFAULT_TIMEOUT:g})")
     run.add_argument("--out", type=Path, help="output folder (default runs/EXPERIMENT)")
     run.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
@@ -155,10 +146,6 @@ def _run_ranks(args, overrides: dict, out: Path, argv: list[str]) -> int:
     """`run`, as one process, as one rank of a data-parallel run, or as the launcher of `--nproc` ranks."""
     from . import distributed
 
-    if args.nproc is not None and args.nproc < 1:
-        raise ValueError(f"--nproc must be at least 1 (got {args.nproc})")
-    if args.timeout is not None and not args.timeout > 0:
-        raise ValueError(f"--timeout must be a positive number of seconds (got {args.timeout})")
     ranks = distributed.from_environment()
     if ranks is not None:  # started by `--nproc` or by torchrun: train as this rank
         if args.nproc is not None and args.nproc != ranks.world:
@@ -166,11 +153,19 @@ def _run_ranks(args, overrides: dict, out: Path, argv: list[str]) -> int:
         with distributed.process_group(ranks, args.timeout or DEFAULT_TIMEOUT):
             return _run(args.experiment, overrides, out, args.resume, args.overwrite)
     if args.nproc and args.nproc > 1:
-        from .runner import check
+        from .lock import HOLDER_ENV
+        from .runner import check, claim
 
-        # Bad input fails here, once, before any rank starts.
+        # Bad input fails here, once, before any rank starts; then the launcher locks the folder for
+        # the whole run (the ranks, told so by HOLDER_ENV, do not lock it again).
         check(args.experiment, overrides, out, resume=args.resume, overwrite=args.overwrite, nproc=args.nproc)
-        return distributed.launch(argv, args.nproc)
+        lock = claim(out, args.resume, args.overwrite)
+        try:
+            held = {HOLDER_ENV: str(lock.path.resolve())} if lock is not None else {}
+            return distributed.launch(argv, args.nproc, env=held)
+        finally:
+            if lock is not None:
+                lock.release()
     return _run(args.experiment, overrides, out, args.resume, args.overwrite)
 
 
@@ -217,9 +212,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\ninterrupted; finished epochs are saved. Continue with: batchnorm run {name} --out {out} --resume",
                   file=sys.stderr)
         return 130
-    except ValueError as e:  # DataError, RunError, UnknownExperiment and bad flag values are ValueErrors
+    except ValueError as e:  # DataError, RunError, CorruptFile, FolderInUse, bad flag values are ValueErrors
         print(f"batchnorm: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the disk is full, a folder became read-only, ...: say so, not a traceback
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"batchnorm: error: cannot read or write a file{where}: {e.strerror or e}", file=sys.stderr)
+        return 1
     except RuntimeError as e:
         # A data-parallel rank whose peers failed: say so in one line, not a backend traceback.
         from torch.distributed import DistError

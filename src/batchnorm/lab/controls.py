@@ -22,12 +22,12 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from .config import INITS
 from .data import Dataset
 
 __all__ = ["prepare", "initialize", "standardize", "validation_split", "best_lr", "INITS",
            "VALIDATION_FRACTION", "VALIDATION_SEED"]
 
-INITS = ("default", "he")
 VALIDATION_FRACTION = 0.2  # of the training split, held out to choose learning rates
 VALIDATION_SEED = 42  # the split is fixed: every seed and variant tunes on the same examples
 _CONSTANT = 1e-6  # a feature whose training std is below this (a border pixel that is always 0) keeps scale 1
@@ -40,6 +40,9 @@ def validation_split(data: Dataset) -> Dataset:
     n = len(data.x_train)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(VALIDATION_SEED))
     held = max(2, int(round(VALIDATION_FRACTION * n)))
+    if n - held < 2:  # RunConfig.check refuses such a --limit first; this guards data smaller than asked
+        raise ValueError(f"tuning the learning rate needs at least {held + 2} training examples (2 to train on, "
+                         f"{held} to validate), got {n}; pass --tune-lr none or use more data")
     val, train = order[:held], order[held:]
     return replace(data, x_train=data.x_train[train], y_train=data.y_train[train],
                    x_test=data.x_train[val], y_test=data.y_train[val],

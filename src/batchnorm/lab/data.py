@@ -198,13 +198,17 @@ def download(
     """Download `name` ("mnist" | "fashion-mnist") into data_dir/name/, verifying every SHA-256.
 
     Files already present with the right digest are kept; a file that fails the check is never
-    left behind. `base_url` replaces the mirror list (a local mirror, or the tests' server);
+    left behind, neither a fetched one nor a corrupt copy that was already there (it is deleted
+    when no mirror gives a good one, so that nothing reads it). `base_url` replaces the mirror list (a local mirror, or the tests' server);
     `files` replaces the checksum table (only the tests need that). Returns the folder.
     """
     if name not in MNIST_FILES:
         raise DataError(f"unknown dataset {name!r} to download: choose one of {', '.join(MNIST_FILES)}")
     folder = Path(data_dir) / name
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"--data-dir {data_dir}: cannot create {folder} ({e.strerror}); choose a folder you can write to") from e
     bases = (base_url,) if base_url else SOURCES[name]
     for expected in files or MNIST_FILES[name]:
         dest = folder / expected.name
@@ -224,7 +228,11 @@ def download(
         else:
             only_checksums = all("SHA-256 is" in e for e in errors)
             kind = ChecksumError if only_checksums else DataError
-            raise kind(f"could not download {expected.name} for {name}:\n  " + "\n  ".join(errors))
+            deleted = ""
+            if dest.exists():  # present but failed its checksum above: a corrupt copy nothing should read
+                dest.unlink()
+                deleted = f"\n  the corrupt copy already in {dest} (SHA-256 mismatch) was deleted"
+            raise kind(f"could not download {expected.name} for {name}:\n  " + "\n  ".join(errors) + deleted)
     return folder
 
 
@@ -258,21 +266,27 @@ def load_mnist(name: str, data_dir: str | os.PathLike | None) -> Dataset:
         f"train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
         f"t10k-labels-idx1-ubyte.gz in {data_dir / name}), or run offline on --data digits"
     )
+    fix = f"delete it and run `batchnorm download {name} --data-dir {data_dir}` to fetch a verified copy"
     arrays = {}
     for split, prefix in (("train", "train"), ("test", "t10k")):
         for kind, stem in (("x", f"{prefix}-images-idx3-ubyte"), ("y", f"{prefix}-labels-idx1-ubyte")):
             path = _find(data_dir, name, stem)
             if path is None:
                 raise DataError(f"{name} not found: no {stem}[.gz] in {data_dir / name} or {data_dir}; {how}")
-            arrays[kind, split] = (path, read_idx(path))
+            try:
+                arrays[kind, split] = (path, read_idx(path))
+            except OSError as e:  # a folder where the file should be, no permission, ...
+                raise IDXError(f"{path}: cannot be read ({e.strerror}); {fix}") from e
+            except IDXError as e:
+                raise IDXError(f"{e}; {fix}") from e
     for split in ("train", "test"):
         (xpath, x), (ypath, y) = arrays["x", split], arrays["y", split]
         if x.ndim != 3 or x.shape[1:] != (28, 28) or x.dtype != np.uint8:
-            raise IDXError(f"{xpath}: expected uint8 images of shape (N, 28, 28), got {x.dtype.name} {x.shape}")
+            raise IDXError(f"{xpath}: expected uint8 images of shape (N, 28, 28), got {x.dtype.name} {x.shape}; {fix}")
         if y.ndim != 1 or y.dtype != np.uint8 or (y.size and y.max() > 9):
-            raise IDXError(f"{ypath}: expected uint8 labels 0..9 of shape (N,), got {y.dtype.name} {y.shape}")
+            raise IDXError(f"{ypath}: expected uint8 labels 0..9 of shape (N,), got {y.dtype.name} {y.shape}; {fix}")
         if len(x) != len(y):
-            raise IDXError(f"{xpath} has {len(x)} images but {ypath} has {len(y)} labels")
+            raise IDXError(f"{xpath} has {len(x)} images but {ypath} has {len(y)} labels; {fix}")
     (_, x_train), (_, y_train) = arrays["x", "train"], arrays["y", "train"]
     (_, x_test), (_, y_test) = arrays["x", "test"], arrays["y", "test"]
     return Dataset(

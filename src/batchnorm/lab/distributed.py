@@ -246,10 +246,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(argv: Sequence[str], nproc: int, command: Sequence[str] | None = None) -> int:
+def launch(argv: Sequence[str], nproc: int, command: Sequence[str] | None = None, env: dict[str, str] | None = None) -> int:
     """Run `command + argv` as ranks 0..nproc-1 of a local group; returns the run's exit code.
 
-    `command` defaults to this Python's `-m batchnorm`. Ranks print to this terminal (only rank 0
+    `command` defaults to this Python's `-m batchnorm`; `env` adds to the ranks' environment. Ranks print to this terminal (only rank 0
     prints progress). When one rank fails, the others get SIGTERM (they save their finished epochs
     and stop) and, GRACE seconds later, SIGKILL; the exit code is the failed rank's. Ctrl-C stops
     every rank the same way (exit code 130; rank 0 prints how to resume).
@@ -260,6 +260,7 @@ def launch(argv: Sequence[str], nproc: int, command: Sequence[str] | None = None
         "LOCAL_WORLD_SIZE": str(nproc),
         # The ranks share this machine's cores: one thread each, as single-process runs use.
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        **(env or {}),
     }
     procs = [
         subprocess.Popen([*command, *argv], env={**base, "RANK": str(r), "LOCAL_RANK": str(r)})

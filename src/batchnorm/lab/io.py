@@ -1,8 +1,14 @@
-"""Atomic writes: a file is either the old version or the complete new one, never half of it.
+"""Files, safely: atomic writes, and reads that name the file and the way out when it is bad.
 
 Every result the lab writes goes through here: write a temporary file in the same folder (so
 `os.replace` is a rename within one file system), flush it to disk, then rename it over the
-target. An interrupted run leaves at worst a stray `*.tmp` file, which the next write replaces.
+target, so a process killed mid-write leaves the old file or the new one, never half of one. A
+killed write leaves at worst a stray `.NAME.PID.tmp` file, which `remove_temporaries` deletes
+when the next run takes the folder.
+
+Every file the lab reads back goes through `read_json` / `load_torch`: whatever is wrong with it
+(missing, empty, truncated, garbage, unreadable) becomes a CorruptFile naming the file and what
+to do, not a parser's traceback.
 """
 from __future__ import annotations
 
@@ -13,7 +19,15 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-__all__ = ["write_bytes", "write_text", "write_json", "write_csv", "save_torch", "read_json"]
+__all__ = [
+    "write_bytes", "write_text", "write_json", "write_csv", "save_torch", "read_json", "load_torch",
+    "CorruptFile", "remove_temporaries",
+]
+
+
+class CorruptFile(ValueError):
+    """A file the lab reads back is missing, unreadable or not what the lab wrote; the message says
+    which file and how to get past it."""
 
 
 def write_bytes(path: Path, data: bytes, *, fsync: bool = True) -> None:
@@ -46,9 +60,57 @@ def write_json(path: Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
-def read_json(path: Path) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")  # the lab never writes NaN or Infinity
+
+
+def read_json(path: Path, way_out: str) -> Any:
+    """The JSON in `path`, or CorruptFile naming it and `way_out` (what the user should do)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CorruptFile(f"{path}: cannot be read ({_reason(e)}); {way_out}") from e
+    if not text.strip():
+        raise CorruptFile(f"{path}: is empty (a write was cut short?); {way_out}")
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except ValueError as e:
+        raise CorruptFile(f"{path}: is not valid JSON ({e}; truncated or overwritten?); {way_out}") from e
+
+
+def load_torch(path: Path, way_out: str) -> Any:
+    """torch.load(path, weights_only=True), or CorruptFile naming the file and `way_out`."""
+    import torch
+
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise CorruptFile(f"{path}: is empty (a write was cut short?); {way_out}")
+        return torch.load(path, weights_only=True)
+    except CorruptFile:
+        raise
+    except OSError as e:
+        raise CorruptFile(f"{path}: cannot be read ({_reason(e)}); {way_out}") from e
+    except Exception as e:
+        # Whatever garbage makes the unpickler raise: a truncated zip is a RuntimeError
+        # (PytorchStreamReader), random bytes an UnpicklingError, an IndexError, an EOFError, ...
+        raise CorruptFile(f"{path}: is not a readable checkpoint ({_reason(e)}); {way_out}") from e
+
+
+def _reason(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def remove_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporary files killed writes left in `folder` and its subfolders; returns them.
+
+    Only safe while holding the folder's lock (lab/lock.py): then no other process is writing."""
+    leftovers = [p for p in Path(folder).rglob(".*.tmp") if p.is_file()]
+    for p in leftovers:
+        p.unlink(missing_ok=True)
+    return leftovers
 
 
 def write_csv(path: Path, rows: Iterable[Mapping[str, Any]], columns: list[str]) -> None:

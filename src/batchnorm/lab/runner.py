@@ -11,12 +11,16 @@ The folder, when done:
     cells/<key>.json   each finished cell's history (what --resume keeps)
 while running, also checkpoints/<key>.pt: the cell in progress, saved after every epoch.
 
-Everything that can be wrong with the input (unknown experiment, bad flags, missing or corrupt
-data) is found before the folder is touched, so a bad command leaves nothing half-written and an
-existing run intact. Every file is written atomically (lab/io.py).
+Everything that can be wrong with the input (unknown experiment, bad flags, an --out that cannot
+be written, missing or corrupt data) is found before the folder is touched, so a bad command
+leaves nothing half-written and an existing run intact. Then the run takes the folder's lock
+(lab/lock.py: a second run into the same folder is refused, naming this one) and keeps it until
+it ends, however it ends. Every file is written atomically (lab/io.py) and every file read back
+is checked first (lab/records.py), so a bad one is named with the way out.
 
 In a data-parallel run (lab/distributed.py) every rank calls `start`; rank 0 alone touches the
-folder and tells the others which cells are still to train, and only rank 0 returns the summary.
+folder (and holds its lock, unless the `--nproc` launcher holds it for the ranks) and tells the
+others which cells are still to train, and only rank 0 returns the summary.
 """
 from __future__ import annotations
 
@@ -35,13 +39,15 @@ import torch
 
 from . import distributed, io
 from .config import RunConfig
+from .lock import LOCK_NAME, FolderInUse, FolderLock, held_by_launcher
+from .records import read_cell, read_config
 from .data import load
 from .experiments import get
 from .experiments.base import Cell, CellResult, groups
 from .models import label
 from .train import COLUMNS, History, train
 
-__all__ = ["start", "check", "RunError", "METRIC_COLUMNS"]
+__all__ = ["start", "check", "claim", "RunError", "METRIC_COLUMNS"]
 
 METRIC_COLUMNS = ["arm", "variant", "setting", "seed", *COLUMNS]
 _OURS = ("config.json", "summary.json", "metrics.csv", "report.html", "cells", "checkpoints")
@@ -93,7 +99,7 @@ def resolve(name: str, overrides: dict[str, Any], out: Path, resume: bool) -> Ru
         saved_path = out / "config.json"
         if not saved_path.is_file():
             raise RunError(f"nothing to resume in {out}: it holds no config.json (start the run without --resume)")
-        saved = RunConfig.from_dict(io.read_json(saved_path))
+        saved = read_config(saved_path)
         if saved.experiment != name:
             raise RunError(f"{out} holds a {saved.experiment!r} run, not {name!r}")
         # log_every only changes what is printed, so it may differ; everything else decides numbers.
@@ -115,15 +121,78 @@ def resolve(name: str, overrides: dict[str, Any], out: Path, resume: bool) -> Ru
     return config
 
 
+def _is_temporary(path: Path) -> bool:
+    return path.name.startswith(".") and path.name.endswith(".tmp")
+
+
+def _results_in(out: Path) -> list[Path]:
+    """The files of a lab run in `out` (temporaries of killed writes and the lock do not count)."""
+    found = []
+    for name in _OURS:
+        path = out / name
+        if path.is_dir():
+            found += [p for p in path.rglob("*") if p.is_file() and not _is_temporary(p)]
+        elif path.exists():
+            found.append(path)
+    return found + sorted(out.glob("*.png"))
+
+
+def _check_out(out: Path) -> None:
+    """Raise RunError if `out` cannot be a run folder we can write (touching nothing)."""
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} is a file, not a folder: choose a folder (new or a lab run's)")
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RunError(f"--out {out} cannot be created: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "write in it" if existing == out else f"create it in {existing}"
+        raise RunError(f"--out {out}: no permission to {where}; choose a --out you can write to")
+
+
 def _prepare(out: Path, resume: bool, overwrite: bool) -> None:
-    """Check the folder can take this run; with `overwrite`, delete the previous run's files."""
-    holds_run = (out / "config.json").is_file()
-    if resume:
+    """Check the folder can take this run; touches nothing."""
+    _check_out(out)
+    if resume or not out.exists():
         return
-    if holds_run and not overwrite:
-        raise RunError(f"{out} already holds a run: pass --resume to continue it, --overwrite to replace it, or another --out")
-    if out.exists() and not holds_run and any(out.iterdir()):
-        raise RunError(f"{out} exists and is not a lab run folder; choose an empty or new --out")
+    if _results_in(out):
+        if not overwrite:
+            raise RunError(f"{out} already holds a run: pass --resume to continue it, --overwrite to replace it, or another --out")
+        return
+    foreign = [p for p in out.iterdir() if p.name not in (*_OURS, LOCK_NAME) and not _is_temporary(p)]
+    if foreign:
+        raise RunError(f"{out} exists and is not a lab run folder (it holds {foreign[0].name}); choose an empty or new --out")
+
+
+def claim(out: str | os.PathLike, resume: bool, overwrite: bool, lock: FolderLock | None = None) -> FolderLock | None:
+    """Make `out`, take its lock (unless a launcher holds it for us) and check again under the lock.
+
+    Returns the lock (None when the launcher holds it); raises RunError or FolderInUse, releasing
+    what it took. Under the lock no other run writes here, so leftovers of killed writes can go.
+    """
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"--out {out} cannot be created ({e.strerror}); choose a --out you can write to") from e
+    if lock is None and not held_by_launcher(out):
+        lock = FolderLock(out).acquire()
+    try:
+        _prepare(out, resume, overwrite)  # again: another run may have finished here since the first check
+        io.remove_temporaries(out)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return lock
+
+
+def _early_lock(out: Path) -> FolderLock | None:
+    """Refuse at once, before any data is loaded, when another run holds an existing folder."""
+    if (out / LOCK_NAME).is_file() and not held_by_launcher(out):
+        return FolderLock(out).acquire()
+    return None
 
 
 def _clear(out: Path) -> None:
@@ -163,15 +232,29 @@ def check(name: str, overrides: dict[str, Any], out: str | os.PathLike, *, resum
           overwrite: bool = False, nproc: int = 1) -> None:
     """Raise what `start` would raise for this input, touching nothing (the `--nproc` launcher's check)."""
     out = Path(out)
-    config = resolve(name, overrides, out, resume)
-    _prepare(out, resume, overwrite)
-    _cells_of(name, config, nproc)
+    _check_out(out)
+    lock = _early_lock(out)
+    try:
+        config = resolve(name, overrides, out, resume)
+        _prepare(out, resume, overwrite)
+        _cells_of(name, config, nproc)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _cells_of(name: str, config: RunConfig, world: int):
     experiment = get(name)
     data = load(config.data, config.data_dir, config.limit)
     cells = experiment.cells(config, data)
+    seen: dict[str, Cell] = {}
+    for cell in cells:  # each cell's files are named by its key: two cells must not share one
+        if cell.key in seen:
+            raise ValueError(
+                f"two cells would share the name {cell.key!r} (--grid values {seen[cell.key].setting!r} and "
+                f"{cell.setting!r}, or --variants, repeat or agree to 6 significant digits); list each value once"
+            )
+        seen[cell.key] = cell
     if world > 1:  # every variant's model must be one SyncBatchNorm can make data-parallel
         for variant in dict.fromkeys(c.variant for c in cells):
             cell = next(c for c in cells if c.variant == variant)
@@ -193,38 +276,73 @@ def start(
     out = Path(out)
     ranks = distributed.current()
     experiment = get(name)
-    config = resolve(name, overrides, out, resume)
-    refused = None
-    if ranks.main:
-        try:
-            _prepare(out, resume, overwrite)
-        except RunError as error:
-            refused = error
-    refused = distributed.broadcast(refused, ranks)  # DDP: every rank stops on rank 0's verdict
-    if refused is not None:
-        raise refused
-    data, cells = _cells_of(name, config, ranks.world)
-    # Input is valid: from here on the folder is ours (rank 0's).
-    if ranks.main:
-        if overwrite and not resume:
-            _clear(out)
-        (out / "cells").mkdir(parents=True, exist_ok=True)
-        (out / "checkpoints").mkdir(exist_ok=True)
-        io.write_json(out / "config.json", _finite(config.numbers()))
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(config.threads)
+    lock = None
     try:
-        return _train_all(experiment, config, data, cells, out, log, on_epoch, ranks)
+        refused = None
+        if ranks.main:
+            try:
+                _check_out(out)
+                lock = _early_lock(out)
+            except (RunError, FolderInUse) as error:
+                refused = error
+        refused = distributed.broadcast(refused, ranks)  # DDP: every rank stops on rank 0's verdict
+        if refused is not None:
+            raise refused
+        config = resolve(name, overrides, out, resume)
+        if ranks.main:
+            try:
+                _prepare(out, resume, overwrite)
+            except RunError as error:
+                refused = error
+        refused = distributed.broadcast(refused, ranks)
+        if refused is not None:
+            raise refused
+        data, cells = _cells_of(name, config, ranks.world)
+        # Input is valid: from here on the folder is ours (rank 0's), under its lock.
+        if ranks.main:
+            try:
+                lock = claim(out, resume, overwrite, lock)
+            except (RunError, FolderInUse) as error:
+                refused, lock = error, None
+        refused = distributed.broadcast(refused, ranks)
+        if refused is not None:
+            raise refused
+        if ranks.main:
+            if overwrite and not resume:
+                _clear(out)
+            # no _finite here: check() has made every number finite, and a non-finite one must fail
+            # loudly (write_json refuses NaN) rather than be saved as null
+            io.write_json(out / "config.json", config.numbers())
+            (out / "cells").mkdir(exist_ok=True)
+            (out / "checkpoints").mkdir(exist_ok=True)
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(config.threads)
+        try:
+            return _train_all(experiment, config, data, cells, out, log, on_epoch, ranks)
+        finally:
+            torch.set_num_threads(threads)
     finally:
-        torch.set_num_threads(threads)
+        if lock is not None:
+            lock.release()
 
 
 def _train_all(experiment, config, data, cells, out: Path, log, on_epoch, ranks) -> dict[str, Any] | None:
     results: list[CellResult] = []
     train_seconds = 0.0
-    done = {c.key for c in cells if (out / "cells" / f"{c.key}.json").is_file()} if ranks.main else None
+    records, done = {}, None
+    if ranks.main:  # every finished cell is read and checked before anything trains
+        try:
+            for c in cells:
+                path = out / "cells" / f"{c.key}.json"
+                if path.is_file():
+                    records[c.key] = read_cell(path, c.key, c.settings.epochs)
+            done = set(records)
+        except io.CorruptFile as error:
+            done = error
     done = distributed.broadcast(done, ranks)  # DDP: rank 0 decides, before it writes any record
+    if isinstance(done, io.CorruptFile):
+        raise done
     if not ranks.main:  # the other ranks train alongside rank 0, silently, and write nothing
         for cell in cells:
             if cell.key not in done:
@@ -243,7 +361,7 @@ def _train_all(experiment, config, data, cells, out: Path, log, on_epoch, ranks)
                     distributed.broadcast(cell.settings, ranks)  # DDP: the other ranks train it with these too
             record_path = out / "cells" / f"{cell.key}.json"
             if cell.key in done:  # finished before an interruption: keep it
-                record = io.read_json(record_path)
+                record = records[cell.key]
                 history = History([_nan(r) for r in record["rows"]], record["diverged"])
                 results.append(CellResult(cell, history, record["extras"]))
                 train_seconds += record.get("seconds", 0.0)

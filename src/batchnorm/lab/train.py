@@ -36,7 +36,8 @@ from torch import Tensor, nn
 
 from . import distributed
 from .data import Dataset
-from .io import save_torch
+from .io import CorruptFile, save_torch
+from .records import CHECKPOINT_WAY_OUT, read_checkpoint
 
 __all__ = ["Settings", "History", "train", "accuracy", "batch_order"]
 
@@ -141,18 +142,29 @@ def train(
 
     state = None
     if checkpoint is not None and ranks.main and checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=True)
+        try:
+            state = read_checkpoint(checkpoint, settings.epochs)
+        except CorruptFile as error:
+            state = error  # DDP: every rank stops with rank 0's message
     state = distributed.broadcast(state, ranks)  # DDP: every rank continues from rank 0's checkpoint.
+    if isinstance(state, CorruptFile):
+        raise state
     if state is not None:
-        model.load_state_dict(state["model"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        history = History(json.loads(state["rows"]), state["diverged"])
+        try:
+            model.load_state_dict(state["model"])
+            generator.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+        except (RuntimeError, ValueError, TypeError) as error:
+            raise _unfit(checkpoint, error) from error
+        history = History(state["rows"], state["diverged"])
     # DDP: BN -> SyncBatchNorm, then DistributedDataParallel (in a single process: `model` itself).
     net = distributed.wrap(model, ranks)
     optimizer = torch.optim.SGD(net.parameters(), lr=settings.lr)
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, TypeError, KeyError) as error:
+            raise _unfit(checkpoint, error) from error
 
     snapshot, saved_at = None, time.monotonic()
     try:
@@ -216,6 +228,12 @@ def _epoch(net, optimizer, data: Dataset, settings: Settings, generator, history
             if settings.batch_stats_eval and evaluate else math.nan
         ),
     }
+
+
+def _unfit(checkpoint: Path, error: Exception) -> CorruptFile:
+    """A checkpoint of another model, or with damaged tensors: name the file, not torch's mismatch."""
+    return CorruptFile(f"{checkpoint}: does not fit this cell's model ({' '.join(str(error).split())[:300]}); "
+                       f"{CHECKPOINT_WAY_OUT}")
 
 
 def _save(checkpoint: Path, snapshot: dict) -> None:

@@ -15,6 +15,12 @@ to BN channel o only, the composition is again a convolution:
 layers without bias, and grouped transposed convolutions, whose weight (C_in, C_out / groups, *k)
 puts output channels on dim 1 within each group.
 
+BN layers that carry an activation are folded too, and the activation stays: the library's
+BatchNormAct1d/2d/3d leaves the torch module of its activation in its place (`nn.ReLU`, ...), and
+a timm-style layer (timm's `BatchNormAct2d`: act(drop(bn(x)))) leaves its own `act` module (after
+its `drop`, when that is not `nn.Identity`). A BN subclass fold does not know (`bn_kinds.kind_of`:
+one that overrides forward and is none of those) is kept with the reason, never replaced.
+
 Caveat for Linear: BN1d normalizes dim 1, which is Linear's output feature dim only for 2D input
 (N, in) -> (N, out). A Linear applied to (N, L, in) followed by BatchNorm1d(L) normalizes over L,
 not over the output features; such a pair is folded only if L happens to equal out_features, so
@@ -30,6 +36,8 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+
+from .bn_kinds import kind_of, timm_parts, torch_activation
 
 __all__ = ["fold", "fold_weights", "FoldReport", "FOLDABLE"]
 
@@ -90,8 +98,17 @@ def _out_channels(layer: nn.Module) -> int:
     return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
 
 
+def _unknown_class(bn: nn.Module) -> str:
+    return (
+        f"its class {type(bn).__name__} overrides the BatchNorm computation and is not a class fold "
+        f"knows, so what it computes besides normalizing is unknown"
+    )
+
+
 def _why_not(layer: nn.Module, bn: nn.Module) -> str | None:
     """Why this (layer, bn) pair cannot be folded, or None when it can."""
+    if kind_of(bn) is None:
+        return _unknown_class(bn)
     if bn.running_mean is None or bn.running_var is None:
         return "the BN has no running statistics (track_running_stats=False): eval uses batch statistics"
     if bn.num_features != _out_channels(layer):
@@ -117,17 +134,31 @@ def _fold_pair(layer: nn.Module, bn: nn.Module) -> None:
     layer.bias = nn.Parameter(bias, requires_grad=layer.weight.requires_grad)
 
 
+def _what_stays(bn: nn.Module) -> nn.Module:
+    """What takes a folded BN's place: its activation (with timm's drop), or nn.Identity."""
+    kind = kind_of(bn)
+    if kind == "act":
+        return torch_activation(bn)
+    if kind == "timm":
+        drop, act = timm_parts(bn)
+        return act if drop is None or type(drop) is nn.Identity else nn.Sequential(drop, act)
+    return nn.Identity()
+
+
 @dataclass
 class FoldReport:
     """What `fold` did. Names are qualified module names in the folded model."""
 
-    folded: list[tuple[str, str]] = field(default_factory=list)  # (layer, bn): bn replaced by Identity
+    folded: list[tuple[str, str]] = field(default_factory=list)  # (layer, bn): bn folded into layer
+    activations: dict[str, str] = field(default_factory=dict)  # folded bn -> the activation left in its place
     kept: dict[str, str] = field(default_factory=dict)  # bn -> why it stays
     notes: list[str] = field(default_factory=list)  # where torch.fx could not trace, and what was done
 
     def __str__(self) -> str:
         lines = [f"folded {len(self.folded)} BatchNorm layer(s), kept {len(self.kept)}"]
-        lines += [f"  folded {bn!r} into {layer!r}" for layer, bn in self.folded]
+        for layer, bn in self.folded:
+            act = self.activations.get(bn)
+            lines.append(f"  folded {bn!r} into {layer!r}" + (f"; its activation {act} stays in its place" if act else ""))
         lines += [f"  kept {bn!r}: {why}" for bn, why in self.kept.items()]
         lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
@@ -219,15 +250,17 @@ def fold(model: nn.Module) -> tuple[nn.Module, FoldReport]:
     """Fold every BatchNorm that directly follows a Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear.
 
     Does not mutate `model`: returns `(folded, report)`, where `folded` is a deep copy in eval
-    mode in which each folded BN is replaced by `nn.Identity` and its layer carries the folded
-    weight and bias (a new bias Parameter if it had none), and `report` is a `FoldReport` listing
-    the folded pairs, the BNs kept (with the reason) and where torch.fx could not trace.
+    mode in which each folded BN is replaced by `nn.Identity` (a BN with an activation: by its
+    activation module) and its layer carries the folded weight and bias (a new bias Parameter if it
+    had none), and `report` is a `FoldReport` listing the folded pairs, the activations left in
+    their place, the BNs kept (with the reason) and where torch.fx could not trace.
 
     Pairs are found by tracing `model` with torch.fx (custom forwards included; the model's own
     class and attributes are kept, only submodules change). Where tracing fails, fold falls back
     to adjacent (layer, BN) children of nn.Sequential and to its traceable submodules. A pair is
     folded only when it is safe: the BN's only input is the layer's output and that output is
-    used nowhere else, each called once, the BN tracks running statistics. In eval the folded
+    used nowhere else, each called once, the BN tracks running statistics, and its class is one
+    whose computation fold knows (BN, the library's BatchNormAct, timm-style BN + act). In eval the folded
     model's outputs equal the original's within float rounding (but see the Linear caveat above).
     """
     folded = copy.deepcopy(model).eval()
@@ -243,11 +276,16 @@ def fold(model: nn.Module) -> tuple[nn.Module, FoldReport]:
             report.kept[bn_name] = reason
             continue
         _fold_pair(layer, bn)
+        stays = _what_stays(bn)
         parent_name, _, child = bn_name.rpartition(".")
-        setattr(folded.get_submodule(parent_name), child, nn.Identity())
+        setattr(folded.get_submodule(parent_name), child, stays)
         report.folded.append((layer_name, bn_name))
+        if not isinstance(stays, nn.Identity):
+            report.activations[bn_name] = repr(stays).replace("\n", "")
         report.kept.pop(bn_name, None)
     for name, m in folded.named_modules():
-        if isinstance(m, _BN) and name not in report.kept:
+        if isinstance(m, _BN) and kind_of(m) is None:  # the first thing to know about such a layer
+            report.kept[name] = _unknown_class(m)
+        elif isinstance(m, _BN) and name not in report.kept:
             report.kept[name] = "not found directly after a Conv/ConvTranspose/Linear layer"
     return folded, report

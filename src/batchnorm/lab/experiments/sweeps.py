@@ -18,7 +18,7 @@ from pathlib import Path
 from torch import nn
 
 from .. import models
-from ..config import RunConfig
+from ..config import BOUNDS, RunConfig
 from ..data import Dataset
 from ..controls import prepare
 from ..train import Settings, accuracy
@@ -28,6 +28,7 @@ from .base import Cell, CellResult, Claim, Experiment, by_arm, find, fmt_pct, gr
 from .compare import CONTROLS  # noqa: E402  (the controlled arm: standardized inputs, He init, tuned lr)
 
 DEPTH = 2  # hidden layers of the swept MLP when the depth is not what is swept
+MAX_DEPTH = 1000  # hidden layers at most: deeper is a typo that would run out of memory, not a sweep
 
 
 def _variants(config: RunConfig) -> list[str]:
@@ -72,13 +73,14 @@ def epochs_for_steps(steps: int, batch: int, n: int) -> int:
     return max(1, math.ceil(steps * batch / n))
 
 
-def _check_grid(name: str, integer: bool, config: RunConfig, least: float = 0) -> None:
+def _check_grid(name: str, integer: bool, config: RunConfig, least: float = 0, most: float = math.inf) -> None:
     if not config.grid:
         raise ValueError(f"--grid needs at least one {name}")
     for v in config.grid:
-        if not v > least or (integer and v != int(v)):
+        if not least < v <= most or (integer and v != int(v)):
             kind = "integers" if integer else "numbers"
-            raise ValueError(f"--grid values for the {name} must be {kind} above {least:g} (got {v:g})")
+            upto = "" if most == math.inf else f" and at most {most:g}"
+            raise ValueError(f"--grid values for the {name} must be {kind} above {least:g}{upto} (got {v:g})")
 
 
 def _table(gs, fmt=fmt_pct, column="test_accuracy") -> str:
@@ -385,10 +387,10 @@ def _gap_figures(out: Path, config: RunConfig, data: Dataset, results) -> list[t
     return [("gap.png", plots.gap(out / "gap.png", bn, sorted(int(b) for b in config.grid), seed002))]
 
 
-def _sweep(vary: str, name: str, integer: bool):
+def _sweep(vary: str, name: str, integer: bool, least: float = 0, most: float = math.inf):
     """The `cells` function of a sweep whose grid sets `vary` ("lr", "depth" or "batch_size")."""
     def cells(config: RunConfig, data: Dataset) -> list[Cell]:
-        _check_grid(name, integer, config)
+        _check_grid(name, integer, config, least, most)
         return _sweep_cells(vary, config, data)
     return cells
 
@@ -406,7 +408,7 @@ LR_SWEEP = Experiment(
     defaults=dict(seeds=5, epochs=8, batch_size=64, data="digits", target=0.9,
                   grid=[0.0125 * 2 ** k for k in range(12)], variants=["none", "bn"], standardize=True, init="he"),
     setting_name="learning rate",
-    cells=_sweep("lr", "learning rates", integer=False),
+    cells=_sweep("lr", "learning rates", integer=False, most=BOUNDS["lr"].most),
     claims=by_arm(lr_claims),
     figures=partial(_sweep_figures, "learning rate", True),
 )
@@ -418,7 +420,7 @@ DEPTH_SWEEP = Experiment(
     defaults=dict(seeds=5, epochs=8, batch_size=64, data="digits", target=0.9,
                   grid=[2, 5, 10, 20], variants=["none", "bn"], **CONTROLS),
     setting_name="hidden layers",
-    cells=_sweep("depth", "depths", integer=True),
+    cells=_sweep("depth", "depths", integer=True, most=MAX_DEPTH),
     claims=by_arm(depth_claims),
     figures=partial(_sweep_figures, "hidden layers", False),
 )
@@ -439,7 +441,8 @@ BATCH_SWEEP = Experiment(
     defaults=dict(seeds=5, steps=STEPS, data="digits", target=0.9, grid=[2, 8, 32, 128],
                   variants=["none", "bn", "renorm"], **{**CONTROLS, "tune_lr": [0.05, 0.1, 0.2, 0.4], "tune_seeds": 1}),
     setting_name="batch size",
-    cells=_sweep("batch_size", "batch sizes", integer=True),
+    # a batch of one has no variance to normalize with, hence sizes of at least 2
+    cells=_sweep("batch_size", "batch sizes", integer=True, least=1),
     claims=by_arm(batch_claims),
     figures=partial(_sweep_figures, "batch size", True),
     after_cell=_batch_after,
