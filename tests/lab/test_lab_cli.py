@@ -19,14 +19,16 @@ from batchnorm.lab.runner import METRIC_COLUMNS
 SRC = Path(__file__).resolve().parents[2] / "src"
 
 # Each experiment with the smallest settings that still exercise it: (flags, cells expected)
+# (A run with controls trains every cell twice: controlled and shared; "--tune-lr 0.1" adds one
+# validation cell per group.)
 TINY = {
     "circles": (["--seeds", "2", "--epochs", "3"], 4),
-    "mlp": (["--seeds", "2", "--epochs", "2", "--limit", "200"], 4),
-    "cnn": (["--seeds", "1", "--epochs", "2", "--limit", "150"], 2),
-    "lr-sweep": (["--seeds", "1", "--epochs", "2", "--limit", "150", "--grid", "0.1,30"], 4),
-    "depth-sweep": (["--seeds", "1", "--epochs", "2", "--limit", "150", "--grid", "1,3"], 4),
-    "batch-sweep": (["--seeds", "1", "--epochs", "1", "--limit", "100", "--grid", "4,50"], 8),  # none, bn, ghost, renorm
-    "gap-sweep": (["--seeds", "2", "--epochs", "2", "--limit", "150", "--grid", "2,64"], 4),
+    "mlp": (["--seeds", "2", "--epochs", "2", "--limit", "200", "--tune-lr", "0.1", "--tune-seeds", "1"], 10),
+    "cnn": (["--seeds", "1", "--epochs", "2", "--limit", "150", "--tune-lr", "none"], 4),
+    "lr-sweep": (["--seeds", "1", "--epochs", "2", "--limit", "150", "--grid", "0.1,30"], 8),
+    "depth-sweep": (["--seeds", "1", "--epochs", "2", "--limit", "150", "--grid", "1,3", "--tune-lr", "none"], 8),
+    "batch-sweep": (["--seeds", "1", "--steps", "4", "--limit", "100", "--grid", "4,50", "--tune-lr", "none"], 12),  # none, bn, renorm
+    "gap-sweep": (["--seeds", "2", "--epochs", "2", "--limit", "150", "--grid", "2,64"], 8),
 }
 VARIANT_KEYS = {"final_train_loss", "final_test_accuracy", "epochs_to_target", "final_test_accuracy_std", "diverged"}
 
@@ -64,14 +66,14 @@ def test_tiny_run_writes_everything(tmp_path, name, capsys):
     for variant in summary["variants"].values():
         assert VARIANT_KEYS <= set(variant)
     for claim in summary["claims"]:
-        assert claim["verdict"] in ("supported", "not supported") and claim["evidence"]
+        assert claim["verdict"] in ("supported", "not supported", "inconclusive") and claim["evidence"]
     # The comparisons and the sweeps state at least one verdict each.
     assert summary["claims"]
 
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == METRIC_COLUMNS
-    assert len({(r["variant"], r["setting"], r["seed"]) for r in rows}) == n_cells
+    assert len({(r["arm"], r["variant"], r["setting"], r["seed"]) for r in rows}) == n_cells
     for figure in summary["figures"]:
         png = out / figure["file"]
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -101,7 +103,8 @@ def test_batch_sweep_takes_new_variants_by_name(tmp_path):
     # A variant added to models.NORMS joins the sweep by name and gets its own verdict; the seed 002
     # rule stands in here for GhostBatchNorm/BatchRenorm.
     out = tmp_path / "run"
-    flags = ["--seeds", "1", "--epochs", "1", "--limit", "100", "--grid", "4,50", "--variants", "none,bn,bn-seed002"]
+    flags = ["--seeds", "1", "--steps", "4", "--limit", "100", "--grid", "4,50", "--variants", "none,bn,bn-seed002",
+             "--tune-lr", "none", "--no-standardize", "--init", "default"]
     assert main(["run", "batch-sweep", *flags, "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["variants"]) == 6

@@ -25,7 +25,8 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 
 # A tiny cnn run: 120 digits in batches of 45, 45 and 30 (ranks get 23 and 22: uneven parts),
 # 2 epochs: 6 steps.
-CNN = ["run", "cnn", "--seeds", "1", "--epochs", "2", "--limit", "120", "--batch-size", "45", "--lr", "0.05"]
+CNN = ["run", "cnn", "--seeds", "1", "--epochs", "2", "--limit", "120", "--batch-size", "45", "--lr", "0.05",
+       "--tune-lr", "none", "--no-standardize", "--init", "default"]
 
 
 @pytest.fixture

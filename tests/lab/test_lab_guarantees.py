@@ -84,6 +84,17 @@ def _temporaries(out: Path) -> list[Path]:
     (["run", "cnn", "--timeout", "0"], "--timeout", "'0'"),
     (["run", "mlp", "--epochs", "2.5"], "--epochs", "'2.5'"),
     (["demo", "--epochs", "0"], "--epochs", "'0'"),
+    # the controls and the batch sweep's steps (lab science) get the same treatment
+    (["run", "batch-sweep", "--steps", "-1"], "--steps", "'-1'"),
+    (["run", "batch-sweep", "--steps", "inf"], "--steps", "'inf'"),
+    (["run", "batch-sweep", "--steps", "1e9"], "--steps", "'1e9'"),
+    (["run", "mlp", "--tune-seeds", "0"], "--tune-seeds", "'0'"),
+    (["run", "mlp", "--tune-seeds", "nan"], "--tune-seeds", "'nan'"),
+    (["run", "mlp", "--tune-lr", "0.1,inf"], "--tune-lr", "'0.1,inf'"),
+    (["run", "mlp", "--tune-lr", "nan"], "--tune-lr", "'nan'"),
+    (["run", "mlp", "--tune-lr", "0.1,0"], "--tune-lr", "'0.1,0'"),
+    (["run", "mlp", "--tune-lr", "1e7"], "--tune-lr", "'1e7'"),
+    (["run", "mlp", "--tune-lr", ","], "--tune-lr", "','"),
 ])
 def test_every_numeric_flag_is_checked_when_parsed(tmp_path, capsys, flags, flag, given):
     out = tmp_path / "out"
@@ -109,15 +120,38 @@ def test_values_that_would_fail_later_for_size_are_refused_first(tmp_path, capsy
     assert not out.exists()
 
 
+def test_a_limit_too_small_for_the_validation_split_is_refused_first(tmp_path, capsys):
+    # mlp tunes the lr by default: --limit 3 would leave one example to train on after the validation split
+    out = tmp_path / "out"
+    assert _code(["run", "mlp", "--seeds", "1", "--epochs", "1", "--limit", "3", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--limit: tuning the learning rate (--tune-lr)" in err and "got 3" in err and "Traceback" not in err
+    assert not out.exists()
+
+
 def test_the_smallest_accepted_values_run(tmp_path):
-    # The lower ends of the ranges are real: --limit 2, --batch-size 2, a batch sweep at 2.
-    assert _code(["run", "mlp", "--seeds", "1", "--epochs", "1", "--limit", "2", "--out", str(tmp_path / "a")]) == 0
+    # The lower ends of the ranges are real: --limit 2, --batch-size 2, a batch sweep at 2; with the
+    # lr tuned on a validation split, --limit 4 (2 examples to train on, 2 to validate).
+    assert _code(["run", "mlp", "--seeds", "1", "--epochs", "1", "--limit", "2", "--tune-lr", "none",
+                  "--out", str(tmp_path / "a")]) == 0
+    assert _code(["run", "mlp", "--seeds", "1", "--epochs", "1", "--limit", "4", "--tune-lr", "0.1",
+                  "--tune-seeds", "1", "--out", str(tmp_path / "c")]) == 0
     assert _code(["run", "batch-sweep", "--seeds", "1", "--epochs", "1", "--limit", "5", "--grid", "2",
                   "--variants", "bn", "--out", str(tmp_path / "b")]) == 0
 
 
+def test_init_takes_only_its_names(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _code(["run", "mlp", "--init", "xavier", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "argument --init: invalid choice: 'xavier'" in err and "'he'" in err
+    assert not out.exists()
+
+
 def test_python_api_checks_numbers_too(tmp_path):
-    for overrides in ({"lr": float("inf")}, {"lr": float("nan")}, {"epochs": 0}, {"seeds": True}, {"limit": 1}):
+    for overrides in ({"lr": float("inf")}, {"lr": float("nan")}, {"epochs": 0}, {"seeds": True}, {"limit": 1},
+                      {"steps": -1}, {"tune_seeds": 0}, {"tune_lr": [0.1, float("inf")]}, {"tune_lr": 0.1},
+                      {"standardize": "yes"}, {"init": "xavier"}):
         with pytest.raises(ValueError, match="expected"):
             start("circles", {"seeds": 1, "epochs": 2, **overrides}, tmp_path / "out", log=lambda s: None)
         assert not (tmp_path / "out").exists()
@@ -125,9 +159,12 @@ def test_python_api_checks_numbers_too(tmp_path):
 
 def test_config_json_never_stores_null_for_a_number(tmp_path):
     out = tmp_path / "run"
-    assert _code([*CIRCLES, "--out", str(out)]) == 0
+    controls = ["--standardize", "--init", "he", "--tune-lr", "0.1,0.2", "--tune-seeds", "1", "--steps", "0"]
+    assert _code([*CIRCLES, *controls, "--out", str(out)]) == 0
     config = json.loads((out / "config.json").read_text())
-    numbers = {k: v for k, v in config.items() if k not in ("experiment", "data", "data_dir", "variants")}
+    assert [k for k, v in config.items() if v is None] == ["data_dir"], config  # no --data-dir: the default folder
+    assert config["standardize"] is True and config["init"] == "he" and config["tune_lr"] == [0.1, 0.2]
+    numbers = {k: v for k, v in config.items() if k not in ("experiment", "data", "data_dir", "variants", "init")}
     assert numbers and all(isinstance(v, (int, float, list)) for v in numbers.values()), config
     # and a non-finite number can never be turned into null on the way to the file
     with pytest.raises(ValueError):

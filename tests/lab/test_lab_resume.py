@@ -8,7 +8,7 @@ import pytest
 from batchnorm.lab import runner, train
 from batchnorm.lab.runner import RunError, start
 
-MLP = {"seeds": 2, "epochs": 4, "limit": 160}
+MLP = {"seeds": 2, "epochs": 4, "limit": 160, "standardize": False, "init": "default", "tune_lr": []}  # the shared setting alone: 4 cells
 
 
 class Stop(Exception):
@@ -105,4 +105,4 @@ def test_atomic_writes_leave_no_temp_files(tmp_path):
     start("circles", {"seeds": 1, "epochs": 2}, out, log=_quiet)
     leftovers = [p for p in out.rglob("*") if p.name.endswith((".tmp", ".part"))]
     assert leftovers == []
-    assert runner.METRIC_COLUMNS[:3] == ["variant", "setting", "seed"]
+    assert runner.METRIC_COLUMNS[:4] == ["arm", "variant", "setting", "seed"]

@@ -23,9 +23,10 @@ import sys
 import threading
 from pathlib import Path
 
-from .flags import NPROC, TIMEOUT, bounded, finite_list, number
+from .config import INITS
+from .flags import NPROC, TIMEOUT, bounded, finite_list, learning_rates, number
 
-__all__ = ["main"]
+__all__ = ["main", "run_overrides"]
 
 DEMO_OUT = Path("runs") / "demo"
 # = lab.distributed.DEFAULT_TIMEOUT and PEER_FAILED (not imported: `batchnorm list` starts without torch)
@@ -54,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("experiment", help="circles, mlp, cnn, lr-sweep, depth-sweep, batch-sweep, gap-sweep")
     run.add_argument("--seeds", type=number("seeds"), help="seeds per variant (runs with seeds 0..K-1)")
     run.add_argument("--epochs", type=number("epochs"), help="epochs per run")
+    run.add_argument("--steps", type=number("steps"), help="batch-sweep: SGD steps at every batch size (sets the epochs)")
     run.add_argument("--lr", type=number("lr"), help="SGD learning rate")
     run.add_argument("--batch-size", type=number("batch_size"), dest="batch_size", help="mini-batch size, 0 = full batch")
     run.add_argument("--data", help="circles, digits (bundled, offline), mnist or fashion-mnist")
@@ -62,6 +64,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--target", type=number("target"), help="test accuracy counted as converged (epochs_to_target)")
     run.add_argument("--grid", type=finite_list, help="the swept values, comma-separated (sweeps only)")
     run.add_argument("--variants", type=_names, help="normalization variants to compare, comma-separated (sweeps)")
+    run.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=None,
+                     help="standardize inputs with the training split's per-feature mean and std (a control)")
+    run.add_argument("--init", choices=INITS, help="weight init: PyTorch's default or He (a control)")
+    run.add_argument("--tune-lr", dest="tune_lr", type=learning_rates,
+                     help="choose each variant's lr on a validation split from these values (a control); none = off")
+    run.add_argument("--tune-seeds", dest="tune_seeds", type=number("tune_seeds"), help="seeds per learning rate when tuning")
     run.add_argument("--log-every", type=number("log_every"), dest="log_every", help="print progress every N epochs (0 = last only)")
     run.add_argument("--threads", type=number("threads"), help="torch CPU threads (default 1: fastest for these small nets)")
     run.add_argument("--nproc", type=bounded(NPROC), help="train data-parallel in N local processes (DDP + SyncBatchNorm, gloo)")
@@ -109,8 +117,9 @@ def _run(name: str, overrides: dict, out: Path, resume: bool, overwrite: bool) -
               f"{'nan' if loss is None else f'{loss:.4f}'}  epochs to {100 * summary['target_accuracy']:.0f}%: {epochs}"
               if acc is not None else f"{variant:>16s}: diverged")
     for c in summary["claims"]:
-        print(f"[{c['verdict']}] {c['claim']}\n    {c['evidence']}")
-    print(f"\nreport: {out / 'report.html'}")
+        interval = f"\n    {c['interval']}: {c['reason']}" if c.get("interval") else ""
+        print(f"[{c['verdict']}] {c['claim']}{interval}\n    {c['evidence']}")
+    print(f"\nreproduce: {summary['command']}\nreport: {out / 'report.html'}")
     return 0
 
 
@@ -160,6 +169,16 @@ def _run_ranks(args, overrides: dict, out: Path, argv: list[str]) -> int:
     return _run(args.experiment, overrides, out, args.resume, args.overwrite)
 
 
+# The `run` flags that are RunConfig fields (the rest say where and how to run, not what).
+RUN_FIELDS = ("seeds", "epochs", "steps", "lr", "batch_size", "data", "data_dir", "limit", "target", "grid", "variants",
+              "standardize", "init", "tune_lr", "tune_seeds", "log_every", "threads")
+
+
+def run_overrides(args: argparse.Namespace) -> dict:
+    """The RunConfig fields `batchnorm run` was given (None where a flag was not)."""
+    return {k: getattr(args, k) for k in RUN_FIELDS}
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -183,8 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides = {"seeds": args.seeds, "epochs": args.epochs}
             # The demo's own folder is replaced on every demo; a folder you name is only with --overwrite.
             return _run("circles", overrides, out, False, args.overwrite or args.out is None)
-        overrides = {k: getattr(args, k) for k in (
-            "seeds", "epochs", "lr", "batch_size", "data", "data_dir", "limit", "target", "grid", "variants", "log_every", "threads")}
+        overrides = run_overrides(args)
         out = args.out or Path("runs") / args.experiment
         return _run_ranks(args, overrides, out, sys.argv[1:] if argv is None else list(argv))
     except KeyboardInterrupt:

@@ -11,11 +11,16 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["RunConfig", "DATASETS", "Bound", "BOUNDS", "finite_number"]
+__all__ = ["RunConfig", "DATASETS", "INITS", "Bound", "BOUNDS", "finite_number"]
 
 # The datasets `--data` accepts. `circles` is generated (seed 000); `digits` ships with
 # scikit-learn, so mlp/cnn and the sweeps run offline; the MNISTs are read from IDX files.
 DATASETS = ("circles", "digits", "mnist", "fashion-mnist")
+# Tuning the lr (--tune-lr) holds out a validation split of at least 2 training examples and must
+# leave at least 2 to train on (BN cannot normalize one): lab/controls.validation_split.
+TUNING_MIN_EXAMPLES = 4
+# The weight inits `--init` accepts (lab/controls.py): PyTorch's default, or He (Kaiming normal).
+INITS = ("default", "he")
 
 
 @dataclass(frozen=True)
@@ -52,11 +57,13 @@ class Bound:
 BOUNDS = {
     "seeds": Bound(int, 1, 1000),
     "epochs": Bound(int, 1, 1_000_000),
+    "steps": Bound(int, 1, 1_000_000, zero="the sweep's default"),
     "lr": Bound(float, 0, 1e6, above=True),
     # a batch of one has no variance for BN to normalize with (torch refuses it too)
     "batch_size": Bound(int, 2, zero="full batch"),
     "limit": Bound(int, 2, zero="all"),  # at least 2: BN needs two examples in a batch
     "target": Bound(float, 0, 1, above=True),
+    "tune_seeds": Bound(int, 1, 1000),
     "log_every": Bound(int, 0),
     "threads": Bound(int, 1, 1024),
 }
@@ -72,6 +79,7 @@ class RunConfig:
     experiment: str  # a name from `batchnorm list`
     seeds: int = 3  # independent runs per variant (seeds 0..seeds-1); the plots band over them
     epochs: int = 10  # passes over the training set
+    steps: int = 0  # batch-sweep: SGD steps at every batch size (0: the sweep's default); sets the epochs
     lr: float = 0.1  # SGD learning rate, the tutorials' 0.1 (the lr sweep overrides it per cell)
     batch_size: int = 64  # mini-batch size; 0 = full batch (circles trains full-batch, as seed 000)
     data: str = "digits"  # one of DATASETS
@@ -80,6 +88,12 @@ class RunConfig:
     target: float = 0.9  # test accuracy that counts as "converged" for epochs_to_target
     grid: list[float] = field(default_factory=list)  # the swept values (learning rates, depths, ...)
     variants: list[str] = field(default_factory=list)  # normalization variants to compare (models.NORMS)
+    # The controls (lab/controls.py). Any of them set: each claim is also trained at the tutorial's
+    # shared setting, shown beside the controlled verdict.
+    standardize: bool = False  # standardize inputs per feature with the training split's statistics
+    init: str = "default"  # one of INITS: "default" (PyTorch) or "he" (Kaiming normal)
+    tune_lr: list[float] = field(default_factory=list)  # per-variant lr chosen on validation from this grid
+    tune_seeds: int = 2  # seeds per learning rate when tuning
     log_every: int = 0  # print a tutorial-style progress line every n epochs (0 = the last epoch only)
     threads: int = 1  # torch CPU threads. 1: these nets are too small to gain from more (threads only
     #                   contend), and the summation order, hence the numbers, does not depend on the machine
@@ -110,5 +124,15 @@ class RunConfig:
             problems.append(f"--grid: expected finite numbers, got {self.grid!r}")
         if not isinstance(self.variants, list) or not all(isinstance(v, str) for v in self.variants):
             problems.append(f"--variants: expected names (got {self.variants!r})")
+        if not isinstance(self.standardize, bool):
+            problems.append(f"--standardize: expected True or False, got {self.standardize!r}")
+        if self.init not in INITS:
+            problems.append(f"--init: expected one of {', '.join(INITS)}, got {self.init!r}")
+        if not isinstance(self.tune_lr, list) or any(BOUNDS["lr"].problem(v) for v in self.tune_lr):
+            problems.append(f"--tune-lr: expected learning rates, each {BOUNDS['lr'].expected()}, got {self.tune_lr!r}")
+        elif self.tune_lr and isinstance(self.limit, int) and 0 < self.limit < TUNING_MIN_EXAMPLES:
+            problems.append(f"--limit: tuning the learning rate (--tune-lr) holds out a validation split, so it needs at "
+                            f"least {TUNING_MIN_EXAMPLES} examples (2 to train on, 2 to validate), got {self.limit}; "
+                            "raise --limit or pass --tune-lr none")
         if problems:
             raise ValueError("; ".join(problems))

@@ -15,7 +15,7 @@ from typing import Callable
 
 from .config import BOUNDS, Bound
 
-__all__ = ["number", "bounded", "finite_list", "NPROC", "TIMEOUT"]
+__all__ = ["number", "bounded", "finite_list", "learning_rates", "NPROC", "TIMEOUT"]
 
 # The flags that are not RunConfig fields (they decide how a run is executed, not its numbers).
 NPROC = Bound(int, 1, 64)  # local processes; more than 64 on one machine is a typo
@@ -52,4 +52,18 @@ def finite_list(text: str) -> list[float]:
     bad = [v for v in values if not math.isfinite(v)]
     if bad:
         raise argparse.ArgumentTypeError(f"expected comma-separated finite numbers, got {text!r} (holds {bad[0]:g})")
+    return values
+
+
+def learning_rates(text: str) -> list[float]:
+    """--tune-lr: comma-separated learning rates, each within BOUNDS["lr"], or `none` (no tuning)."""
+    if text.strip().lower() == "none":
+        return []
+    values = finite_list(text)
+    lr = BOUNDS["lr"]
+    bad = [v for v in values if lr.problem(v)]
+    if not values or bad:
+        holds = f" (holds {bad[0]:g})" if bad else ""
+        raise argparse.ArgumentTypeError(f"expected 'none' or comma-separated learning rates, each {lr.expected()}, "
+                                         f"got {text!r}{holds}")
     return values

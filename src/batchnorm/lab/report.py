@@ -1,7 +1,8 @@
 """report.html: one self-contained page per run (inline CSS, PNGs embedded as base64).
 
-It opens offline in any browser and can be mailed as one file. The page leads with the verdicts,
-then the figures, then the numbers, then how the run was made.
+It opens offline in any browser and can be mailed as one file. The page leads with the verdicts
+(each with its paired interval and its rule), then the figures, then the numbers, then how the run
+was made.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-__all__ = ["render"]
+__all__ = ["render", "command"]
 
 _CSS = """
 body { font: 15px/1.5 -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif; color: #222;
@@ -23,7 +24,9 @@ h1 { font-size: 1.6em; margin-bottom: .1em; } h2 { font-size: 1.2em; margin-top:
 .claim.yes { border-left-color: #2a9d5c; } .claim.no { border-left-color: #d1342f; }
 .badge { display: inline-block; font-weight: 600; font-size: .8em; padding: .1em .6em; border-radius: 1em;
          color: #fff; margin-right: .6em; vertical-align: middle; }
-.yes .badge { background: #2a9d5c; } .no .badge { background: #d1342f; }
+.claim.maybe { border-left-color: #d9a400; }
+.yes .badge { background: #2a9d5c; } .no .badge { background: #d1342f; } .maybe .badge { background: #b58900; }
+.claim .interval { margin-top: .3em; } .claim .rule { color: #666; font-size: .88em; margin-top: .3em; }
 .claim .text { font-weight: 600; } .claim .evidence { color: #444; margin-top: .3em; }
 figure { background: #fff; border: 1px solid #e3e3e3; border-radius: 6px; margin: 1em 0; padding: .8em; }
 figure img { max-width: 100%; display: block; margin: auto; } figcaption { color: #555; font-size: .9em; margin-top: .4em; }
@@ -63,26 +66,47 @@ def _img(path: Path) -> str:
     return f'<img alt="{_e(path.name)}" src="data:image/png;base64,{data}">'
 
 
-def _command(summary: dict) -> str:
-    config = summary["config"]
+# RunConfig fields that change only what is printed, never a number: left out of the command.
+_NOT_NUMBERS = ("experiment", "log_every")
+
+
+def _flag_value(value) -> str:
+    if value == []:
+        return "none"  # --tune-lr none
+    if isinstance(value, list):
+        return ",".join(_flag_value(v) for v in value)
+    if isinstance(value, float):
+        return repr(value)  # repr round-trips a float exactly; :g would round 0.123456789
+    return str(value)
+
+
+def command(config: dict) -> str:
+    """`batchnorm run ...` with every flag whose value differs from the experiment's default, so that
+    the command reproduces the run (same config, same numbers). `--seeds` is always given."""
+    from .config import RunConfig
+    from .experiments import get
+
     name = config["experiment"]
-    parts = ["batchnorm", "run", name, "--seeds", str(config["seeds"]), "--epochs", str(config["epochs"])]
-    if summary["experiment"] in ("mlp", "cnn", "circles"):
-        parts += ["--lr", f"{config['lr']:g}"]
-    parts += ["--batch-size", str(config["batch_size"])]
-    if config.get("threads", 1) != 1:
-        parts += ["--threads", str(config["threads"])]
-    if name != "circles":
-        parts += ["--data", config["data"]]
-    if config.get("data_dir"):
-        parts += ["--data-dir", config["data_dir"]]
-    if config.get("grid"):
-        parts += ["--grid", ",".join(f"{v:g}" for v in config["grid"])]
-    if config.get("variants"):
-        parts += ["--variants", ",".join(config["variants"])]
-    if config.get("limit"):
-        parts += ["--limit", str(config["limit"])]
+    default = RunConfig(experiment=name, **get(name).defaults).numbers()
+    parts = ["batchnorm", "run", name]
+    for key, value in config.items():
+        if key in _NOT_NUMBERS or key not in default or (value == default[key] and key != "seeds"):
+            continue
+        if isinstance(value, bool):
+            parts.append(f"--{key.replace('_', '-')}" if value else f"--no-{key.replace('_', '-')}")
+            continue
+        if value is None:
+            continue
+        parts += [f"--{key.replace('_', '-')}", _flag_value(value)]
     return " ".join(parts)
+
+
+def _code(version: dict | None) -> str:
+    if not version:
+        return "not recorded"
+    commit = version.get("git_commit")
+    where = (f"git commit {commit}" + (" with uncommitted changes" if version.get("git_dirty") else "")) if commit else "no git checkout"
+    return f"batchnorm {version['package']}, {where}, source SHA-256 {version['source_sha256']}"
 
 
 def _cards(summary: dict) -> list[str]:
@@ -104,6 +128,26 @@ def _cards(summary: dict) -> list[str]:
     return cards
 
 
+_BADGE = {"supported": "yes", "not supported": "no", "inconclusive": "maybe"}
+
+
+def _claims(summary: dict) -> list[str]:
+    """The verdicts, first on the page: each with its paired interval and the rule it was judged by."""
+    out = ["<h2>Verdicts</h2>"]
+    if not summary["claims"]:
+        out.append("<p>This run's settings do not allow a verdict (it needs both BN and no-BN variants, "
+                   "and at least two values on the grid).</p>")
+    for c in summary["claims"]:
+        interval = (f"<div class='interval'><b>{_e(c['interval'])}</b> — {_e(c['reason'])}</div>"
+                    if c.get("interval") else "")
+        rule = f"<div class='rule'>Rule (fixed before the run): {_e(c['rule'])}.</div>" if c.get("rule") else ""
+        out.append(
+            f"<div class='claim {_BADGE.get(c['verdict'], 'maybe')}'><span class='badge'>{_e(c['verdict'])}</span>"
+            f"<span class='text'>{_e(c['claim'])}</span>{interval}<div class='evidence'>{_e(c['evidence'])}</div>{rule}</div>"
+        )
+    return out
+
+
 def render(summary: dict, folder: Path) -> str:
     """The HTML page for `summary` (as written to summary.json); PNGs are read from `folder`."""
     out = [
@@ -114,21 +158,11 @@ def render(summary: dict, folder: Path) -> str:
         f"{_e(summary['environment']['started_utc'])} · {summary['train_seconds']:.0f} s of training</p>",
         f"<p>{_e(summary['description'])}</p>",
     ]
+    out += _claims(summary)
     out += _cards(summary)
     out.append("<h2>Figures</h2>")
     for f in summary["figures"]:
         out.append(f"<figure>{_img(folder / f['file'])}<figcaption>{_e(f['caption'])}</figcaption></figure>")
-    out.append("<h2>Claims</h2>")
-    if not summary["claims"]:
-        out.append("<p>This run's settings do not allow a verdict (it needs both BN and no-BN variants, "
-                   "and at least two values on the grid).</p>")
-    for c in summary["claims"]:
-        cls = "yes" if c["verdict"] == "supported" else "no"
-        out.append(
-            f"<div class='claim {cls}'><span class='badge'>{_e(c['verdict'])}</span>"
-            f"<span class='text'>{_e(c['claim'])}</span><div class='evidence'>{_e(c['evidence'])}</div></div>"
-        )
-
     target = summary["target_accuracy"]
     out += [
         "<h2>Numbers</h2>",
@@ -152,10 +186,11 @@ def render(summary: dict, folder: Path) -> str:
     out += [
         "<h2>How this was made</h2>",
         f"<p><b>Data.</b> {_e(summary['data'])}</p>",
-        f"<p><b>Reproduce.</b> <code>{_e(_command(summary))}</code> — same seeds, same numbers. "
+        f"<p><b>Reproduce.</b> <code>{_e(command(summary['config']))}</code> — same seeds, same numbers. "
         "Per-epoch numbers are in <code>metrics.csv</code>, everything on this page in <code>summary.json</code>.</p>",
         f"<details><summary>Configuration</summary><table>{config_rows}</table></details>",
         f"<details><summary>Environment</summary><table>{env_rows}</table></details>",
+        f"<p><b>Code.</b> {_e(_code(summary.get('code_version')))}</p>",
         "</body></html>",
     ]
     return "\n".join(out)

@@ -24,6 +24,7 @@ others which cells are still to train, and only rank 0 returns the summary.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import math
 import os
@@ -48,7 +49,7 @@ from .train import COLUMNS, History, train
 
 __all__ = ["start", "check", "claim", "RunError", "METRIC_COLUMNS"]
 
-METRIC_COLUMNS = ["variant", "setting", "seed", *COLUMNS]
+METRIC_COLUMNS = ["arm", "variant", "setting", "seed", *COLUMNS]
 _OURS = ("config.json", "summary.json", "metrics.csv", "report.html", "cells", "checkpoints")
 
 
@@ -207,14 +208,14 @@ def _clear(out: Path) -> None:
 
 def _cell_record(cell: Cell, history: History, extras: dict) -> dict:
     return _finite({
-        "key": cell.key, "variant": cell.variant, "setting": cell.setting, "seed": cell.seed,
+        "key": cell.key, "arm": cell.arm, "variant": cell.variant, "setting": cell.setting, "seed": cell.seed,
         "settings": vars(cell.settings), "diverged": history.diverged, "rows": history.rows, "extras": extras,
     })
 
 
 def _metrics_rows(results: list[CellResult]) -> list[dict]:
     return [
-        {"variant": r.cell.variant, "setting": "" if r.cell.setting is None else f"{r.cell.setting:g}", "seed": r.cell.seed,
+        {"arm": r.cell.arm, "variant": r.cell.variant, "setting": "" if r.cell.setting is None else f"{r.cell.setting:g}", "seed": r.cell.seed,
          **{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}}
         for r in results for row in r.history.rows
     ]
@@ -345,6 +346,8 @@ def _train_all(experiment, config, data, cells, out: Path, log, on_epoch, ranks)
     if not ranks.main:  # the other ranks train alongside rank 0, silently, and write nothing
         for cell in cells:
             if cell.key not in done:
+                if cell.resolve is not None:  # DDP: rank 0 chose this cell's settings from its validation results
+                    cell = dataclasses.replace(cell, settings=distributed.broadcast(None, ranks), resolve=None)
                 train(cell.make_model, data, cell.settings, seed=cell.seed, checkpoint=out / "checkpoints" / f"{cell.key}.pt")
         return None
     todo = [c for c in cells if c.key not in done]
@@ -352,6 +355,10 @@ def _train_all(experiment, config, data, cells, out: Path, log, on_epoch, ranks)
     say = bar.write if not bar.disable else log
     try:
         for cell in cells:
+            if cell.resolve is not None:  # its learning rate: the one chosen on the validation cells before it
+                cell = cell.resolve(cell, results)
+                if cell.key not in done:
+                    distributed.broadcast(cell.settings, ranks)  # DDP: the other ranks train it with these too
             record_path = out / "cells" / f"{cell.key}.json"
             if cell.key in done:  # finished before an interruption: keep it
                 record = records[cell.key]
@@ -360,12 +367,16 @@ def _train_all(experiment, config, data, cells, out: Path, log, on_epoch, ranks)
                 train_seconds += record.get("seconds", 0.0)
                 continue
             checkpoint = out / "checkpoints" / f"{cell.key}.pt"
+            # Numba's first load (the library's CPU kernels, e.g. in batchnorm.recalibrate) resets torch's
+            # thread count to the core count: put it back, or the next cell's numbers would change with it.
+            torch.set_num_threads(config.threads)
             cell_began = time.perf_counter()
             model, history = train(
                 cell.make_model, data, cell.settings, seed=cell.seed, checkpoint=checkpoint,
                 on_epoch=lambda row, cell=cell: _after_epoch(cell, row, config, experiment, bar, say, on_epoch),
             )
             extras = experiment.after_cell(cell, model, data, config) if experiment.after_cell else {}
+            torch.set_num_threads(config.threads)  # (see above)
             record = _cell_record(cell, history, extras)
             record["seconds"] = round(time.perf_counter() - cell_began, 3)  # this session's share, if resumed
             io.write_json(record_path, record)
@@ -400,6 +411,8 @@ def _after_epoch(cell, row, config, experiment, bar, say, on_epoch) -> None:
 
 def _summarize(experiment, config: RunConfig, data, results: list[CellResult], out: Path, seconds: float) -> dict:
     from . import report
+    from .report import command
+    from .version import code_version
 
     claims = experiment.claims(config, results)
     figures = experiment.figures(out, config, data, results)
@@ -410,6 +423,8 @@ def _summarize(experiment, config: RunConfig, data, results: list[CellResult], o
         "data": data.description,
         "config": config.numbers(),
         "environment": environment(),
+        "code_version": code_version(),  # package version, source hash, git commit: which code made these numbers
+        "command": command(config.numbers()),  # reproduces this run
         "target_accuracy": config.target,
         "setting_name": experiment.setting_name,  # what the number after "@" in a variant's name is
         "variants": {g.name: g.summary(config.target) for g in groups(results)},

@@ -55,6 +55,10 @@ class Settings:
     lr: float  # SGD learning rate (no momentum, no weight decay: the tutorials' optimizer)
     batch_size: int  # 0 = full batch, one step per epoch (seed 000)
     batch_stats_eval: int = 0  # > 0: also measure test accuracy with batch statistics of this batch size
+    # The controls (lab/controls.py): they decide what the net sees and where it starts.
+    standardize: bool = False  # inputs standardized per feature with the training split's mean and std
+    init: str = "default"  # "default" (PyTorch's) or "he" (Kaiming normal for ReLU, zero biases)
+    validation: bool = False  # train on the training split minus a validation part, "test" on that part
 
 
 @dataclass
@@ -128,8 +132,11 @@ def train(
     raises interrupts the run like Ctrl-C, with the epoch kept.
     """
     ranks = distributed.current()  # SINGLE unless this process is one rank of a data-parallel run
+    from .controls import initialize, prepare
+
+    data = prepare(data, settings)  # validation split and standardization, when the settings ask
     torch.manual_seed(seed)
-    model = make_model()
+    model = initialize(make_model(), settings.init)  # He init draws from the same seed for every variant
     generator = torch.Generator().manual_seed(seed)
     history = History()
 
