@@ -18,7 +18,7 @@ from torch import Tensor
 from ._compile import outside_compiled_graphs
 from ._format import shape_of
 from .kernels.reference import output_memory_format
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, as_fx_node
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d"]
 
@@ -47,6 +47,8 @@ class _Ghost:
 
     @outside_compiled_graphs
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, torch.fx.Proxy):
+            return as_fx_node(self, x)
         if not self._uses_batch_statistics() or x.dim() < 2 or x.shape[0] <= self.virtual_batch_size:
             return super().forward(x)  # eval, or a single chunk: plain BatchNorm
         self._check_input_dim(x)

@@ -82,6 +82,8 @@ class _BatchNorm(torch.nn.modules.batchnorm._BatchNorm):
             return self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked
 
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, torch.fx.Proxy):
+            return as_fx_node(self, x)
         self._check_input_dim(x)
         weight, bias, running_mean, running_var, num_batches_tracked = self._state()
         training = self._uses_batch_statistics()
@@ -110,6 +112,14 @@ class _BatchNorm(torch.nn.modules.batchnorm._BatchNorm):
             x, running_mean, running_var, weight, bias,
             training=training, momentum=momentum, eps=self.eps, layer=self,
         )
+
+
+def as_fx_node(layer: torch.nn.Module, x: torch.fx.Proxy) -> torch.fx.Proxy:
+    """The call of `layer` as one node of a torch.fx graph. fx's default tracer keeps torch.nn's
+    modules as calls and traces into any other, where this forward's checks would branch on the
+    input's rank (a Proxy): so the layer records itself as a call, as torch's BN is recorded,
+    and the graph runs this layer's forward (its training flag read at run time, as torch's)."""
+    return x.tracer.create_proxy("call_module", x.tracer.path_of_module(layer), (x,), {})
 
 
 def torch_twin(layer: _BatchNorm, classes: tuple | None = None) -> torch.nn.Module:

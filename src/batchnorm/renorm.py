@@ -27,7 +27,7 @@ from . import functional as F
 from ._compile import outside_compiled_graphs
 from .autograd import BatchNormTrain
 from .kernels.reference import channel_view, compute_dtype
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, as_fx_node
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "renorm_correction"]
 
@@ -77,6 +77,8 @@ class _Renorm:
 
     @outside_compiled_graphs
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, torch.fx.Proxy):
+            return as_fx_node(self, x)
         if not self._uses_batch_statistics() or self.running_mean is None:
             return super().forward(x)  # eval (or running stats removed): plain BatchNorm
         self._check_input_dim(x)

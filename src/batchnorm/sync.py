@@ -41,7 +41,7 @@ from ._compile import outside_compiled_graphs
 from ._format import shape_of
 from .autograd import param_grads
 from .kernels import implementation
-from .modules import _BatchNorm
+from .modules import _BatchNorm, as_fx_node
 
 __all__ = ["SyncBatchNorm", "SyncBatchNormTrain", "combine_stats"]
 
@@ -217,6 +217,8 @@ class SyncBatchNorm(_BatchNorm):
 
     @outside_compiled_graphs
     def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, torch.fx.Proxy):
+            return as_fx_node(self, x)
         self._check_input_dim(x)
         if x.shape[1] == 0:  # torch's SyncBatchNorm refuses it, in training and in eval
             raise ValueError("SyncBatchNorm number of input channels should be non-zero")
