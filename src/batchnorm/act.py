@@ -23,7 +23,7 @@ import torch
 from . import native, ops
 from ._compile import outside_compiled_graphs
 from .autograd_act import BatchNormActEval, BatchNormActTrain
-from .functional import check_arguments, check_scalars, track_batch, traced_batch_norm, transformed
+from .functional import RunningUpdate, check_arguments, check_scalars, native_counted, traced_batch_norm, transformed
 from .inplace import check_inplace
 from .kernels import use_torch
 from .kernels.activations import check_activation
@@ -47,6 +47,7 @@ def batch_norm_act(
     activation_param: float | None = None,
     inplace: bool = False,
     layer: object = None,
+    counter: Tensor | None = None,
 ) -> Tensor:
     """act(batch_norm(x)) with `batchnorm.functional.batch_norm`'s semantics for the BN part.
 
@@ -70,10 +71,14 @@ def batch_norm_act(
                     "BatchNormAct with inplace=True cannot be traced by torch.jit.trace (it overwrites its input); "
                     "use inplace=False for tracing and export, or torch.compile, which runs the layer eagerly"
                 )
-            return _inplace_outside_graphs(x, running_mean, running_var, weight, bias, training, momentum, eps, activation, param)
-        return traced_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, activation, param)
+            return _inplace_outside_graphs(
+                x, running_mean, running_var, weight, bias, training, momentum, eps, activation, param, counter
+            )
+        return traced_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, activation, param, counter)
     if not inplace and use_torch(x, training, fused=True):  # small tensors: torch's kernel (batchnorm.native)
-        y = native.batch_norm_act(x, running_mean, running_var, weight, bias, training, momentum, eps, activation, param)
+        y = native_counted(
+            native.batch_norm_act, counter, x, running_mean, running_var, weight, bias, training, momentum, eps, activation, param
+        )
         if y is not None:
             return y
     check_arguments(x, running_mean, running_var, weight, bias, training=training, eps=eps)
@@ -81,23 +86,17 @@ def batch_norm_act(
         check_inplace(x, weight, bias, running_mean, running_var)
     if not training:
         return BatchNormActEval.apply(x, running_mean, running_var, weight, bias, eps, activation, param, inplace)
-    if inplace:
-        stats: list[Tensor] = []
-        y = BatchNormActTrain.apply(x, weight, bias, eps, activation, param, True, stats)
-        mean, var = stats
-    else:
-        y, mean, var = BatchNormActTrain.apply(x, weight, bias, eps, activation, param, False)
-    count = x.numel() // x.shape[1] if x.shape[1] else 0
-    track_batch(running_mean, running_var, mean, var, count, momentum, who=layer if layer is not None else "batch_norm_act")
-    return y
+    update = RunningUpdate(running_mean, running_var, momentum, layer if layer is not None else "batch_norm_act", counter)
+    y = BatchNormActTrain.apply(x, weight, bias, eps, activation, param, inplace, update)
+    return y if inplace else y[0]
 
 
 @outside_compiled_graphs
-def _inplace_outside_graphs(x, running_mean, running_var, weight, bias, training, momentum, eps, activation, param):
+def _inplace_outside_graphs(x, running_mean, running_var, weight, bias, training, momentum, eps, activation, param, counter):
     """The memory-saving mode under torch.compile: a graph break, run as eager code."""
     return batch_norm_act(
         x, running_mean, running_var, weight, bias, training=training, momentum=momentum, eps=eps,
-        activation=activation, activation_param=param, inplace=True,
+        activation=activation, activation_param=param, inplace=True, counter=counter,
     )
 
 
@@ -137,12 +136,12 @@ class _BatchNormAct:
         twin.activation, twin.activation_param = self.activation, float(self.activation_param)
         return twin
 
-    def _batch_norm(self, x: Tensor, weight, bias, running_mean, running_var, *, training: bool, momentum: float) -> Tensor:
+    def _batch_norm(self, x: Tensor, weight, bias, running_mean, running_var, *, training: bool, momentum: float, counter=None) -> Tensor:
         return batch_norm_act(
             x, running_mean, running_var, weight, bias,
             training=training, momentum=momentum, eps=self.eps,
             activation=self.activation, activation_param=self.activation_param, inplace=self.inplace,
-            layer=self,
+            layer=self, counter=counter,
         )
 
 

@@ -64,7 +64,7 @@ def param_grads(weight, bias, sum_dy, sum_dy_xhat, need_weight: bool, need_bias:
 
 
 class BatchNormTrain(FastApply, torch.autograd.Function):
-    """Normalize with the batch's own statistics: (x, weight, bias, eps) -> (y, mean, var, invstd).
+    """Normalize with the batch's own statistics: (x, weight, bias, eps, update) -> (y, mean, var, invstd).
 
     mean, the biased var and invstd (C,) are returned, not differentiable: mean and var for the
     running-statistics update, invstd = 1 / sqrt(var + eps) as the forward used it.
@@ -74,13 +74,16 @@ class BatchNormTrain(FastApply, torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
+    def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, update=None):
         # batch_stats, invstd, normalize (on the fast path: two passes, the math between them compiled)
-        return kernels.implementation(x).forward_train(x, weight, bias, eps)
+        y, mean, var, invstd = kernels.implementation(x).forward_train(x, weight, bias, eps)
+        if update is not None:  # the running statistics, before anything is saved (functional.RunningUpdate)
+            update(x, mean, var)
+        return y, mean, var, invstd
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, bias, eps = inputs
+        x, weight, bias, eps, _ = inputs
         _, mean, var, invstd = output
         ctx.save_for_backward(x, weight, bias, mean, invstd)
         ctx.eps = eps
@@ -90,7 +93,7 @@ class BatchNormTrain(FastApply, torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor | None, _dmean, _dvar, _dinvstd):
         if dy is None:
-            return _NO_GRADIENT * 4
+            return _NO_GRADIENT * 5
         x, weight, bias, mean, invstd = ctx.saved_tensors
         if torch.is_grad_enabled():
             # create_graph=True: the statistics must depend on x in the graph for double backward.
@@ -102,7 +105,7 @@ class BatchNormTrain(FastApply, torch.autograd.Function):
         # backward_reduce, then backward_elemt with the sums' means (fast path: two passes)
         dx, sum_dy, sum_dy_xhat = impl.backward_train(dy, x, mean, invstd, weight, ctx.needs_input_grad[0])
         dweight, dbias = param_grads(weight, bias, sum_dy, sum_dy_xhat, *ctx.needs_input_grad[1:3])
-        return dx, dweight, dbias, None
+        return dx, dweight, dbias, None, None
 
 
 class BatchNormEval(FastApply, torch.autograd.Function):

@@ -75,13 +75,13 @@ def _save_for_inplace(ctx, x, y, weight_used, *vectors):
 
 
 class BatchNormActTrain(torch.autograd.Function):
-    """act(BN(x)) with the batch's statistics: (x, weight, bias, eps, activation, param, inplace)
-    -> (y, mean, var). mean and the biased var (C,) are not differentiable (for the running update).
-    With inplace=True, y is x, overwritten, and y alone is returned: mean and var are appended to
-    the list `stats_out`."""
+    """act(BN(x)) with the batch's statistics: (x, weight, bias, eps, activation, param, inplace,
+    update) -> (y, mean, var); `update` (functional.RunningUpdate) applies them to the running
+    statistics. mean and the biased var (C,) are not differentiable. With inplace=True, y is x,
+    overwritten, and y alone is returned."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps: float, activation: str, param: float, inplace: bool, stats_out: list | None = None):
+    def forward(ctx, x, weight, bias, eps: float, activation: str, param: float, inplace: bool, update=None):
         impl = kernels.implementation(x, fused=True)
         # batch_stats, invstd, normalize_act (on the fast path: two passes, the math between them compiled)
         if inplace:
@@ -93,10 +93,11 @@ class BatchNormActTrain(torch.autograd.Function):
             ctx.save_for_backward(x, weight, bias, mean, invstd)
         ctx.eps, ctx.activation, ctx.param, ctx.inplace = eps, activation, param, inplace
         ctx.set_materialize_grads(False)  # see autograd._NO_GRADIENT
+        if update is not None:  # the running statistics, before autograd saves anything (functional.RunningUpdate)
+            update(x, mean, var)
         if inplace:
             # One output: autograd lets a Function overwrite a view (a channel slice of a conv
-            # output) only when it returns nothing else, so the statistics leave by `stats_out`.
-            stats_out.extend((mean, var))
+            # output) only when it returns nothing else.
             return y
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var

@@ -40,6 +40,8 @@ __all__ = [
     "check_arguments",
     "check_scalars",
     "traced_batch_norm",
+    "RunningUpdate",
+    "native_counted",
     "transformed",
     "check_devices",
     "track_batch",
@@ -238,6 +240,7 @@ def batch_norm(
     eps: float = 1e-5,
     *,
     layer: object = None,
+    counter: Tensor | None = None,
 ) -> Tensor:
     """Batch normalization with the semantics and the signature of `torch.nn.functional.batch_norm`.
 
@@ -248,22 +251,59 @@ def batch_norm(
     Tensors below `kernels.MIN_NUMEL` run torch's own kernel (`batchnorm.native`: torch's
     numbers bit for bit, the library's errors and NaN guard); the rest the library's Function.
 
-    `layer` only names the caller in the warning about non-finite statistics (modules pass self).
+    `layer` only names the caller in the warning about non-finite statistics (modules pass self);
+    `counter` is a layer's num_batches_tracked, counted with this batch when the running statistics
+    are updated (`RunningUpdate`).
     """
     x = input
     check_scalars(x, training, momentum, eps)
     if ops.tracing() or transformed():  # graphs and torch.func: operators, or the reference math
-        return traced_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+        return traced_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, counter=counter)
     if use_torch(x, training):  # a tensor too small for the kernels' fixed costs: torch's own kernel
-        y = native.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+        y = native_counted(native.batch_norm, counter, x, running_mean, running_var, weight, bias, training, momentum, eps)
         if y is not None:  # None: bad arguments or a non-finite batch, which the path below handles
             return y
     check_arguments(x, running_mean, running_var, weight, bias, training=training, eps=eps)
     if not training:
         return BatchNormEval.apply(x, running_mean, running_var, weight, bias, eps)
-    y, mean, var, _ = BatchNormTrain.apply(x, weight, bias, eps)
-    count = x.numel() // x.shape[1] if x.shape[1] else 0
-    track_batch(running_mean, running_var, mean, var, count, momentum, who=layer if layer is not None else "batch_norm")
+    update = RunningUpdate(running_mean, running_var, momentum, layer if layer is not None else "batch_norm", counter)
+    return BatchNormTrain.apply(x, weight, bias, eps, update)[0]
+
+
+class RunningUpdate:
+    """What a training forward does once it has the batch's statistics: the momentum rule with its
+    NaN/Inf guard (`track_batch`) and, for a layer, one more count in num_batches_tracked.
+
+    The autograd Functions call it inside their forward, before autograd saves anything for
+    backward, where torch's BN has already updated its statistics and its counter. The order
+    matters under torch.utils.checkpoint: its non-reentrant recomputation stops as soon as the
+    last tensor needed for backward is saved, and what ran before that stop runs twice per step,
+    for torch's layer and so for this one (statistics and counter alike)."""
+
+    __slots__ = ("running_mean", "running_var", "momentum", "who", "counter")
+
+    def __init__(self, running_mean, running_var, momentum, who, counter) -> None:
+        self.running_mean, self.running_var, self.momentum, self.who, self.counter = (
+            running_mean, running_var, momentum, who, counter
+        )
+
+    def __call__(self, x: Tensor, mean: Tensor, var: Tensor) -> None:
+        count = x.numel() // x.shape[1] if x.shape[1] else 0
+        track_batch(self.running_mean, self.running_var, mean, var, count, self.momentum, self.who)
+        if self.counter is not None:
+            self.counter.add_(1)
+
+
+def native_counted(native_fn, counter: Tensor | None, *args):
+    """native_fn(*args) (torch's kernel) with the batch counted *before* it, as torch's layer counts
+    (so a recomputation under torch.utils.checkpoint counts as torch's does); undone when it
+    declines (returns None), since the library's path then counts the batch itself."""
+    if counter is None:
+        return native_fn(*args)
+    counter.add_(1)
+    y = native_fn(*args)
+    if y is None:
+        counter.sub_(1)
     return y
 
 
@@ -278,6 +318,7 @@ def traced_batch_norm(
     eps: float,
     activation: str = "identity",
     param: float = 0.0,
+    counter: Tensor | None = None,
 ) -> Tensor:
     """act(batch_norm(...)) for code torch traces or transforms: no value is read in Python, so the
     whole call fits in one graph, and the running-statistics update with its NaN/Inf guard is
@@ -306,6 +347,8 @@ def traced_batch_norm(
         mean, var = mean.detach(), var.detach()  # the running statistics are not differentiated
         updated, skipped = _next_running_stats(running_mean, running_var, mean, var, count, momentum)
         _store_running_stats(running_mean, running_var, updated, skipped)
+    if counter is not None:
+        counter.add_(1)
     return y
 
 

@@ -94,10 +94,12 @@ class _BatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         # Running statistics are updated only when tracked; in eval they are read, never written.
         if training and not self.track_running_stats:
             running_mean = running_var = None
-        y = self._batch_norm(x, weight, bias, running_mean, running_var, training=use_batch_stats, momentum=momentum)
-        if update:  # counted after the forward succeeded, so a rejected input changes nothing
-            num_batches_tracked.add_(1)
-        return y
+        # The batch is counted where the running statistics are updated (functional.RunningUpdate):
+        # never for a rejected input, and like torch's layer under torch.utils.checkpoint.
+        counter = num_batches_tracked if update else None
+        return self._batch_norm(
+            x, weight, bias, running_mean, running_var, training=use_batch_stats, momentum=momentum, counter=counter
+        )
 
     def __prepare_scriptable__(self) -> torch.nn.Module:
         """What `torch.jit.script` compiles in this layer's place: torch's own BatchNorm{1,2,3}d
@@ -105,12 +107,12 @@ class _BatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         TorchScript cannot compile ours). Variants whose training differs from BN refuse."""
         return torch_twin(self)
 
-    def _batch_norm(self, x: Tensor, weight, bias, running_mean, running_var, *, training: bool, momentum: float) -> Tensor:
-        """The normalization itself, given the bookkeeping's decisions (BatchNormAct overrides it).
-        """
+    def _batch_norm(self, x: Tensor, weight, bias, running_mean, running_var, *, training: bool, momentum: float, counter=None) -> Tensor:
+        """The normalization itself, given the bookkeeping's decisions (BatchNormAct overrides it);
+        `counter` (num_batches_tracked, or None) is counted with the running statistics' update."""
         return F.batch_norm(
             x, running_mean, running_var, weight, bias,
-            training=training, momentum=momentum, eps=self.eps, layer=self,
+            training=training, momentum=momentum, eps=self.eps, layer=self, counter=counter,
         )
 
 

@@ -84,7 +84,7 @@ class _Renorm:
         self._check_input_dim(x)
         F.check_arguments(x, self.running_mean, self.running_var, self.weight, self.bias, training=True, eps=self.eps)
         momentum = self._momentum(self.num_batches_tracked is not None, self.num_batches_tracked)
-        xhat, mean, var, _ = BatchNormTrain.apply(x, None, None, self.eps)  # (N, C, *); (C,), (C,)
+        xhat, mean, var, _ = BatchNormTrain.apply(x, None, None, self.eps, None)  # (N, C, *); (C,), (C,)
         r, d = renorm_correction(mean, var, self.running_mean, self.running_var, self.eps, self.r_max, self.d_max)
         dtype = compute_dtype(x)
         # y = xhat * (weight * r) + (weight * d + bias): BN with a corrected affine.
