@@ -50,7 +50,9 @@ def batch_norm(
             return None  # torch flattens a (C, 1) weight silently; the library refuses
     try:
         if not training or running_mean is None or running_var is None:
-            return torch.batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps, False)
+            return torch.batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps, torch.backends.cudnn.enabled)
+        if not x.is_cpu:
+            return _guarded_off_cpu(x, running_mean, running_var, weight, bias, momentum, eps)
         mean, var = _memory(running_mean), _memory(running_var)
         if mean is None or var is None:
             return None  # not plain float CPU vectors: torch refuses them, or the library's path handles them
@@ -66,6 +68,20 @@ def batch_norm(
     mean.cast("B")[:] = before[0]
     var.cast("B")[:] = before[1]
     return None
+
+
+def _guarded_off_cpu(x, running_mean, running_var, weight, bias, momentum, eps) -> Tensor:
+    """torch's training batch norm on another device (cuDNN on CUDA), with the guard as tensor
+    math: torch updates copies of the running statistics, and a channel takes its new values only
+    where they are finite. No value is read, so the device never waits for the host (the warning
+    that names the channels, which would need the values, is left out there)."""
+    new_mean, new_var = running_mean.clone(), running_var.clone()
+    y = torch.batch_norm(x, weight, bias, new_mean, new_var, True, momentum, eps, torch.backends.cudnn.enabled)
+    keep = torch.isfinite(new_mean) & torch.isfinite(new_var)
+    with torch.no_grad():
+        running_mean.copy_(torch.where(keep, new_mean, running_mean))
+        running_var.copy_(torch.where(keep, new_var, running_var))
+    return y
 
 
 # The guard reads the running statistics through memoryviews of their memory rather than NumPy

@@ -93,6 +93,8 @@ def use_torch(x: Tensor, training: bool, fused: bool = False) -> bool:
     # path they had (the guard of `native.batch_norm` reads values, which a graph cannot)
     if torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling():
         return False
+    if not x.is_cpu:  # other devices: torch's own kernels (cuDNN on CUDA), never slower than torch.nn
+        return True
     layout = cpu.layout_of(x)
     if layout is None:
         return False
