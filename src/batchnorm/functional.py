@@ -387,16 +387,18 @@ def check_arguments(
     *,
     training: bool,
     eps: float,
+    local_batch: bool = True,
 ) -> None:
     """Every check of `batch_norm`'s arguments, in torch's order, so that a call with several
-    mistakes gets torch's error."""
+    mistakes gets torch's error. `local_batch=False` (SyncBatchNorm) leaves out the rule of more
+    than one value per channel, which applies to the global batch there."""
     check_input(x)  # the rank first: every other check reads x.shape[1]
     if not (x.is_floating_point() or x.device.type == "meta"):
         raise NotImplementedError(
             f"batch_norm takes a floating-point input (float32, float64, float16 or bfloat16); got {x.dtype} input "
             f"of shape {shape_of(x)}: convert the data, e.g. x.float() (integer images: x.float() / 255)"
         )
-    if training:
+    if training and local_batch:
         check_batch_size(x)
     if training and not eps > 0.0:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")

@@ -228,8 +228,8 @@ class SyncBatchNorm(_BatchNorm):
         if sync is None:
             return super().forward(x)  # batchnorm's BatchNorm forward, unchanged
         group, size = sync
-        self._check_input_dim(x)
-        F.check_input(x, self.running_mean, self.running_var, self.weight, self.bias)
+        # every check of the local path (eps, dtypes, devices, ...) but the count, which is global
+        F.check_arguments(x, self.running_mean, self.running_var, self.weight, self.bias, training=True, eps=self.eps, local_batch=False)
         update = self.track_running_stats and self.num_batches_tracked is not None
         momentum = self._momentum(update, self.num_batches_tracked)
         y, mean, var, count = SyncBatchNormTrain.apply(x, self.weight, self.bias, self.eps, group, size)

@@ -96,3 +96,23 @@ def test_sync_batchnorm_with_zero_channels_raises_torchs_error(training):
         torch.nn.SyncBatchNorm(0).train(training)(x)
     with pytest.raises(ValueError, match=str(theirs.value)):
         batchnorm.SyncBatchNorm(0).train(training)(x)
+
+
+@pytest.mark.parametrize(
+    "make, x, error, words",
+    [
+        (lambda: batchnorm.SyncBatchNorm(3, eps=0.0), torch.randn(4, 3), ValueError, "eps must be positive"),
+        (lambda: batchnorm.SyncBatchNorm(3), torch.randn(4, 3, dtype=torch.float64), RuntimeError, "dtype"),
+        (lambda: batchnorm.SyncBatchNorm(3), torch.ones(4, 3, dtype=torch.long), NotImplementedError, "floating-point"),
+    ],
+    ids=["eps", "dtype", "integer"],
+)
+def test_sync_batchnorm_synchronized_path_checks_what_the_local_path_checks(monkeypatch, make, x, error, words):
+    """In a process group SyncBatchNorm's training forward has its own statistics step; it refuses
+    what BatchNorm refuses, before any collective runs (the group here is never used)."""
+    layer = make()
+    monkeypatch.setattr(type(layer), "_sync_group", lambda self: (None, 2))
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(error, match=words):
+        layer(x)
+    assert all(torch.equal(v, state[k]) for k, v in layer.state_dict().items())
