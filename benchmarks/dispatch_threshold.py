@@ -7,7 +7,7 @@ Usage (from the repository root):
 For each layout the kernels take (planar NCHW, rows (N, C), rows channels_last), each mode (a
 training step: forward + backward; an eval call under no_grad) and a ladder of sizes, it times the
 whole layer with the Numba kernels forced on (kernels.FORCE = "cpu") and with torch's kernel
-forced on ("torch", `batchnorm.native`), interleaved, median of rounds, and prints the ratio. The
+forced on ("torch", `batchnorm.kernels.native`), interleaved, median of rounds, and prints the ratio. The
 threshold, `kernels.MIN_NUMEL[mode][layout]`, is the smallest size at which the kernels win and
 keep winning at the next two sizes of the ladder (the run is recorded in docs/performance.md).
 With --fused the layer is BatchNormAct(relu) (fused kernels against torch's BN and an in-place

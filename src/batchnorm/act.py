@@ -20,12 +20,12 @@ from torch import Tensor
 
 import torch
 
-from . import native, ops
+from . import ops
 from ._compile import outside_compiled_graphs
 from .autograd_act import BatchNormActEval, BatchNormActTrain
 from .functional import RunningUpdate, check_arguments, check_scalars, native_counted, traced_batch_norm, transformed
 from .inplace import check_inplace
-from .kernels import use_torch
+from .kernels import native, use_torch
 from .kernels.activations import check_activation
 from ._script import ScriptableBatchNormAct1d, ScriptableBatchNormAct2d, ScriptableBatchNormAct3d
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, torch_twin
@@ -75,7 +75,7 @@ def batch_norm_act(
                 x, running_mean, running_var, weight, bias, training, momentum, eps, activation, param, counter
             )
         return traced_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, activation, param, counter)
-    if not inplace and use_torch(x, training, fused=True):  # small tensors: torch's kernel (batchnorm.native)
+    if not inplace and use_torch(x, training, fused=True):  # small tensors: torch's kernel (batchnorm.kernels.native)
         y = native_counted(
             native.batch_norm_act, counter, x, running_mean, running_var, weight, bias, training, momentum, eps, activation, param
         )

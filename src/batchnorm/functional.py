@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import native, ops
+from . import ops
+from .kernels import native
 from ._format import shape_of
 from .autograd import BatchNormEval, BatchNormTrain
 from .kernels import implementation, reference_act, use_torch
@@ -248,7 +249,7 @@ def batch_norm(
     given, updates running_mean / running_var in place by the momentum rule; training=False (the
     default, as in torch) normalizes with running_mean / running_var, which must then be given.
 
-    Tensors below `kernels.MIN_NUMEL` run torch's own kernel (`batchnorm.native`: torch's
+    Tensors below `kernels.MIN_NUMEL` run torch's own kernel (`batchnorm.kernels.native`: torch's
     numbers bit for bit, the library's errors and NaN guard); the rest the library's Function.
 
     `layer` only names the caller in the warning about non-finite statistics (modules pass self);

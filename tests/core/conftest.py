@@ -15,7 +15,7 @@ def no_warnings(recwarn):
 def library_path(monkeypatch):
     """The core tests check the library's own math at every size: the Numba kernels where they
     apply, the reference elsewhere. Small tensors otherwise run torch's own kernel by default
-    (`batchnorm.native`), which tests/core/test_core_native.py checks. An explicit
+    (`batchnorm.kernels.native`), which tests/core/test_core_native.py checks. An explicit
     BATCHNORM_KERNELS choice is kept."""
     from batchnorm import kernels
 

@@ -1,4 +1,4 @@
-"""Small tensors on torch's own kernel (`batchnorm.native`): what the layers promise there.
+"""Small tensors on torch's own kernel (`batchnorm.kernels.native`): what the layers promise there.
 
 By default a tensor below `kernels.MIN_NUMEL[mode][layout]` runs `torch.batch_norm`. Then outputs,
 gradients and running statistics are torch.nn's bit for bit, and the library's own promises still
@@ -15,7 +15,8 @@ import torch.nn.functional as TF
 
 import batchnorm
 from batchnorm import functional as F
-from batchnorm import kernels, native
+from batchnorm import kernels
+from batchnorm.kernels import native
 from batchnorm.kernels import cpu
 from core_helpers import OUR_BN, TORCH_BN, make_pair, randn, run
 

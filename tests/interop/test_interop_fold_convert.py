@@ -2,7 +2,7 @@
 match on `isinstance(m, BatchNorm2d)` do to `BatchNormAct2d`, next to the safe path.
 
 Every case runs on two paths (the `path` fixture): a small tensor as it is dispatched by default
-(torch's own kernel, `batchnorm.native`) and the Numba kernels (`kernels.FORCE = "cpu"`);
+(torch's own kernel, `batchnorm.kernels.native`) and the Numba kernels (`kernels.FORCE = "cpu"`);
 `test_fold_mbconv_at_a_size_that_takes_the_numba_kernels` takes them by size alone. The oracle is
 the unfolded / unconverted model, and torch.nn where torch has the behaviour (its BN followed by
 its activation module, `fuse_conv_bn_eval`, `SyncBatchNorm.convert_sync_batchnorm`).

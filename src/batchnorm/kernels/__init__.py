@@ -12,7 +12,7 @@ are plain PyTorch and are the oracles every other implementation is tested again
                    tensor under a torch.func transform (vmap, grad), which must run in torch ops
 
 Before either, `use_torch(x, training, fused)` says whether the layer should skip its own autograd
-Function altogether and call torch's kernel (`batchnorm.native`): for tensors the kernels take
+Function altogether and call torch's kernel (`batchnorm.kernels.native`): for tensors the kernels take
 but below `MIN_NUMEL[mode][layout]` elements, where the kernels' fixed per-call cost is more than
 torch's whole call. The thresholds are measured, not guessed: benchmarks/dispatch_threshold.py
 times the whole layer both ways over a ladder of sizes, per layout, for a training step and an
@@ -83,7 +83,7 @@ def _numba_available() -> bool:
 
 
 def use_torch(x: Tensor, training: bool, fused: bool = False) -> bool:
-    """True when `x` should run on torch's own batch norm kernel (`batchnorm.native`) rather than
+    """True when `x` should run on torch's own batch norm kernel (`batchnorm.kernels.native`) rather than
     through the library's autograd Function: a tensor the Numba kernels take, but smaller than
     their threshold for the mode (training step or eval call; of BN, or of BN + activation when
     `fused`, where the fused kernels save torch's separate activation pass)."""
