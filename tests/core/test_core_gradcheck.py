@@ -55,7 +55,7 @@ def with_params(fn, x, weight, bias):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_batchnorm_train_function(shape, affine):
     x, weight, bias = inputs(shape, affine)
-    fn, args = with_params(lambda x, w, b: BatchNormTrain.apply(x, w, b, 1e-5)[0], x, weight, bias)
+    fn, args = with_params(lambda x, w, b: BatchNormTrain.apply(x, w, b, 1e-5, None)[0], x, weight, bias)
     assert gradcheck(fn, args)
     assert gradgradcheck(fn, args)
 
