@@ -3,11 +3,17 @@ library's layers or torch's in the same places, and the two sizes every test run
 kernels above them, see batchnorm.kernels.MIN_NUMEL)."""
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
 import batchnorm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from models import resnet18  # noqa: E402  (the benchmarks' models, after torchvision's)
 
 # (N, C_in, H, W) of the input: the BN layers see 16 channels of H x W
 SIZES = {"small": (4, 3, 8, 8), "kernels": (8, 3, 48, 48)}
@@ -28,36 +34,10 @@ def conv_bn_model(library: bool, seed: int = 0) -> nn.Module:
     )
 
 
-class BasicBlock(nn.Module):
-    """torchvision's ResNet BasicBlock: conv-BN-ReLU-conv-BN, plus the (downsampled) identity."""
-
-    def __init__(self, bn, c_in: int, c_out: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = bn(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = bn(c_out)
-        self.down = None
-        if stride != 1 or c_in != c_out:
-            self.down = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), bn(c_out))
-
-    def forward(self, x):
-        out = torch.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return torch.relu(out + (x if self.down is None else self.down(x)))
-
-
 def resnet18_style(library: bool, width: int = 8) -> nn.Module:
-    """ResNet-18's layout (stem, 4 stages of 2 BasicBlocks, 20 BN layers) at a small width."""
+    """ResNet-18 (benchmarks/models.py, after torchvision's: 20 BN layers) at a small width."""
     torch.manual_seed(0)
-    bn = batchnorm.BatchNorm2d if library else nn.BatchNorm2d
-    layers = [nn.Conv2d(3, width, 7, 2, 3, bias=False), bn(width), nn.ReLU(), nn.MaxPool2d(3, 2, 1)]
-    c = width
-    for stage, c_out in enumerate((width, 2 * width, 4 * width, 8 * width)):
-        layers += [BasicBlock(bn, c, c_out, 1 if stage == 0 else 2), BasicBlock(bn, c_out, c_out, 1)]
-        c = c_out
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10)]
-    return nn.Sequential(*layers)
+    return resnet18(batchnorm.BatchNorm2d if library else nn.BatchNorm2d, num_classes=10, width=width)
 
 
 def assert_states_close(a: nn.Module, b: nn.Module, **tol) -> None:
