@@ -12,7 +12,7 @@ BN layers to and from Keras 3, and `diagnose` (the `batchnorm doctor` command) c
 from . import functional
 from .act import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
-from .tools import convert, fold, fold_weights, freeze, from_keras, is_frozen, recalibrate, to_keras, unfreeze
+from .tools import convert, diagnose, fold, fold_weights, freeze, from_keras, is_frozen, recalibrate, to_keras, unfreeze
 from .sync import SyncBatchNorm
 from .ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
 from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
@@ -43,4 +43,5 @@ __all__ = [
     "recalibrate",
     "from_keras",
     "to_keras",
+    "diagnose",
 ]
