@@ -250,8 +250,8 @@ def _from_state_dict(state: Mapping) -> list[LayerReport]:
 
 def _as_batches(batch) -> list:
     if isinstance(batch, torch.Tensor):
-        return [batch]
-    if isinstance(batch, (list, tuple)):
+        batches = [batch]
+    elif isinstance(batch, (list, tuple)):
         batches = list(batch)
     elif isinstance(batch, Iterable) and not isinstance(batch, (str, bytes, Mapping)):
         batches = list(batch)
