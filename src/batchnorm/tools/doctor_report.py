@@ -71,6 +71,7 @@ def _figure(r: LayerReport) -> str | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     panels = []
     if r.running_var is not None:
@@ -93,6 +94,9 @@ def _figure(r: LayerReport) -> str | None:
             ax.axhline(limit, color="#d1342f", linewidth=0.8, linestyle="--")
         if positive:
             ax.set_yscale("log")
+            ax.yaxis.set_minor_formatter(ticker.NullFormatter())  # no 6x10^0 labels between decades
+            ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda y, _: f"{y:g}"))
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
         ax.set_title(title, fontsize=9, loc="left")
         ax.set_xlabel("channel", fontsize=8)
         ax.tick_params(labelsize=7)
