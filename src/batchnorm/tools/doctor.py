@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["diagnose", "Diagnosis", "LayerReport", "Finding", "THRESHOLDS"]
+__all__ = ["diagnose", "batch_shift", "Diagnosis", "LayerReport", "Finding", "THRESHOLDS", "CHECKS"]
 
 THRESHOLDS = {
     "tiny_var_eps_fraction": 0.01,  # running_var < this * eps
@@ -67,6 +67,9 @@ THRESHOLDS = {
     "log_var_ratio": math.log(2.0),
     "noise_sigmas": 3.0,
 }
+
+# every check, in the order of the module docstring (and of each layer's findings)
+CHECKS = ("nonfinite", "stale", "tiny_var", "huge_var", "dead_weight", "momentum", "eps", "shift")
 
 _BatchNormBase = nn.modules.batchnorm._BatchNorm
 
@@ -337,7 +340,5 @@ def diagnose(model: nn.Module | Mapping, batch=None) -> Diagnosis:
         raise TypeError(f"expected an nn.Module or a state_dict (got {type(model).__name__})")
     for report in diagnosis.layers:
         _check_state(report)
-        # the state checks come first in the report, in the order of the module docstring
-        order = ["nonfinite", "stale", "tiny_var", "huge_var", "dead_weight", "momentum", "eps", "shift"]
-        report.findings.sort(key=lambda f: order.index(f.check))
+        report.findings.sort(key=lambda f: CHECKS.index(f.check))
     return diagnosis
