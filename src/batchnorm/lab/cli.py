@@ -10,6 +10,7 @@
     batchnorm run cnn --nproc 2                 data-parallel: DDP + SyncBatchNorm in 2 processes
     torchrun --standalone --nproc_per_node 2 -m batchnorm run cnn      the same, started by torchrun
     batchnorm download mnist --data-dir data    fetch the IDX files, SHA-256 verified
+    batchnorm doctor model.pt --html doctor.html   check a checkpoint's BN layers (exit 1 on problems)
 
 Every run writes metrics.csv, summary.json, PNG figures and report.html into its --out folder
 (default runs/EXPERIMENT).
@@ -41,9 +42,9 @@ def _names(text: str) -> list[str]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="batchnorm", description="The batchnorm lab: BN vs no BN, and BN's claims tested over seeds.",
-        epilog="Examples:\n" + "\n".join(__doc__.splitlines()[2:13]), formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Examples:\n" + "\n".join(__doc__.splitlines()[2:14]), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,run,list,download}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,run,list,download,doctor}")
 
     demo = sub.add_parser("demo", help="seed 000's concentric circles, BN vs no BN, with its report")
     demo.add_argument("--out", type=Path, default=None, help=f"output folder (default {DEMO_OUT}, replaced on each demo)")
@@ -85,6 +86,11 @@ def _parser() -> argparse.ArgumentParser:
     download.add_argument("dataset", choices=["mnist", "fashion-mnist"])
     download.add_argument("--data-dir", dest="data_dir", default="data", help="where to put DATASET/ (default data)")
     download.add_argument("--base-url", dest="base_url", help="fetch from this URL prefix instead of the public mirrors")
+
+    doctor = sub.add_parser("doctor", help="check the BatchNorm layers of a state_dict file (exit status 1 on problems)")
+    doctor.add_argument("checkpoint", type=Path, help="a state_dict saved with torch.save (loaded with weights_only=True)")
+    doctor.add_argument("--html", type=Path, default=None, help="also write a self-contained HTML report with per-layer plots")
+    doctor.add_argument("--key", default=None, help="the entry holding the state_dict in a checkpoint dict (e.g. model)")
     return parser
 
 
@@ -197,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
 
             download(args.dataset, args.data_dir, args.base_url)
             return 0
+        if args.command == "doctor":
+            from ..tools.doctor_report import doctor
+
+            return doctor(args.checkpoint, args.html, args.key)
         if args.command == "demo":
             out = args.out or DEMO_OUT
             overrides = {"seeds": args.seeds, "epochs": args.epochs}
