@@ -5,13 +5,13 @@ backward), the pure functions behind them in `batchnorm.functional`, and the too
 rewriting: `freeze`/`unfreeze` and `convert`. `BatchNormAct1d/2d/3d` fuse BN with an activation
 (and can save memory in place); on the CPU, float32/float64 tensors run on Numba kernels. For
 scale and deployment (docs/scale.md): `SyncBatchNorm` on any torch.distributed backend, `fold` for
-inference, `recalibrate` for exact running statistics, and the small-batch layers
+inference, `recalibrate` for exact running statistics, `adapt` for test-time adaptation to shifted data, and the small-batch layers
 `GhostBatchNorm*d` and `BatchRenorm*d`.
 """
 from . import functional
 from .act import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
-from .tools import convert, fold, fold_weights, freeze, is_frozen, recalibrate, unfreeze
+from .tools import adapt, convert, fold, fold_weights, freeze, is_frozen, recalibrate, unfreeze
 from .sync import SyncBatchNorm
 from .ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
 from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
@@ -40,4 +40,5 @@ __all__ = [
     "fold",
     "fold_weights",
     "recalibrate",
+    "adapt",
 ]

@@ -1,8 +1,9 @@
 """Tools for models with BatchNorm layers: one tool a file, each a module walker."""
+from .adapt import adapt
 from .convert import convert
 from .fold import fold, fold_weights
 from .freeze import freeze, is_frozen, unfreeze
 from .memory import saved_bytes
 from .recalibrate import recalibrate
 
-__all__ = ["convert", "freeze", "unfreeze", "is_frozen", "fold", "fold_weights", "recalibrate", "saved_bytes"]
+__all__ = ["convert", "freeze", "unfreeze", "is_frozen", "fold", "fold_weights", "recalibrate", "adapt", "saved_bytes"]
