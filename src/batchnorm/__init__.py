@@ -5,14 +5,15 @@ backward), the pure functions behind them in `batchnorm.functional`, and the too
 rewriting: `freeze`/`unfreeze` and `convert`. `BatchNormAct1d/2d/3d` fuse BN with an activation
 (and can save memory in place); on the CPU, float32/float64 tensors run on Numba kernels. For
 scale and deployment (docs/scale.md): `SyncBatchNorm` on any torch.distributed backend, `fold` for
-inference, `recalibrate` for exact running statistics, and the small-batch layers
-`GhostBatchNorm*d` and `BatchRenorm*d`. Beyond torch (docs/tools.md): `from_keras`/`to_keras` move
-BN layers to and from Keras 3, and `diagnose` (the `batchnorm doctor` command) checks a model's BN state.
+inference, `recalibrate` for exact running statistics, `adapt` for test-time adaptation to shifted
+data, and the small-batch layers `GhostBatchNorm*d` and `BatchRenorm*d`. Beyond torch (docs/tools.md):
+`from_keras`/`to_keras` move BN layers to and from Keras 3, and `diagnose` (the `batchnorm doctor`
+command) checks a model's BN state.
 """
 from . import functional
 from .act import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
-from .tools import convert, diagnose, fold, fold_weights, freeze, from_keras, is_frozen, recalibrate, to_keras, unfreeze
+from .tools import adapt, convert, diagnose, fold, fold_weights, freeze, from_keras, is_frozen, recalibrate, to_keras, unfreeze
 from .sync import SyncBatchNorm
 from .ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
 from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
@@ -44,4 +45,5 @@ __all__ = [
     "from_keras",
     "to_keras",
     "diagnose",
+    "adapt",
 ]

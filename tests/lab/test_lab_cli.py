@@ -29,6 +29,7 @@ TINY = {
     "depth-sweep": (["--seeds", "1", "--epochs", "2", "--limit", "150", "--grid", "1,3", "--tune-lr", "none"], 8),
     "batch-sweep": (["--seeds", "1", "--steps", "4", "--limit", "100", "--grid", "4,50", "--tune-lr", "none"], 12),  # none, bn, renorm
     "gap-sweep": (["--seeds", "2", "--epochs", "2", "--limit", "150", "--grid", "2,64"], 8),
+    "shift": (["--seeds", "2", "--epochs", "2", "--limit", "150", "--grid", "1,5"], 2),
 }
 VARIANT_KEYS = {"final_train_loss", "final_test_accuracy", "epochs_to_target", "final_test_accuracy_std", "diverged"}
 

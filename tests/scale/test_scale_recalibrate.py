@@ -191,3 +191,15 @@ def _population_stats_with_frozen(model, batches):
         for x in batches:
             ref(x)
     return torch.cat(seen).mean(0)
+
+
+def test_a_channel_with_only_nonfinite_batches_keeps_its_statistics_in_torch_layers():
+    # torch's layers update running = 1 * running + 0 * batch during the pass (momentum 0), which is
+    # NaN for a NaN batch: the statistics a guarded channel keeps must be the ones from before the pass
+    model = nn.Sequential(nn.BatchNorm1d(3), batchnorm.BatchNorm1d(3))
+    before = [m.running_mean.clone() for m in model]
+    x = torch.randn(5, 3)
+    x[2, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match=r"channels \[0\] had no finite statistics"):
+        batchnorm.recalibrate(model, [x])
+    assert torch.equal(model[0].running_mean[0], before[0][0]) and torch.isfinite(model[0].running_var).all()

@@ -1,4 +1,5 @@
 """Tools for models with BatchNorm layers: one tool a file, each a module walker."""
+from .adapt import adapt
 from .convert import convert
 from .fold import fold, fold_weights
 from .freeze import freeze, is_frozen, unfreeze
@@ -7,5 +8,5 @@ from .memory import saved_bytes
 from .recalibrate import recalibrate
 from .doctor import diagnose
 
-__all__ = ["convert", "freeze", "unfreeze", "is_frozen", "fold", "fold_weights", "recalibrate", "saved_bytes",
+__all__ = ["convert", "freeze", "unfreeze", "is_frozen", "fold", "fold_weights", "recalibrate", "adapt", "saved_bytes",
            "from_keras", "to_keras", "diagnose"]
