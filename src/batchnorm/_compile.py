@@ -1,12 +1,11 @@
-"""The library under torch.compile: its layers and functions run outside the compiled graph.
+"""What stays eager under torch.compile: a graph break, run as eager code.
 
-Their forward calls Numba kernels, reads values (the NaN guard of the running statistics, the
-`momentum=None` count) and keeps NumPy views, none of which Dynamo can put in a graph; traced
-as-is they crashed it ("AutogradFunctionVariable() is not a constant"). So under compilation each
-entry point is a graph break: Dynamo compiles the model's other ops, and calls the library's
-forward as eager code, which runs exactly as it does without compile (same kernels, numbers,
-errors and guard), with its autograd recorded as usual. `fullgraph=True` therefore refuses models
-with these layers; use torch's BatchNorm there.
+The plain layers and BatchNormAct are `batchnorm::` operators in compiled graphs (ops.py). What
+cannot be one runs outside the graph: the in-place mode (it overwrites its input) and the
+training forwards of GhostBatchNorm, BatchRenorm and SyncBatchNorm (their own statistics steps
+and collectives). Dynamo compiles the model's other ops and calls these as eager code, which
+runs exactly as without compile (same kernels, numbers, errors and guard), with its autograd
+recorded as usual; `fullgraph=True` refuses a model holding them.
 """
 from __future__ import annotations
 

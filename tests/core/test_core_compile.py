@@ -1,7 +1,7 @@
-"""torch.compile of models holding the library's layers: each layer is a graph break and runs as
-eager code (see batchnorm/_compile.py), so the compiled model computes exactly what the eager one
-does. backend="aot_eager" runs Dynamo and AOTAutograd, where the layers used to crash, without
-needing a C++ compiler for Inductor's code."""
+"""torch.compile of models mixing the library's layers: the plain ones are operators in the graph,
+GhostBatchNorm and BatchRenorm graph breaks (batchnorm/_compile.py); the compiled model trains
+and evaluates as the eager one. backend="aot_eager" runs Dynamo and AOTAutograd without needing a
+C++ compiler (tests/interop/test_interop_compile.py covers fullgraph and Inductor)."""
 from __future__ import annotations
 
 import copy
