@@ -44,7 +44,9 @@ def competitors(make, batch: int, size: int):
     for name, model, compiled in (("torch eager", theirs, False), ("torch compiled", copy.deepcopy(theirs), True),
                                   ("ours eager", ours, False), ("ours compiled", copy.deepcopy(ours), True)):
         model.train()
-        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        # lr 0: the step's work is the same, and the weights cannot diverge (a NaN would send the
+        # library's layers down their slower non-finite path and time something else)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
         forward = torch.compile(model) if compiled else model
 
         def step(forward=forward, opt=opt):

@@ -171,7 +171,8 @@ def test_lab_training_runs_on_the_fast_path(monkeypatch, digits, build):
     default, with no opt-in: torch's own kernel below kernels.MIN_NUMEL, the Numba kernels from
     it; never the plain-PyTorch reference. (At these sizes the circles MLP runs torch's kernel
     throughout; the CNN reaches the kernels at batch 256.)"""
-    from batchnorm import kernels, native
+    from batchnorm import kernels
+    from batchnorm.kernels import native
     from batchnorm.kernels import cpu
 
     monkeypatch.setattr(kernels, "FORCE", None)
