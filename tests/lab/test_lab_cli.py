@@ -28,6 +28,8 @@ TINY = {
     "lr-sweep": (["--seeds", "1", "--epochs", "2", "--limit", "150", "--grid", "0.1,30"], 8),
     "depth-sweep": (["--seeds", "1", "--epochs", "2", "--limit", "150", "--grid", "1,3", "--tune-lr", "none"], 8),
     "batch-sweep": (["--seeds", "1", "--steps", "4", "--limit", "100", "--grid", "4,50", "--tune-lr", "none"], 12),  # none, bn, renorm
+    "ghost-sweep": (["--seeds", "1", "--epochs", "1", "--limit", "100", "--batch-size", "16", "--grid", "4",
+                     "--tune-lr", "none"], 4),  # bn and ghost, controlled and shared
     "gap-sweep": (["--seeds", "2", "--epochs", "2", "--limit", "150", "--grid", "2,64"], 8),
 }
 VARIANT_KEYS = {"final_train_loss", "final_test_accuracy", "epochs_to_target", "final_test_accuracy_std", "diverged"}

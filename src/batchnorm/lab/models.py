@@ -23,7 +23,7 @@ from torch import Tensor, nn
 import batchnorm
 from batchnorm import functional as F
 
-__all__ = ["NORMS", "FunctionalBatchNorm", "Seed002BatchNorm", "LabGhostBatchNorm1d", "circles_net", "mnist_mlp", "mnist_cnn", "deep_mlp", "check_norm"]
+__all__ = ["NORMS", "FunctionalBatchNorm", "Seed002BatchNorm", "LabGhostBatchNorm1d", "circles_net", "mnist_mlp", "mnist_cnn", "deep_mlp", "ghost_layer", "check_norm"]
 
 
 class FunctionalBatchNorm(nn.Module):
@@ -123,12 +123,15 @@ NORMS: dict[str, Callable[[int], nn.Module]] = {
     "bn-seed002": Seed002BatchNorm,  # seed 002's running-statistics rule, for comparison only
     "ghost": lambda features: LabGhostBatchNorm1d(features, virtual_batch_size=GHOST_VIRTUAL_BATCH),
     "renorm": lambda features: batchnorm.BatchRenorm1d(features, r_max=RENORM_R_MAX, d_max=RENORM_D_MAX),
+    # the ghost sweep's GhostBN, whose virtual batch is the swept setting ("GhostBN @ 8": virtual batch
+    # 8); the sweep builds it with ghost_layer(setting), this default only serves check_norm and alone use
+    "ghost-v": lambda features: LabGhostBatchNorm1d(features, virtual_batch_size=GHOST_VIRTUAL_BATCH),
 }
 
 # how the plots and tables name a variant
 LABELS = {
     "none": "NoBN", "bn": "BN", "bn-seed002": "BN, seed 002's running-stats rule",
-    "ghost": f"GhostBN (virtual batch {GHOST_VIRTUAL_BATCH})", "renorm": "BatchRenorm",
+    "ghost": f"GhostBN (virtual batch {GHOST_VIRTUAL_BATCH})", "renorm": "BatchRenorm", "ghost-v": "GhostBN",
 }
 
 
@@ -177,10 +180,18 @@ def mnist_cnn(norm: str = "bn") -> nn.Module:
     )
 
 
-def deep_mlp(depth: int, norm: str = "bn", width: int = 100, inputs: int = 784, classes: int = 10) -> nn.Module:
+def ghost_layer(virtual_batch: int) -> Callable[[int], nn.Module]:
+    """features -> the lab's GhostBatchNorm1d with this virtual batch (the ghost sweep varies it)."""
+    return lambda features: LabGhostBatchNorm1d(features, virtual_batch_size=virtual_batch)
+
+
+def deep_mlp(depth: int, norm: str = "bn", width: int = 100, inputs: int = 784, classes: int = 10,
+             layer: Callable[[int], nn.Module] | None = None) -> nn.Module:
     """`depth` hidden blocks Linear(width)-norm-ReLU, then Linear(classes): (N, *) -> (N, classes).
 
     With depth=1 and norm="bn" this is seed 002's MLP with the module BN instead of the functional one.
+    `layer`, when given, makes the norm layers instead of NORMS[norm] (a setting NORMS does not fix,
+    such as GhostBN's virtual batch; `norm` still names the variant).
     """
     check_norm(norm)
     if depth < 1:
@@ -188,7 +199,7 @@ def deep_mlp(depth: int, norm: str = "bn", width: int = 100, inputs: int = 784, 
     layers: list[nn.Module] = [nn.Flatten()]
     features = inputs
     for _ in range(depth):
-        layers += [nn.Linear(features, width), NORMS[norm](width), nn.ReLU()]
+        layers += [nn.Linear(features, width), (layer or NORMS[norm])(width), nn.ReLU()]
         features = width
     layers.append(nn.Linear(features, classes))
     return nn.Sequential(*layers)
