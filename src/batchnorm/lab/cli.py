@@ -24,7 +24,7 @@ import threading
 from pathlib import Path
 
 from .config import INITS
-from .flags import NPROC, TIMEOUT, bounded, finite_list, learning_rates, number
+from .flags import NPROC, TIMEOUT, bounded, finite_list, learning_rates, momenta, number
 
 __all__ = ["main", "run_overrides"]
 
@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--overwrite", action="store_true", help="replace the run in --out")
 
     run = sub.add_parser("run", help="run an experiment or a claims sweep (see `batchnorm list`)")
-    run.add_argument("experiment", help="circles, mlp, cnn, lr-sweep, depth-sweep, batch-sweep, ghost-sweep, gap-sweep (see `batchnorm list`)")
+    run.add_argument("experiment", help="circles, mlp, cnn, lr-sweep, depth-sweep, batch-sweep, ghost-sweep, eval-sweep, gap-sweep (see `batchnorm list`)")
     run.add_argument("--seeds", type=number("seeds"), help="seeds per variant (runs with seeds 0..K-1)")
     run.add_argument("--epochs", type=number("epochs"), help="epochs per run")
     run.add_argument("--steps", type=number("steps"), help="batch-sweep: SGD steps at every batch size (sets the epochs)")
@@ -70,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--tune-lr", dest="tune_lr", type=learning_rates,
                      help="choose each variant's lr on a validation split from these values (a control); none = off")
     run.add_argument("--tune-seeds", dest="tune_seeds", type=number("tune_seeds"), help="seeds per learning rate when tuning")
+    run.add_argument("--momenta", type=momenta, help="eval-sweep: BN momentum values to train with, comma-separated (0 < m <= 1)")
     run.add_argument("--log-every", type=number("log_every"), dest="log_every", help="print progress every N epochs (0 = last only)")
     run.add_argument("--threads", type=number("threads"), help="torch CPU threads (default 1: fastest for these small nets)")
     run.add_argument("--nproc", type=bounded(NPROC), help="train data-parallel in N local processes (DDP + SyncBatchNorm, gloo)")
@@ -93,7 +94,7 @@ def _list() -> int:
 
     for e in EXPERIMENTS.values():
         d = e.defaults
-        batch = "swept" if e.setting_name == "batch size" else (d.get("batch_size", 64) or "full")
+        batch = "swept" if e.setting_name in ("batch size", "training batch size") else (d.get("batch_size", 64) or "full")
         knobs = f"seeds {d.get('seeds', 3)}, epochs {d.get('epochs', 10)}, batch {batch}, data {d.get('data')}"
         if e.setting_name:
             knobs += f", --grid ({e.setting_name}) {','.join(f'{v:g}' for v in d['grid'])}"
@@ -171,7 +172,7 @@ def _run_ranks(args, overrides: dict, out: Path, argv: list[str]) -> int:
 
 # The `run` flags that are RunConfig fields (the rest say where and how to run, not what).
 RUN_FIELDS = ("seeds", "epochs", "steps", "lr", "batch_size", "data", "data_dir", "limit", "target", "grid", "variants",
-              "standardize", "init", "tune_lr", "tune_seeds", "log_every", "threads")
+              "standardize", "init", "tune_lr", "tune_seeds", "momenta", "log_every", "threads")
 
 
 def run_overrides(args: argparse.Namespace) -> dict:

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["RunConfig", "DATASETS", "INITS", "Bound", "BOUNDS", "finite_number"]
+__all__ = ["RunConfig", "DATASETS", "INITS", "Bound", "BOUNDS", "MOMENTUM", "finite_number"]
 
 # The datasets `--data` accepts. `circles` is generated (seed 000); `digits` ships with
 # scikit-learn, so mlp/cnn and the sweeps run offline; the MNISTs are read from IDX files.
@@ -69,6 +69,11 @@ BOUNDS = {
 }
 
 
+# A BN momentum (--momenta, eval-sweep): PyTorch's convention, the weight of the newest batch in
+# the running statistics; 0 would never update them (use batchnorm.freeze for that), above 1 is not an average.
+MOMENTUM = Bound(float, 0, 1, above=True)
+
+
 def finite_number(value: Any) -> bool:
     """An int or float (not a bool) that is neither NaN nor infinite."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -94,6 +99,7 @@ class RunConfig:
     init: str = "default"  # one of INITS: "default" (PyTorch) or "he" (Kaiming normal)
     tune_lr: list[float] = field(default_factory=list)  # per-variant lr chosen on validation from this grid
     tune_seeds: int = 2  # seeds per learning rate when tuning
+    momenta: list[float] = field(default_factory=list)  # eval-sweep: the BN momentum values trained (others: unused)
     log_every: int = 0  # print a tutorial-style progress line every n epochs (0 = the last epoch only)
     threads: int = 1  # torch CPU threads. 1: these nets are too small to gain from more (threads only
     #                   contend), and the summation order, hence the numbers, does not depend on the machine
@@ -134,5 +140,7 @@ class RunConfig:
             problems.append(f"--limit: tuning the learning rate (--tune-lr) holds out a validation split, so it needs at "
                             f"least {TUNING_MIN_EXAMPLES} examples (2 to train on, 2 to validate), got {self.limit}; "
                             "raise --limit or pass --tune-lr none")
+        if not isinstance(self.momenta, list) or any(MOMENTUM.problem(v) for v in self.momenta):
+            problems.append(f"--momenta: expected momentum values, each {MOMENTUM.expected()}, got {self.momenta!r}")
         if problems:
             raise ValueError("; ".join(problems))

@@ -136,6 +136,8 @@ LABELS = {
 
 
 def label(norm: str) -> str:
+    if norm.startswith("bn-m"):  # eval-sweep's BN at a momentum: "bn-m0.01"
+        return f"BN momentum {norm[4:]}"
     return LABELS.get(norm, norm)
 
 

@@ -116,6 +116,8 @@ def resolve(name: str, overrides: dict[str, Any], out: Path, resume: bool) -> Ru
         for flag in ("grid", "variants"):
             if overrides.get(flag):
                 raise ValueError(f"--{flag} is for the sweeps; {name} compares BN with no BN and sweeps nothing")
+    if overrides.get("momenta") and "momenta" not in experiment.defaults:
+        raise ValueError(f"--momenta is for the experiments that sweep BN's momentum (eval-sweep), not {name}")
     if config.data not in experiment.data_choices:
         raise ValueError(f"{name} runs on --data {' or '.join(experiment.data_choices)} (got {config.data!r})")
     return config
