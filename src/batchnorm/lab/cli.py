@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--overwrite", action="store_true", help="replace the run in --out")
 
     run = sub.add_parser("run", help="run an experiment or a claims sweep (see `batchnorm list`)")
-    run.add_argument("experiment", help="circles, mlp, cnn, lr-sweep, depth-sweep, batch-sweep, ghost-sweep, eval-sweep, gap-sweep (see `batchnorm list`)")
+    run.add_argument("experiment", help="circles, mlp, cnn, regularization, lr-sweep, depth-sweep, batch-sweep, ghost-sweep, eval-sweep, gap-sweep (see `batchnorm list`)")
     run.add_argument("--seeds", type=number("seeds"), help="seeds per variant (runs with seeds 0..K-1)")
     run.add_argument("--epochs", type=number("epochs"), help="epochs per run")
     run.add_argument("--steps", type=number("steps"), help="batch-sweep: SGD steps at every batch size (sets the epochs)")
@@ -61,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--data", help="circles, digits (bundled, offline), mnist or fashion-mnist")
     run.add_argument("--data-dir", dest="data_dir", help="folder with the MNIST IDX files (default data)")
     run.add_argument("--limit", type=number("limit"), help="use only the first N train and test examples")
+    run.add_argument("--train-size", type=number("train_size"), dest="train_size",
+                     help="train on only the first N training examples, test on the whole test split (0 = all)")
     run.add_argument("--target", type=number("target"), help="test accuracy counted as converged (epochs_to_target)")
     run.add_argument("--grid", type=finite_list, help="the swept values, comma-separated (sweeps only)")
     run.add_argument("--variants", type=_names, help="normalization variants to compare, comma-separated (sweeps)")
@@ -171,7 +173,7 @@ def _run_ranks(args, overrides: dict, out: Path, argv: list[str]) -> int:
 
 
 # The `run` flags that are RunConfig fields (the rest say where and how to run, not what).
-RUN_FIELDS = ("seeds", "epochs", "steps", "lr", "batch_size", "data", "data_dir", "limit", "target", "grid", "variants",
+RUN_FIELDS = ("seeds", "epochs", "steps", "lr", "batch_size", "data", "data_dir", "limit", "train_size", "target", "grid", "variants",
               "standardize", "init", "tune_lr", "tune_seeds", "momenta", "log_every", "threads")
 
 

@@ -62,6 +62,7 @@ BOUNDS = {
     # a batch of one has no variance for BN to normalize with (torch refuses it too)
     "batch_size": Bound(int, 2, zero="full batch"),
     "limit": Bound(int, 2, zero="all"),  # at least 2: BN needs two examples in a batch
+    "train_size": Bound(int, 2, zero="all"),  # a training subset of at least 2 (a BN batch); 0: all
     "target": Bound(float, 0, 1, above=True),
     "tune_seeds": Bound(int, 1, 1000),
     "log_every": Bound(int, 0),
@@ -90,6 +91,7 @@ class RunConfig:
     data: str = "digits"  # one of DATASETS
     data_dir: str | None = None  # folder with the MNIST/Fashion-MNIST IDX files (`batchnorm download`)
     limit: int = 0  # use only the first `limit` train and test examples (0 = all): quick checks, tests
+    train_size: int = 0  # train on only the first `train_size` training examples, test on all (0 = all): regularization
     target: float = 0.9  # test accuracy that counts as "converged" for epochs_to_target
     grid: list[float] = field(default_factory=list)  # the swept values (learning rates, depths, ...)
     variants: list[str] = field(default_factory=list)  # normalization variants to compare (models.NORMS)
@@ -140,6 +142,10 @@ class RunConfig:
             problems.append(f"--limit: tuning the learning rate (--tune-lr) holds out a validation split, so it needs at "
                             f"least {TUNING_MIN_EXAMPLES} examples (2 to train on, 2 to validate), got {self.limit}; "
                             "raise --limit or pass --tune-lr none")
+        elif self.tune_lr and isinstance(self.train_size, int) and 0 < self.train_size < TUNING_MIN_EXAMPLES:
+            problems.append(f"--train-size: tuning the learning rate (--tune-lr) holds out a validation split, so it needs "
+                            f"at least {TUNING_MIN_EXAMPLES} training examples, got {self.train_size}; raise --train-size "
+                            "or pass --tune-lr none")
         if not isinstance(self.momenta, list) or any(MOMENTUM.problem(v) for v in self.momenta):
             problems.append(f"--momenta: expected momentum values, each {MOMENTUM.expected()}, got {self.momenta!r}")
         if problems:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 import batchnorm
 from batchnorm import functional as F
 
-__all__ = ["NORMS", "FunctionalBatchNorm", "Seed002BatchNorm", "LabGhostBatchNorm1d", "circles_net", "mnist_mlp", "mnist_cnn", "deep_mlp", "ghost_layer", "check_norm"]
+__all__ = ["NORMS", "FunctionalBatchNorm", "Seed002BatchNorm", "LabGhostBatchNorm1d", "circles_net", "mnist_mlp", "mnist_cnn", "deep_mlp", "ghost_layer", "PopulationBatchNorm1d", "check_norm"]
 
 
 class FunctionalBatchNorm(nn.Module):
@@ -102,6 +102,31 @@ class LabGhostBatchNorm1d(batchnorm.GhostBatchNorm1d):
         return torch.cat([*head, last], dim=0)
 
 
+class PopulationBatchNorm1d(batchnorm.BatchNorm1d):
+    """BN without batch noise, the regularization experiment's control. NOT a layer to train with.
+
+    In training it normalizes with its running statistics as they were before the batch (constants
+    in the step: no gradient flows through them, and no example's output depends on the others in
+    its batch), and then updates them from the batch as BN does (momentum 0.1, unbiased variance). So it normalizes
+    with an estimate of the population statistics that changes slowly over steps: what BN computes,
+    minus the noise of each batch's own statistics. Eval mode is BN's. (N, C) -> (N, C).
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return super().forward(x)
+        # the statistics before this batch: its own examples do not enter their normalization
+        out = F.batch_norm(x, self.running_mean.clone(), self.running_var.clone(), self.weight, self.bias,
+                           training=False, eps=self.eps)
+        with torch.no_grad():
+            mean, var = F.batch_stats(x)  # (N, C) -> (C,), (C,); biased
+            n, m = x.shape[0], self.momentum
+            self.running_mean.mul_(1 - m).add_(m * mean.to(self.running_mean.dtype))
+            self.running_var.mul_(1 - m).add_(m * var.to(self.running_var.dtype) * n / max(n - 1, 1))
+            self.num_batches_tracked += 1
+        return out
+
+
 # GhostBatchNorm's virtual batch: every chunk of this many samples is normalized with its own
 # statistics. 4, so that in the batch-size sweep ghost BN is plain BN at batches 2 and 4 (a check
 # you can see in the plot) and from batch 8 on normalizes with the statistics of 4 samples while
@@ -132,6 +157,7 @@ NORMS: dict[str, Callable[[int], nn.Module]] = {
 LABELS = {
     "none": "NoBN", "bn": "BN", "bn-seed002": "BN, seed 002's running-stats rule",
     "ghost": f"GhostBN (virtual batch {GHOST_VIRTUAL_BATCH})", "renorm": "BatchRenorm", "ghost-v": "GhostBN",
+    "dropout": "Dropout (no BN)", "bn+dropout": "BN + dropout", "bn-population": "BN, population statistics (noise-free)",
 }
 
 
@@ -188,12 +214,13 @@ def ghost_layer(virtual_batch: int) -> Callable[[int], nn.Module]:
 
 
 def deep_mlp(depth: int, norm: str = "bn", width: int = 100, inputs: int = 784, classes: int = 10,
-             layer: Callable[[int], nn.Module] | None = None) -> nn.Module:
+             layer: Callable[[int], nn.Module] | None = None, dropout: float = 0.0) -> nn.Module:
     """`depth` hidden blocks Linear(width)-norm-ReLU, then Linear(classes): (N, *) -> (N, classes).
 
     With depth=1 and norm="bn" this is seed 002's MLP with the module BN instead of the functional one.
     `layer`, when given, makes the norm layers instead of NORMS[norm] (a setting NORMS does not fix,
-    such as GhostBN's virtual batch; `norm` still names the variant).
+    such as GhostBN's virtual batch; `norm` still names the variant). `dropout` > 0 puts an
+    nn.Dropout(dropout) after every hidden ReLU.
     """
     check_norm(norm)
     if depth < 1:
@@ -202,6 +229,8 @@ def deep_mlp(depth: int, norm: str = "bn", width: int = 100, inputs: int = 784, 
     features = inputs
     for _ in range(depth):
         layers += [nn.Linear(features, width), (layer or NORMS[norm])(width), nn.ReLU()]
+        if dropout:
+            layers.append(nn.Dropout(dropout))
         features = width
     layers.append(nn.Linear(features, classes))
     return nn.Sequential(*layers)

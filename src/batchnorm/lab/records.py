@@ -31,7 +31,7 @@ CHECKPOINT_WAY_OUT = "delete it and continue with --resume (that cell starts aga
 # RunConfig's fields and the JSON types they must have (bool is not accepted as a number).
 _CONFIG_TYPES = {
     "experiment": (str,), "seeds": (int,), "epochs": (int,), "steps": (int,), "lr": (int, float), "batch_size": (int,),
-    "data": (str,), "data_dir": (str, type(None)), "limit": (int,), "target": (int, float),
+    "data": (str,), "data_dir": (str, type(None)), "limit": (int,), "train_size": (int,), "target": (int, float),
     "grid": (list,), "variants": (list,), "standardize": (bool,), "init": (str,), "tune_lr": (list,),
     "tune_seeds": (int,), "momenta": (list,), "log_every": (int,), "threads": (int,),
 }

@@ -249,6 +249,8 @@ def _cells_of(name: str, config: RunConfig, world: int):
     experiment = get(name)
     data = load(config.data, config.data_dir, config.limit)
     cells = experiment.cells(config, data)
+    if config.train_size:  # every cell trains on the subset (lab/controls.prepare cuts it), tests on the whole test split
+        cells = [dataclasses.replace(c, settings=dataclasses.replace(c.settings, train_size=config.train_size)) for c in cells]
     seen: dict[str, Cell] = {}
     for cell in cells:  # each cell's files are named by its key: two cells must not share one
         if cell.key in seen:

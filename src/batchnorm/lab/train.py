@@ -59,6 +59,7 @@ class Settings:
     standardize: bool = False  # inputs standardized per feature with the training split's mean and std
     init: str = "default"  # "default" (PyTorch's) or "he" (Kaiming normal for ReLU, zero biases)
     validation: bool = False  # train on the training split minus a validation part, "test" on that part
+    train_size: int = 0  # > 0: train on only the first train_size training examples (the test split stays whole)
 
 
 @dataclass
