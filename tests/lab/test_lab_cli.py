@@ -25,6 +25,7 @@ TINY = {
     "circles": (["--seeds", "2", "--epochs", "3"], 4),
     "mlp": (["--seeds", "2", "--epochs", "2", "--limit", "200", "--tune-lr", "0.1", "--tune-seeds", "1"], 10),
     "cnn": (["--seeds", "1", "--epochs", "2", "--limit", "150", "--tune-lr", "none"], 4),
+    "seed002": (["--seeds", "1", "--epochs", "1", "--limit", "150"], 3),
     "regularization": (["--seeds", "1", "--epochs", "1", "--limit", "100", "--train-size", "30"], 10),
     "lr-sweep": (["--seeds", "1", "--epochs", "2", "--limit", "150", "--grid", "0.1,30"], 8),
     "depth-sweep": (["--seeds", "1", "--epochs", "2", "--limit", "150", "--grid", "1,3", "--tune-lr", "none"], 8),

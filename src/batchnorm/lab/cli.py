@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--overwrite", action="store_true", help="replace the run in --out")
 
     run = sub.add_parser("run", help="run an experiment or a claims sweep (see `batchnorm list`)")
-    run.add_argument("experiment", help="circles, mlp, cnn, regularization, lr-sweep, depth-sweep, batch-sweep, ghost-sweep, eval-sweep, gap-sweep (see `batchnorm list`)")
+    run.add_argument("experiment", help="circles, mlp, cnn, seed002, regularization, lr-sweep, depth-sweep, batch-sweep, ghost-sweep, eval-sweep, gap-sweep (see `batchnorm list`)")
     run.add_argument("--seeds", type=number("seeds"), help="seeds per variant (runs with seeds 0..K-1)")
     run.add_argument("--epochs", type=number("epochs"), help="epochs per run")
     run.add_argument("--steps", type=number("steps"), help="batch-sweep: SGD steps at every batch size (sets the epochs)")

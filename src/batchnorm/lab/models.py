@@ -23,7 +23,7 @@ from torch import Tensor, nn
 import batchnorm
 from batchnorm import functional as F
 
-__all__ = ["NORMS", "FunctionalBatchNorm", "Seed002BatchNorm", "LabGhostBatchNorm1d", "circles_net", "mnist_mlp", "mnist_cnn", "deep_mlp", "ghost_layer", "PopulationBatchNorm1d", "check_norm"]
+__all__ = ["NORMS", "FunctionalBatchNorm", "Seed002BatchNorm", "LabGhostBatchNorm1d", "circles_net", "mnist_mlp", "mnist_cnn", "deep_mlp", "ghost_layer", "PopulationBatchNorm1d", "Seed002Network", "check_norm"]
 
 
 class FunctionalBatchNorm(nn.Module):
@@ -81,6 +81,40 @@ class Seed002BatchNorm(nn.Module):
             self.running_mean.mul_(self.momentum).add_((1 - self.momentum) * mean.to(self.running_mean.dtype))
             self.running_var.mul_(self.momentum).add_((1 - self.momentum) * var.to(self.running_var.dtype))
         return F.batch_norm(x, None, None, self.gamma, self.beta, training=True, eps=self.eps)
+
+
+class Seed002Network(nn.Module):
+    """Seed 002's multi_network, faithfully: (N, 1, 28, 28) -> (N, 10). NOT the library's BN.
+
+    Built in the tutorial's order (layer1, layer2, then gamma and beta drawn from randn, moving
+    averages at 0), so with the same seed its Linear weights are the no-BN net's. Its forward is
+    the tutorial's `forward(x, is_train=True)`, and nothing in seed 002 ever passes is_train=False
+    (`net.eval()` does not change it): every forward, test batches included, normalizes with the
+    batch's own statistics and updates the moving averages by seed 002's rule (momentum 0.1 on the
+    old value, biased variance), which never enter a reported number. They are buffers here only so
+    that --resume brings them back.
+    """
+
+    def __init__(self, momentum: float = 0.1, eps: float = 1e-5):
+        super().__init__()
+        self.layer1 = nn.Linear(784, 100)
+        self.relu = nn.ReLU()
+        self.layer2 = nn.Linear(100, 10)
+        self.gamma = nn.Parameter(torch.randn(100))
+        self.beta = nn.Parameter(torch.randn(100))
+        self.register_buffer("moving_mean", torch.zeros(100))
+        self.register_buffer("moving_var", torch.zeros(100))
+        self.momentum, self.eps = momentum, eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.layer1(x.flatten(1))  # (N, 784) -> (N, 100)
+        mean = h.mean(dim=0, keepdim=True)
+        var = ((h - mean) ** 2).mean(dim=0, keepdim=True)  # biased, as the tutorial computes it
+        with torch.no_grad():
+            self.moving_mean.mul_(self.momentum).add_((1 - self.momentum) * mean.squeeze(0))
+            self.moving_var.mul_(self.momentum).add_((1 - self.momentum) * var.squeeze(0))
+        h = self.gamma * (h - mean) / torch.sqrt(var + self.eps) + self.beta
+        return self.layer2(self.relu(h))
 
 
 class LabGhostBatchNorm1d(batchnorm.GhostBatchNorm1d):
@@ -157,6 +191,8 @@ NORMS: dict[str, Callable[[int], nn.Module]] = {
 LABELS = {
     "none": "NoBN", "bn": "BN", "bn-seed002": "BN, seed 002's running-stats rule",
     "ghost": f"GhostBN (virtual batch {GHOST_VIRTUAL_BATCH})", "renorm": "BatchRenorm", "ghost-v": "GhostBN",
+    "faithful": "BN, seed 002 faithful (randn gamma/beta, test-batch statistics at 128)",
+    "pytorch": "BN, PyTorch convention (gamma 1, beta 0, running statistics)",
     "dropout": "Dropout (no BN)", "bn+dropout": "BN + dropout", "bn-population": "BN, population statistics (noise-free)",
 }
 

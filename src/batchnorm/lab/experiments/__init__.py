@@ -6,12 +6,13 @@ from .compare import CIRCLES, CNN, MLP
 from .evalmode import EVAL_SWEEP
 from .ghost import GHOST_SWEEP
 from .regularize import REGULARIZATION
+from .seed002 import SEED002
 from .sweeps import BATCH_SWEEP, DEPTH_SWEEP, GAP_SWEEP, LR_SWEEP
 
 __all__ = ["EXPERIMENTS", "get", "Cell", "CellResult", "Claim", "Experiment", "UnknownExperiment"]
 
 EXPERIMENTS: dict[str, Experiment] = {
-    e.name: e for e in (CIRCLES, MLP, CNN, REGULARIZATION, LR_SWEEP, DEPTH_SWEEP, BATCH_SWEEP, GHOST_SWEEP, EVAL_SWEEP, GAP_SWEEP)
+    e.name: e for e in (CIRCLES, MLP, CNN, SEED002, REGULARIZATION, LR_SWEEP, DEPTH_SWEEP, BATCH_SWEEP, GHOST_SWEEP, EVAL_SWEEP, GAP_SWEEP)
 }
 
 
