@@ -33,6 +33,9 @@ TINY = {
     "ghost-sweep": (["--seeds", "1", "--epochs", "1", "--limit", "100", "--batch-size", "16", "--grid", "4",
                      "--tune-lr", "none"], 4),  # bn and ghost, controlled and shared
     "eval-sweep": (["--seeds", "1", "--epochs", "1", "--limit", "100", "--grid", "8", "--momenta", "0.1"], 4),
+    "placement": (["--seeds", "1", "--epochs", "1", "--limit", "100", "--tune-lr", "none"], 6),
+    "smoothness": (["--seeds", "1", "--grid", "1", "--limit", "100"], 6),
+    "activations": (["--seeds", "1", "--epochs", "1", "--limit", "100", "--tune-lr", "none"], 8),
     "gap-sweep": (["--seeds", "2", "--epochs", "2", "--limit", "150", "--grid", "2,64"], 8),
 }
 VARIANT_KEYS = {"final_train_loss", "final_test_accuracy", "epochs_to_target", "final_test_accuracy_std", "diverged"}

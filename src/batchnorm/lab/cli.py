@@ -10,6 +10,7 @@
     batchnorm run cnn --nproc 2                 data-parallel: DDP + SyncBatchNorm in 2 processes
     torchrun --standalone --nproc_per_node 2 -m batchnorm run cnn      the same, started by torchrun
     batchnorm download mnist --data-dir data    fetch the IDX files, SHA-256 verified
+    batchnorm suite --jobs 2                    every claim behind the README's table (--quick: a first look)
 
 Every run writes metrics.csv, summary.json, PNG figures and report.html into its --out folder
 (default runs/EXPERIMENT).
@@ -24,7 +25,7 @@ import threading
 from pathlib import Path
 
 from .config import INITS
-from .flags import NPROC, TIMEOUT, bounded, finite_list, learning_rates, momenta, number
+from .flags import JOBS, NPROC, TIMEOUT, bounded, finite_list, learning_rates, momenta, number
 
 __all__ = ["main", "run_overrides"]
 
@@ -41,9 +42,9 @@ def _names(text: str) -> list[str]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="batchnorm", description="The batchnorm lab: BN vs no BN, and BN's claims tested over seeds.",
-        epilog="Examples:\n" + "\n".join(__doc__.splitlines()[2:13]), formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Examples:\n" + "\n".join(__doc__.splitlines()[2:14]), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,run,list,download}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,run,suite,list,download}")
 
     demo = sub.add_parser("demo", help="seed 000's concentric circles, BN vs no BN, with its report")
     demo.add_argument("--out", type=Path, default=None, help=f"output folder (default {DEMO_OUT}, replaced on each demo)")
@@ -52,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--overwrite", action="store_true", help="replace the run in --out")
 
     run = sub.add_parser("run", help="run an experiment or a claims sweep (see `batchnorm list`)")
-    run.add_argument("experiment", help="circles, mlp, cnn, seed002, regularization, lr-sweep, depth-sweep, batch-sweep, ghost-sweep, eval-sweep, gap-sweep (see `batchnorm list`)")
+    run.add_argument("experiment", help="circles, mlp, cnn, seed002, regularization, lr-sweep, depth-sweep, batch-sweep, ghost-sweep, eval-sweep, gap-sweep, placement, smoothness, activations (see `batchnorm list`)")
     run.add_argument("--seeds", type=number("seeds"), help="seeds per variant (runs with seeds 0..K-1)")
     run.add_argument("--epochs", type=number("epochs"), help="epochs per run")
     run.add_argument("--steps", type=number("steps"), help="batch-sweep: SGD steps at every batch size (sets the epochs)")
@@ -78,9 +79,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--nproc", type=bounded(NPROC), help="train data-parallel in N local processes (DDP + SyncBatchNorm, gloo)")
     run.add_argument("--timeout", type=bounded(TIMEOUT), default=None,
                      help=f"data-parallel: seconds a process waits for the others before failing (default {DEFAULT_TIMEOUT:g})")
+    run.add_argument("--quick", action="store_true",
+                     help="a first look: 2 seeds and about a quarter of the training (verdicts are then inconclusive)")
     run.add_argument("--out", type=Path, help="output folder (default runs/EXPERIMENT)")
     run.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     run.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+
+    suite = sub.add_parser("suite", help="every claims experiment behind the README's lab table, with its controls")
+    suite.add_argument("--quick", action="store_true", help="each experiment's --quick: a first look")
+    suite.add_argument("--jobs", type=bounded(JOBS), default=1, help="experiments run at a time (default 1)")
+    suite.add_argument("--only", type=_names, help="comma-separated experiment names (default: all of the suite)")
+    suite.add_argument("--out", type=Path, default=Path("runs") / "suite", help="output folder (default runs/suite)")
+    suite.add_argument("--resume", action="store_true", help="continue each interrupted experiment in --out")
+    suite.add_argument("--overwrite", action="store_true", help="replace the runs in --out")
 
     sub.add_parser("list", help="list the experiments and their defaults")
 
@@ -124,6 +135,22 @@ def _run(name: str, overrides: dict, out: Path, resume: bool, overwrite: bool) -
         print(f"[{c['verdict']}] {c['claim']}{interval}\n    {c['evidence']}")
     print(f"\nreproduce: {summary['command']}\nreport: {out / 'report.html'}")
     return 0
+
+
+def _suite(args) -> int:
+    from .suite import run_suite
+
+    report = run_suite(args.out, quick=args.quick, jobs=args.jobs, only=args.only, overwrite=args.overwrite,
+                       resume=args.resume)
+    print(f"\nsuite: {len(report['experiments'])} experiments in {report['wall_seconds']:.0f} s wall-clock, --jobs "
+          f"{report['jobs']}, load average before {report['load_before']} after {report['load_after']}")
+    failed = 0
+    for name, r in report["experiments"].items():
+        failed += r["exit_code"] != 0
+        verdicts = ", ".join(c["verdict"] for c in r.get("claims", [])) or f"failed (exit {r['exit_code']}, see {name}.log)"
+        print(f"{name:>15s} {r['seconds']:7.0f} s  {verdicts}")
+    print(f"details: {args.out / 'suite.json'} and {args.out}/<experiment>/report.html")
+    return 1 if failed else 0
 
 
 # How gloo says that a peer is gone or silent (it raises plain RuntimeErrors with these).
@@ -205,7 +232,13 @@ def main(argv: list[str] | None = None) -> int:
             overrides = {"seeds": args.seeds, "epochs": args.epochs}
             # The demo's own folder is replaced on every demo; a folder you name is only with --overwrite.
             return _run("circles", overrides, out, False, args.overwrite or args.out is None)
+        if args.command == "suite":
+            return _suite(args)
         overrides = run_overrides(args)
+        if args.quick:
+            from .suite import quick_overrides
+
+            overrides = {**quick_overrides(args.experiment), **{k: v for k, v in overrides.items() if v is not None}}
         out = args.out or Path("runs") / args.experiment
         return _run_ranks(args, overrides, out, sys.argv[1:] if argv is None else list(argv))
     except KeyboardInterrupt:

@@ -15,10 +15,11 @@ from typing import Callable
 
 from .config import BOUNDS, MOMENTUM, Bound
 
-__all__ = ["number", "bounded", "finite_list", "learning_rates", "momenta", "NPROC", "TIMEOUT"]
+__all__ = ["number", "bounded", "finite_list", "learning_rates", "momenta", "NPROC", "JOBS", "TIMEOUT"]
 
 # The flags that are not RunConfig fields (they decide how a run is executed, not its numbers).
 NPROC = Bound(int, 1, 64)  # local processes; more than 64 on one machine is a typo
+JOBS = Bound(int, 1, 64)  # `batchnorm suite --jobs`: experiments at a time; more than 64 on one machine is a typo
 TIMEOUT = Bound(float, 0, 7 * 24 * 3600, above=True)  # seconds; a week at most (datetime.timedelta's range is far above)
 
 

@@ -193,6 +193,9 @@ LABELS = {
     "ghost": f"GhostBN (virtual batch {GHOST_VIRTUAL_BATCH})", "renorm": "BatchRenorm", "ghost-v": "GhostBN",
     "faithful": "BN, seed 002 faithful (randn gamma/beta, test-batch statistics at 128)",
     "pytorch": "BN, PyTorch convention (gamma 1, beta 0, running statistics)",
+    "bn-after": "BN after the activation",
+    "none-sigmoid": "NoBN, sigmoid", "bn-sigmoid": "BN, sigmoid", "none-tanh": "NoBN, tanh", "bn-tanh": "BN, tanh",
+    "bn-noisy": "BN + injected covariate shift",
     "dropout": "Dropout (no BN)", "bn+dropout": "BN + dropout", "bn-population": "BN, population statistics (noise-free)",
 }
 
@@ -250,7 +253,8 @@ def ghost_layer(virtual_batch: int) -> Callable[[int], nn.Module]:
 
 
 def deep_mlp(depth: int, norm: str = "bn", width: int = 100, inputs: int = 784, classes: int = 10,
-             layer: Callable[[int], nn.Module] | None = None, dropout: float = 0.0) -> nn.Module:
+             layer: Callable[[int], nn.Module] | None = None, dropout: float = 0.0,
+             activation: Callable[[], nn.Module] = nn.ReLU, norm_after_activation: bool = False) -> nn.Module:
     """`depth` hidden blocks Linear(width)-norm-ReLU, then Linear(classes): (N, *) -> (N, classes).
 
     With depth=1 and norm="bn" this is seed 002's MLP with the module BN instead of the functional one.
@@ -264,7 +268,8 @@ def deep_mlp(depth: int, norm: str = "bn", width: int = 100, inputs: int = 784, 
     layers: list[nn.Module] = [nn.Flatten()]
     features = inputs
     for _ in range(depth):
-        layers += [nn.Linear(features, width), (layer or NORMS[norm])(width), nn.ReLU()]
+        norm_layer, act = (layer or NORMS[norm])(width), activation()
+        layers += [nn.Linear(features, width), *((act, norm_layer) if norm_after_activation else (norm_layer, act))]
         if dropout:
             layers.append(nn.Dropout(dropout))
         features = width
