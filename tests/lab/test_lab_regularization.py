@@ -135,3 +135,10 @@ def test_rules_on_constructed_results():
     claims = regularization_claims(config, _constructed(
         {"none": base, "bn": up(0.05), "bn-population": base, "dropout": base, "bn+dropout": base}, fit=0.9))
     assert all(c.verdict == INCONCLUSIVE and "did not fit" in c.evidence for c in claims)
+
+
+def test_population_bn_is_refused_data_parallel():
+    from batchnorm.lab.distributed import check_synchronizable
+
+    with pytest.raises(ValueError, match="PopulationBatchNorm1d"):
+        check_synchronizable(models.deep_mlp(1, "bn", inputs=4, layer=models.PopulationBatchNorm1d), "regularization")

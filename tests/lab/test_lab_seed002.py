@@ -109,3 +109,14 @@ def test_rules_on_constructed_results():
     for r, d in zip([r for r in noisy if r.cell.variant == "faithful"], [0.12, -0.08, 0.10, -0.06, 0.02]):
         r.history.rows[1]["test_accuracy"] += d
     assert seed002_claims(config, noisy)[0].verdict == INCONCLUSIVE
+
+
+def test_faithful_network_is_refused_data_parallel():
+    # its batch statistics are per process: a data-parallel run would compute something else
+    import pytest
+
+    from batchnorm.lab.distributed import check_synchronizable
+
+    with pytest.raises(ValueError, match="Seed002Network"):
+        check_synchronizable(models.Seed002Network(), "seed002 variant 'faithful'")
+    check_synchronizable(models.mnist_mlp("none"), "seed002 variant 'none'")
