@@ -108,10 +108,13 @@ def _list() -> int:
     for e in EXPERIMENTS.values():
         d = e.defaults
         batch = "swept" if e.setting_name in ("batch size", "training batch size") else (d.get("batch_size", 64) or "full")
-        knobs = f"seeds {d.get('seeds', 3)}, epochs {d.get('epochs', 10)}, batch {batch}, data {d.get('data')}"
+        epochs = "swept" if e.setting_name == "epochs trained" else d.get("epochs", 10)
+        knobs = f"seeds {d.get('seeds', 3)}, epochs {epochs}, batch {batch}, data {d.get('data')}"
         if e.setting_name:
             knobs += f", --grid ({e.setting_name}) {','.join(f'{v:g}' for v in d['grid'])}"
             knobs += f", --variants {','.join(d['variants'])}"
+        if d.get("momenta"):
+            knobs += f", --momenta {','.join(f'{m:g}' for m in d['momenta'])}"
         print(f"{e.name:12s} {e.title}\n{'':12s} defaults: {knobs}")
     return 0
 
