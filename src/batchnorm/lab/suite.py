@@ -38,13 +38,15 @@ def quick_overrides(name: str) -> dict[str, Any]:
 
     experiment = get(name)
     default = RunConfig(experiment=name, **experiment.defaults)
-    out: dict[str, Any] = {"seeds": QUICK_SEEDS, "epochs": max(1, math.ceil(default.epochs / QUICK_FRACTION))}
+    out: dict[str, Any] = {"seeds": QUICK_SEEDS}
     if default.tune_lr:
         out["tune_seeds"] = 1
-    if default.steps:
+    if default.steps:  # the batch sweep: its steps set the epochs
         out["steps"] = max(1, math.ceil(default.steps / QUICK_FRACTION))
-    if name == "smoothness":  # its grid is the epochs trained
+    elif name == "smoothness":  # its grid is the epochs trained
         out["grid"] = [1, 2]
+    else:
+        out["epochs"] = max(1, math.ceil(default.epochs / QUICK_FRACTION))
     return out
 
 
