@@ -25,9 +25,17 @@ TINY = {
     "circles": (["--seeds", "2", "--epochs", "3"], 4),
     "mlp": (["--seeds", "2", "--epochs", "2", "--limit", "200", "--tune-lr", "0.1", "--tune-seeds", "1"], 10),
     "cnn": (["--seeds", "1", "--epochs", "2", "--limit", "150", "--tune-lr", "none"], 4),
+    "seed002": (["--seeds", "1", "--epochs", "1", "--limit", "150"], 3),
+    "regularization": (["--seeds", "1", "--epochs", "1", "--limit", "100", "--train-size", "30"], 10),
     "lr-sweep": (["--seeds", "1", "--epochs", "2", "--limit", "150", "--grid", "0.1,30"], 8),
     "depth-sweep": (["--seeds", "1", "--epochs", "2", "--limit", "150", "--grid", "1,3", "--tune-lr", "none"], 8),
     "batch-sweep": (["--seeds", "1", "--steps", "4", "--limit", "100", "--grid", "4,50", "--tune-lr", "none"], 12),  # none, bn, renorm
+    "ghost-sweep": (["--seeds", "1", "--epochs", "1", "--limit", "100", "--batch-size", "16", "--grid", "4",
+                     "--tune-lr", "none"], 4),  # bn and ghost, controlled and shared
+    "eval-sweep": (["--seeds", "1", "--epochs", "1", "--limit", "100", "--grid", "8", "--momenta", "0.1"], 4),
+    "placement": (["--seeds", "1", "--epochs", "1", "--limit", "100", "--tune-lr", "none"], 6),
+    "smoothness": (["--seeds", "1", "--grid", "1", "--limit", "100"], 6),
+    "activations": (["--seeds", "1", "--epochs", "1", "--limit", "100", "--tune-lr", "none"], 8),
     "gap-sweep": (["--seeds", "2", "--epochs", "2", "--limit", "150", "--grid", "2,64"], 8),
     "shift": (["--seeds", "2", "--epochs", "2", "--limit", "150", "--grid", "1,5"], 2),
 }

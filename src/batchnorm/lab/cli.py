@@ -10,6 +10,7 @@
     batchnorm run cnn --nproc 2                 data-parallel: DDP + SyncBatchNorm in 2 processes
     torchrun --standalone --nproc_per_node 2 -m batchnorm run cnn      the same, started by torchrun
     batchnorm download mnist --data-dir data    fetch the IDX files, SHA-256 verified
+    batchnorm suite --jobs 2                    every claim behind the README's table (--quick: a first look)
     batchnorm doctor model.pt --html doctor.html   check a checkpoint's BN layers (exit 1 on problems)
 
 Every run writes metrics.csv, summary.json, PNG figures and report.html into its --out folder
@@ -25,7 +26,7 @@ import threading
 from pathlib import Path
 
 from .config import INITS
-from .flags import NPROC, TIMEOUT, bounded, finite_list, learning_rates, number
+from .flags import JOBS, NPROC, TIMEOUT, bounded, finite_list, learning_rates, momenta, number
 
 __all__ = ["main", "run_overrides"]
 
@@ -42,9 +43,9 @@ def _names(text: str) -> list[str]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="batchnorm", description="The batchnorm lab: BN vs no BN, and BN's claims tested over seeds.",
-        epilog="Examples:\n" + "\n".join(__doc__.splitlines()[2:14]), formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Examples:\n" + "\n".join(__doc__.splitlines()[2:15]), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,run,list,download,doctor}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,run,suite,list,download,doctor}")
 
     demo = sub.add_parser("demo", help="seed 000's concentric circles, BN vs no BN, with its report")
     demo.add_argument("--out", type=Path, default=None, help=f"output folder (default {DEMO_OUT}, replaced on each demo)")
@@ -53,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--overwrite", action="store_true", help="replace the run in --out")
 
     run = sub.add_parser("run", help="run an experiment or a claims sweep (see `batchnorm list`)")
-    run.add_argument("experiment", help="circles, mlp, cnn, lr-sweep, depth-sweep, batch-sweep, gap-sweep, shift")
+    run.add_argument("experiment", help="circles, mlp, cnn, seed002, regularization, lr-sweep, depth-sweep, batch-sweep, ghost-sweep, eval-sweep, gap-sweep, placement, smoothness, activations, shift (see `batchnorm list`)")
     run.add_argument("--seeds", type=number("seeds"), help="seeds per variant (runs with seeds 0..K-1)")
     run.add_argument("--epochs", type=number("epochs"), help="epochs per run")
     run.add_argument("--steps", type=number("steps"), help="batch-sweep: SGD steps at every batch size (sets the epochs)")
@@ -62,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--data", help="circles, digits (bundled, offline), mnist or fashion-mnist")
     run.add_argument("--data-dir", dest="data_dir", help="folder with the MNIST IDX files (default data)")
     run.add_argument("--limit", type=number("limit"), help="use only the first N train and test examples")
+    run.add_argument("--train-size", type=number("train_size"), dest="train_size",
+                     help="train on only the first N training examples, test on the whole test split (0 = all)")
     run.add_argument("--target", type=number("target"), help="test accuracy counted as converged (epochs_to_target)")
     run.add_argument("--grid", type=finite_list, help="the swept values, comma-separated (sweeps only)")
     run.add_argument("--variants", type=_names, help="normalization variants to compare, comma-separated (sweeps)")
@@ -71,14 +74,25 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--tune-lr", dest="tune_lr", type=learning_rates,
                      help="choose each variant's lr on a validation split from these values (a control); none = off")
     run.add_argument("--tune-seeds", dest="tune_seeds", type=number("tune_seeds"), help="seeds per learning rate when tuning")
+    run.add_argument("--momenta", type=momenta, help="eval-sweep: BN momentum values to train with, comma-separated (0 < m <= 1)")
     run.add_argument("--log-every", type=number("log_every"), dest="log_every", help="print progress every N epochs (0 = last only)")
     run.add_argument("--threads", type=number("threads"), help="torch CPU threads (default 1: fastest for these small nets)")
     run.add_argument("--nproc", type=bounded(NPROC), help="train data-parallel in N local processes (DDP + SyncBatchNorm, gloo)")
     run.add_argument("--timeout", type=bounded(TIMEOUT), default=None,
                      help=f"data-parallel: seconds a process waits for the others before failing (default {DEFAULT_TIMEOUT:g})")
+    run.add_argument("--quick", action="store_true",
+                     help="a first look: 2 seeds and about a quarter of the training (verdicts are then inconclusive)")
     run.add_argument("--out", type=Path, help="output folder (default runs/EXPERIMENT)")
     run.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     run.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+
+    suite = sub.add_parser("suite", help="every claims experiment behind the README's lab table, with its controls")
+    suite.add_argument("--quick", action="store_true", help="each experiment's --quick: a first look")
+    suite.add_argument("--jobs", type=bounded(JOBS), default=1, help="experiments run at a time (default 1)")
+    suite.add_argument("--only", type=_names, help="comma-separated experiment names (default: all of the suite)")
+    suite.add_argument("--out", type=Path, default=Path("runs") / "suite", help="output folder (default runs/suite)")
+    suite.add_argument("--resume", action="store_true", help="continue each interrupted experiment in --out")
+    suite.add_argument("--overwrite", action="store_true", help="replace the runs in --out")
 
     sub.add_parser("list", help="list the experiments and their defaults")
 
@@ -99,11 +113,14 @@ def _list() -> int:
 
     for e in EXPERIMENTS.values():
         d = e.defaults
-        batch = "swept" if e.setting_name == "batch size" else (d.get("batch_size", 64) or "full")
-        knobs = f"seeds {d.get('seeds', 3)}, epochs {d.get('epochs', 10)}, batch {batch}, data {d.get('data')}"
+        batch = "swept" if e.setting_name in ("batch size", "training batch size") else (d.get("batch_size", 64) or "full")
+        epochs = "swept" if e.setting_name == "epochs trained" else d.get("epochs", 10)
+        knobs = f"seeds {d.get('seeds', 3)}, epochs {epochs}, batch {batch}, data {d.get('data')}"
         if e.setting_name:
             knobs += f", --grid ({e.setting_name}) {','.join(f'{v:g}' for v in d['grid'])}"
             knobs += f", --variants {','.join(d['variants'])}"
+        if d.get("momenta"):
+            knobs += f", --momenta {','.join(f'{m:g}' for m in d['momenta'])}"
         print(f"{e.name:12s} {e.title}\n{'':12s} defaults: {knobs}")
     return 0
 
@@ -127,6 +144,22 @@ def _run(name: str, overrides: dict, out: Path, resume: bool, overwrite: bool) -
         print(f"[{c['verdict']}] {c['claim']}{interval}\n    {c['evidence']}")
     print(f"\nreproduce: {summary['command']}\nreport: {out / 'report.html'}")
     return 0
+
+
+def _suite(args) -> int:
+    from .suite import run_suite
+
+    report = run_suite(args.out, quick=args.quick, jobs=args.jobs, only=args.only, overwrite=args.overwrite,
+                       resume=args.resume)
+    print(f"\nsuite: {len(report['experiments'])} experiments in {report['wall_seconds']:.0f} s wall-clock, --jobs "
+          f"{report['jobs']}, load average before {report['load_before']} after {report['load_after']}")
+    failed = 0
+    for name, r in report["experiments"].items():
+        failed += r["exit_code"] != 0
+        verdicts = ", ".join(c["verdict"] for c in r.get("claims", [])) or f"failed (exit {r['exit_code']}, see {name}.log)"
+        print(f"{name:>15s} {r['seconds']:7.0f} s  {verdicts}")
+    print(f"details: {args.out / 'suite.json'} and {args.out}/<experiment>/report.html")
+    return 1 if failed else 0
 
 
 # How gloo says that a peer is gone or silent (it raises plain RuntimeErrors with these).
@@ -176,8 +209,8 @@ def _run_ranks(args, overrides: dict, out: Path, argv: list[str]) -> int:
 
 
 # The `run` flags that are RunConfig fields (the rest say where and how to run, not what).
-RUN_FIELDS = ("seeds", "epochs", "steps", "lr", "batch_size", "data", "data_dir", "limit", "target", "grid", "variants",
-              "standardize", "init", "tune_lr", "tune_seeds", "log_every", "threads")
+RUN_FIELDS = ("seeds", "epochs", "steps", "lr", "batch_size", "data", "data_dir", "limit", "train_size", "target", "grid", "variants",
+              "standardize", "init", "tune_lr", "tune_seeds", "momenta", "log_every", "threads")
 
 
 def run_overrides(args: argparse.Namespace) -> dict:
@@ -212,7 +245,13 @@ def main(argv: list[str] | None = None) -> int:
             overrides = {"seeds": args.seeds, "epochs": args.epochs}
             # The demo's own folder is replaced on every demo; a folder you name is only with --overwrite.
             return _run("circles", overrides, out, False, args.overwrite or args.out is None)
+        if args.command == "suite":
+            return _suite(args)
         overrides = run_overrides(args)
+        if args.quick:
+            from .suite import quick_overrides
+
+            overrides = {**quick_overrides(args.experiment), **{k: v for k, v in overrides.items() if v is not None}}
         out = args.out or Path("runs") / args.experiment
         return _run_ranks(args, overrides, out, sys.argv[1:] if argv is None else list(argv))
     except KeyboardInterrupt:

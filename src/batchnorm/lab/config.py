@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["RunConfig", "DATASETS", "INITS", "Bound", "BOUNDS", "finite_number"]
+__all__ = ["RunConfig", "DATASETS", "INITS", "Bound", "BOUNDS", "MOMENTUM", "finite_number"]
 
 # The datasets `--data` accepts. `circles` is generated (seed 000); `digits` ships with
 # scikit-learn, so mlp/cnn and the sweeps run offline; the MNISTs are read from IDX files.
@@ -62,11 +62,17 @@ BOUNDS = {
     # a batch of one has no variance for BN to normalize with (torch refuses it too)
     "batch_size": Bound(int, 2, zero="full batch"),
     "limit": Bound(int, 2, zero="all"),  # at least 2: BN needs two examples in a batch
+    "train_size": Bound(int, 2, zero="all"),  # a training subset of at least 2 (a BN batch); 0: all
     "target": Bound(float, 0, 1, above=True),
     "tune_seeds": Bound(int, 1, 1000),
     "log_every": Bound(int, 0),
     "threads": Bound(int, 1, 1024),
 }
+
+
+# A BN momentum (--momenta, eval-sweep): PyTorch's convention, the weight of the newest batch in
+# the running statistics; 0 would never update them (use batchnorm.freeze for that), above 1 is not an average.
+MOMENTUM = Bound(float, 0, 1, above=True)
 
 
 def finite_number(value: Any) -> bool:
@@ -85,6 +91,7 @@ class RunConfig:
     data: str = "digits"  # one of DATASETS
     data_dir: str | None = None  # folder with the MNIST/Fashion-MNIST IDX files (`batchnorm download`)
     limit: int = 0  # use only the first `limit` train and test examples (0 = all): quick checks, tests
+    train_size: int = 0  # train on only the first `train_size` training examples, test on all (0 = all): regularization
     target: float = 0.9  # test accuracy that counts as "converged" for epochs_to_target
     grid: list[float] = field(default_factory=list)  # the swept values (learning rates, depths, ...)
     variants: list[str] = field(default_factory=list)  # normalization variants to compare (models.NORMS)
@@ -94,6 +101,7 @@ class RunConfig:
     init: str = "default"  # one of INITS: "default" (PyTorch) or "he" (Kaiming normal)
     tune_lr: list[float] = field(default_factory=list)  # per-variant lr chosen on validation from this grid
     tune_seeds: int = 2  # seeds per learning rate when tuning
+    momenta: list[float] = field(default_factory=list)  # eval-sweep: the BN momentum values trained (others: unused)
     log_every: int = 0  # print a tutorial-style progress line every n epochs (0 = the last epoch only)
     threads: int = 1  # torch CPU threads. 1: these nets are too small to gain from more (threads only
     #                   contend), and the summation order, hence the numbers, does not depend on the machine
@@ -134,5 +142,11 @@ class RunConfig:
             problems.append(f"--limit: tuning the learning rate (--tune-lr) holds out a validation split, so it needs at "
                             f"least {TUNING_MIN_EXAMPLES} examples (2 to train on, 2 to validate), got {self.limit}; "
                             "raise --limit or pass --tune-lr none")
+        elif self.tune_lr and isinstance(self.train_size, int) and 0 < self.train_size < TUNING_MIN_EXAMPLES:
+            problems.append(f"--train-size: tuning the learning rate (--tune-lr) holds out a validation split, so it needs "
+                            f"at least {TUNING_MIN_EXAMPLES} training examples, got {self.train_size}; raise --train-size "
+                            "or pass --tune-lr none")
+        if not isinstance(self.momenta, list) or any(MOMENTUM.problem(v) for v in self.momenta):
+            problems.append(f"--momenta: expected momentum values, each {MOMENTUM.expected()}, got {self.momenta!r}")
         if problems:
             raise ValueError("; ".join(problems))

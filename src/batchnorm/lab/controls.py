@@ -25,7 +25,7 @@ from torch import nn
 from .config import INITS
 from .data import Dataset
 
-__all__ = ["prepare", "initialize", "standardize", "validation_split", "best_lr", "INITS",
+__all__ = ["prepare", "initialize", "standardize", "validation_split", "training_subset", "best_lr", "INITS",
            "VALIDATION_FRACTION", "VALIDATION_SEED"]
 
 VALIDATION_FRACTION = 0.2  # of the training split, held out to choose learning rates
@@ -59,8 +59,20 @@ def standardize(data: Dataset) -> Dataset:
                    description=data.description + " Inputs standardized per feature with the training split's mean and std.")
 
 
+def training_subset(data: Dataset, size: int) -> Dataset:
+    """The first `size` training examples (the test split untouched); `size` 0 or >= n: all of them."""
+    if size <= 0 or size >= len(data.x_train):
+        return data
+    if size < 2:
+        raise ValueError(f"a training subset needs at least 2 examples (BN cannot normalize one), got {size}")
+    return replace(data, x_train=data.x_train[:size], y_train=data.y_train[:size],
+                   description=data.description + f" Trained on the first {size} training examples only.")
+
+
 def prepare(data: Dataset, settings) -> Dataset:
-    """What a cell trains and is evaluated on, given its Settings."""
+    """What a cell trains and is evaluated on, given its Settings: the training subset, then the
+    validation split carved from it, then standardization fit on what is left to train on."""
+    data = training_subset(data, settings.train_size)
     if settings.validation:
         data = validation_split(data)
     if settings.standardize:

@@ -152,7 +152,9 @@ def check_synchronizable(model: nn.Module, what: str) -> None:
     syncable = tuple(TARGETS["sync"])
     local = [
         f"{name} ({type(m).__name__})" for name, m in model.named_modules()
-        if hasattr(m, "running_mean") and not (type(m) in syncable or isinstance(m, batchnorm.SyncBatchNorm))
+        # moving_mean: seed 002's own names (lab.models.Seed002Network normalizes with batch statistics too)
+        if (hasattr(m, "running_mean") or hasattr(m, "moving_mean"))
+        and not (type(m) in syncable or isinstance(m, batchnorm.SyncBatchNorm))
     ]
     if local:
         raise ValueError(

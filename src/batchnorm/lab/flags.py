@@ -13,12 +13,13 @@ import argparse
 import math
 from typing import Callable
 
-from .config import BOUNDS, Bound
+from .config import BOUNDS, MOMENTUM, Bound
 
-__all__ = ["number", "bounded", "finite_list", "learning_rates", "NPROC", "TIMEOUT"]
+__all__ = ["number", "bounded", "finite_list", "learning_rates", "momenta", "NPROC", "JOBS", "TIMEOUT"]
 
 # The flags that are not RunConfig fields (they decide how a run is executed, not its numbers).
 NPROC = Bound(int, 1, 64)  # local processes; more than 64 on one machine is a typo
+JOBS = Bound(int, 1, 64)  # `batchnorm suite --jobs`: experiments at a time; more than 64 on one machine is a typo
 TIMEOUT = Bound(float, 0, 7 * 24 * 3600, above=True)  # seconds; a week at most (datetime.timedelta's range is far above)
 
 
@@ -65,5 +66,16 @@ def learning_rates(text: str) -> list[float]:
     if not values or bad:
         holds = f" (holds {bad[0]:g})" if bad else ""
         raise argparse.ArgumentTypeError(f"expected 'none' or comma-separated learning rates, each {lr.expected()}, "
+                                         f"got {text!r}{holds}")
+    return values
+
+
+def momenta(text: str) -> list[float]:
+    """--momenta: comma-separated BN momentum values, each within config.MOMENTUM (0 < m <= 1)."""
+    values = finite_list(text)
+    bad = [v for v in values if MOMENTUM.problem(v)]
+    if not values or bad:
+        holds = f" (holds {bad[0]:g})" if bad else ""
+        raise argparse.ArgumentTypeError(f"expected comma-separated momentum values, each {MOMENTUM.expected()}, "
                                          f"got {text!r}{holds}")
     return values

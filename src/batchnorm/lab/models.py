@@ -23,7 +23,7 @@ from torch import Tensor, nn
 import batchnorm
 from batchnorm import functional as F
 
-__all__ = ["NORMS", "FunctionalBatchNorm", "Seed002BatchNorm", "LabGhostBatchNorm1d", "circles_net", "mnist_mlp", "mnist_cnn", "deep_mlp", "check_norm"]
+__all__ = ["NORMS", "FunctionalBatchNorm", "Seed002BatchNorm", "LabGhostBatchNorm1d", "circles_net", "mnist_mlp", "mnist_cnn", "deep_mlp", "ghost_layer", "PopulationBatchNorm1d", "Seed002Network", "check_norm"]
 
 
 class FunctionalBatchNorm(nn.Module):
@@ -83,6 +83,40 @@ class Seed002BatchNorm(nn.Module):
         return F.batch_norm(x, None, None, self.gamma, self.beta, training=True, eps=self.eps)
 
 
+class Seed002Network(nn.Module):
+    """Seed 002's multi_network, faithfully: (N, 1, 28, 28) -> (N, 10). NOT the library's BN.
+
+    Built in the tutorial's order (layer1, layer2, then gamma and beta drawn from randn, moving
+    averages at 0), so with the same seed its Linear weights are the no-BN net's. Its forward is
+    the tutorial's `forward(x, is_train=True)`, and nothing in seed 002 ever passes is_train=False
+    (`net.eval()` does not change it): every forward, test batches included, normalizes with the
+    batch's own statistics and updates the moving averages by seed 002's rule (momentum 0.1 on the
+    old value, biased variance), which never enter a reported number. They are buffers here only so
+    that --resume brings them back.
+    """
+
+    def __init__(self, momentum: float = 0.1, eps: float = 1e-5):
+        super().__init__()
+        self.layer1 = nn.Linear(784, 100)
+        self.relu = nn.ReLU()
+        self.layer2 = nn.Linear(100, 10)
+        self.gamma = nn.Parameter(torch.randn(100))
+        self.beta = nn.Parameter(torch.randn(100))
+        self.register_buffer("moving_mean", torch.zeros(100))
+        self.register_buffer("moving_var", torch.zeros(100))
+        self.momentum, self.eps = momentum, eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.layer1(x.flatten(1))  # (N, 784) -> (N, 100)
+        mean = h.mean(dim=0, keepdim=True)
+        var = ((h - mean) ** 2).mean(dim=0, keepdim=True)  # biased, as the tutorial computes it
+        with torch.no_grad():
+            self.moving_mean.mul_(self.momentum).add_((1 - self.momentum) * mean.squeeze(0))
+            self.moving_var.mul_(self.momentum).add_((1 - self.momentum) * var.squeeze(0))
+        h = self.gamma * (h - mean) / torch.sqrt(var + self.eps) + self.beta
+        return self.layer2(self.relu(h))
+
+
 class LabGhostBatchNorm1d(batchnorm.GhostBatchNorm1d):
     """GhostBatchNorm1d that takes any batch the sweeps' loader makes. (N, C) -> (N, C).
 
@@ -100,6 +134,31 @@ class LabGhostBatchNorm1d(batchnorm.GhostBatchNorm1d):
         head = [super().forward(x[:cut])] if cut else []  # first: running stats follow chunk order
         last = batchnorm.BatchNorm1d.forward(self, x[cut:])  # one chunk: BN on its own statistics
         return torch.cat([*head, last], dim=0)
+
+
+class PopulationBatchNorm1d(batchnorm.BatchNorm1d):
+    """BN without batch noise, the regularization experiment's control. NOT a layer to train with.
+
+    In training it normalizes with its running statistics as they were before the batch (constants
+    in the step: no gradient flows through them, and no example's output depends on the others in
+    its batch), and then updates them from the batch as BN does (momentum 0.1, unbiased variance). So it normalizes
+    with an estimate of the population statistics that changes slowly over steps: what BN computes,
+    minus the noise of each batch's own statistics. Eval mode is BN's. (N, C) -> (N, C).
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return super().forward(x)
+        # the statistics before this batch: its own examples do not enter their normalization
+        out = F.batch_norm(x, self.running_mean.clone(), self.running_var.clone(), self.weight, self.bias,
+                           training=False, eps=self.eps)
+        with torch.no_grad():
+            mean, var = F.batch_stats(x)  # (N, C) -> (C,), (C,); biased
+            n, m = x.shape[0], self.momentum
+            self.running_mean.mul_(1 - m).add_(m * mean.to(self.running_mean.dtype))
+            self.running_var.mul_(1 - m).add_(m * var.to(self.running_var.dtype) * n / max(n - 1, 1))
+            self.num_batches_tracked += 1
+        return out
 
 
 # GhostBatchNorm's virtual batch: every chunk of this many samples is normalized with its own
@@ -123,16 +182,27 @@ NORMS: dict[str, Callable[[int], nn.Module]] = {
     "bn-seed002": Seed002BatchNorm,  # seed 002's running-statistics rule, for comparison only
     "ghost": lambda features: LabGhostBatchNorm1d(features, virtual_batch_size=GHOST_VIRTUAL_BATCH),
     "renorm": lambda features: batchnorm.BatchRenorm1d(features, r_max=RENORM_R_MAX, d_max=RENORM_D_MAX),
+    # the ghost sweep's GhostBN, whose virtual batch is the swept setting ("GhostBN @ 8": virtual batch
+    # 8); the sweep builds it with ghost_layer(setting), this default only serves check_norm and alone use
+    "ghost-v": lambda features: LabGhostBatchNorm1d(features, virtual_batch_size=GHOST_VIRTUAL_BATCH),
 }
 
 # how the plots and tables name a variant
 LABELS = {
     "none": "NoBN", "bn": "BN", "bn-seed002": "BN, seed 002's running-stats rule",
-    "ghost": f"GhostBN (virtual batch {GHOST_VIRTUAL_BATCH})", "renorm": "BatchRenorm",
+    "ghost": f"GhostBN (virtual batch {GHOST_VIRTUAL_BATCH})", "renorm": "BatchRenorm", "ghost-v": "GhostBN",
+    "faithful": "BN, seed 002 faithful (randn gamma/beta, test-batch statistics at 128)",
+    "pytorch": "BN, PyTorch convention (gamma 1, beta 0, running statistics)",
+    "bn-after": "BN after the activation",
+    "none-sigmoid": "NoBN, sigmoid", "bn-sigmoid": "BN, sigmoid", "none-tanh": "NoBN, tanh", "bn-tanh": "BN, tanh",
+    "bn-noisy": "BN + injected covariate shift",
+    "dropout": "Dropout (no BN)", "bn+dropout": "BN + dropout", "bn-population": "BN, population statistics (noise-free)",
 }
 
 
 def label(norm: str) -> str:
+    if norm.startswith("bn-m"):  # eval-sweep's BN at a momentum: "bn-m0.01"
+        return f"BN momentum {norm[4:]}"
     return LABELS.get(norm, norm)
 
 
@@ -177,10 +247,20 @@ def mnist_cnn(norm: str = "bn") -> nn.Module:
     )
 
 
-def deep_mlp(depth: int, norm: str = "bn", width: int = 100, inputs: int = 784, classes: int = 10) -> nn.Module:
+def ghost_layer(virtual_batch: int) -> Callable[[int], nn.Module]:
+    """features -> the lab's GhostBatchNorm1d with this virtual batch (the ghost sweep varies it)."""
+    return lambda features: LabGhostBatchNorm1d(features, virtual_batch_size=virtual_batch)
+
+
+def deep_mlp(depth: int, norm: str = "bn", width: int = 100, inputs: int = 784, classes: int = 10,
+             layer: Callable[[int], nn.Module] | None = None, dropout: float = 0.0,
+             activation: Callable[[], nn.Module] = nn.ReLU, norm_after_activation: bool = False) -> nn.Module:
     """`depth` hidden blocks Linear(width)-norm-ReLU, then Linear(classes): (N, *) -> (N, classes).
 
     With depth=1 and norm="bn" this is seed 002's MLP with the module BN instead of the functional one.
+    `layer`, when given, makes the norm layers instead of NORMS[norm] (a setting NORMS does not fix,
+    such as GhostBN's virtual batch; `norm` still names the variant). `dropout` > 0 puts an
+    nn.Dropout(dropout) after every hidden ReLU.
     """
     check_norm(norm)
     if depth < 1:
@@ -188,7 +268,10 @@ def deep_mlp(depth: int, norm: str = "bn", width: int = 100, inputs: int = 784, 
     layers: list[nn.Module] = [nn.Flatten()]
     features = inputs
     for _ in range(depth):
-        layers += [nn.Linear(features, width), NORMS[norm](width), nn.ReLU()]
+        norm_layer, act = (layer or NORMS[norm])(width), activation()
+        layers += [nn.Linear(features, width), *((act, norm_layer) if norm_after_activation else (norm_layer, act))]
+        if dropout:
+            layers.append(nn.Dropout(dropout))
         features = width
     layers.append(nn.Linear(features, classes))
     return nn.Sequential(*layers)

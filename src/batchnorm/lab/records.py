@@ -31,9 +31,9 @@ CHECKPOINT_WAY_OUT = "delete it and continue with --resume (that cell starts aga
 # RunConfig's fields and the JSON types they must have (bool is not accepted as a number).
 _CONFIG_TYPES = {
     "experiment": (str,), "seeds": (int,), "epochs": (int,), "steps": (int,), "lr": (int, float), "batch_size": (int,),
-    "data": (str,), "data_dir": (str, type(None)), "limit": (int,), "target": (int, float),
+    "data": (str,), "data_dir": (str, type(None)), "limit": (int,), "train_size": (int,), "target": (int, float),
     "grid": (list,), "variants": (list,), "standardize": (bool,), "init": (str,), "tune_lr": (list,),
-    "tune_seeds": (int,), "log_every": (int,), "threads": (int,),
+    "tune_seeds": (int,), "momenta": (list,), "log_every": (int,), "threads": (int,),
 }
 _ROW_COLUMNS = ("epoch", "train_loss", "train_accuracy", "test_accuracy", "test_accuracy_batch_stats")
 
@@ -65,8 +65,8 @@ def read_config(path: Path) -> RunConfig:
     for k, types in _CONFIG_TYPES.items():
         if not _is(d[k], types):
             raise bad(f"{k} is {d[k]!r}, expected {' or '.join(t.__name__ for t in types)}")
-    if not all(_is(v, (int, float)) for v in d["grid"] + d["tune_lr"]) or not all(isinstance(v, str) for v in d["variants"]):
-        raise bad("grid and tune_lr must hold numbers and variants names")
+    if not all(_is(v, (int, float)) for v in d["grid"] + d["tune_lr"] + d["momenta"]) or not all(isinstance(v, str) for v in d["variants"]):
+        raise bad("grid, tune_lr and momenta must hold numbers and variants names")
     config = RunConfig.from_dict(d)
     try:
         config.check()

@@ -116,6 +116,8 @@ def resolve(name: str, overrides: dict[str, Any], out: Path, resume: bool) -> Ru
         for flag in ("grid", "variants"):
             if overrides.get(flag):
                 raise ValueError(f"--{flag} is for the sweeps; {name} compares BN with no BN and sweeps nothing")
+    if overrides.get("momenta") and "momenta" not in experiment.defaults:
+        raise ValueError(f"--momenta is for the experiments that sweep BN's momentum (eval-sweep), not {name}")
     if config.data not in experiment.data_choices:
         raise ValueError(f"{name} runs on --data {' or '.join(experiment.data_choices)} (got {config.data!r})")
     return config
@@ -247,6 +249,8 @@ def _cells_of(name: str, config: RunConfig, world: int):
     experiment = get(name)
     data = load(config.data, config.data_dir, config.limit)
     cells = experiment.cells(config, data)
+    if config.train_size:  # every cell trains on the subset (lab/controls.prepare cuts it), tests on the whole test split
+        cells = [dataclasses.replace(c, settings=dataclasses.replace(c.settings, train_size=config.train_size)) for c in cells]
     seen: dict[str, Cell] = {}
     for cell in cells:  # each cell's files are named by its key: two cells must not share one
         if cell.key in seen:

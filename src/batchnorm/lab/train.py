@@ -59,6 +59,11 @@ class Settings:
     standardize: bool = False  # inputs standardized per feature with the training split's mean and std
     init: str = "default"  # "default" (PyTorch's) or "he" (Kaiming normal for ReLU, zero biases)
     validation: bool = False  # train on the training split minus a validation part, "test" on that part
+    train_size: int = 0  # > 0: train on only the first train_size training examples (the test split stays whole)
+    # How test accuracy is taken. Default: chunks of 1024, the fraction of examples right. Seed 002's
+    # protocol (its utils.train): test batches of 128 in order, the mean of the per-batch accuracies.
+    test_batch: int = 1024
+    mean_of_batches: bool = False
 
 
 @dataclass
@@ -87,19 +92,26 @@ def batch_order(n: int, batch_size: int, generator: torch.Generator) -> list[Ten
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int = 1024) -> float:
+def accuracy(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int = 1024, mean_of_batches: bool = False) -> float:
     """Fraction of `x` classified as `y`, in whatever mode `model` is in, `batch_size` at a time.
 
     In train mode this normalizes each chunk with its own batch statistics; chunks of one example
     are skipped (no variance to take), so use it on a copy: train mode updates running stats.
+    `mean_of_batches`: the mean of the chunks' accuracies instead (seed 002's "Valid Acc", which
+    weighs a short last batch like a full one).
     """
     correct = total = 0
+    per_batch = []
     for start in range(0, len(x), batch_size):
         xb, yb = x[start:start + batch_size], y[start:start + batch_size]
         if model.training and len(xb) < 2:
             continue
-        correct += int((model(xb).argmax(dim=1) == yb).sum())
+        right = int((model(xb).argmax(dim=1) == yb).sum())
+        correct += right
         total += len(xb)
+        per_batch.append(right / len(xb))
+    if mean_of_batches:
+        return sum(per_batch) / len(per_batch) if per_batch else math.nan
     return correct / total if total else math.nan
 
 
@@ -222,7 +234,8 @@ def _epoch(net, optimizer, data: Dataset, settings: Settings, generator, history
         "epoch": len(history.rows),
         "train_loss": math.nan if history.diverged else float(loss_sum) / seen,
         "train_accuracy": correct / seen if seen else math.nan,
-        "test_accuracy": accuracy(model, data.x_test, data.y_test) if evaluate else math.nan,
+        "test_accuracy": (accuracy(model, data.x_test, data.y_test, batch_size=settings.test_batch,
+                                   mean_of_batches=settings.mean_of_batches) if evaluate else math.nan),
         "test_accuracy_batch_stats": (
             _accuracy_with_batch_stats(model, data.x_test, data.y_test, settings.batch_stats_eval)
             if settings.batch_stats_eval and evaluate else math.nan
