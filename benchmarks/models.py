@@ -1,6 +1,6 @@
-"""Whole models for the benchmarks, written after torchvision's architectures (torchvision's CPU
-build does not install here), with the BN layer as a parameter so the same network can be built
-with torch's layers or the library's.
+"""Whole models written after torchvision's architectures (torchvision's CPU build does not install
+here), with the BN layer as a parameter so the same network can be built with torch's layers or
+the library's: for whole-model benchmarks (issue 17) and, at small widths, the interop tests.
 
     resnet18(bn)        torchvision.models.resnet18: stem, 4 stages of 2 BasicBlocks, 20 BN layers
     mobilenet_v2(bn)    torchvision.models.mobilenet_v2: inverted residuals with ReLU6, 52 BN layers
