@@ -10,6 +10,7 @@ from torch import nn
 import batchnorm
 from batchnorm.lab import data, models
 from batchnorm.lab.train import Settings, accuracy, batch_order, train
+from seed002_tutorial import tutorial_batch_norm_1d
 
 
 @pytest.fixture(scope="module")
@@ -119,20 +120,6 @@ def test_import_batchnorm_stays_light():
     assert result.stdout.strip() == "[]"
 
 
-def _seed002_batch_norm_1d(x, gamma, beta, is_training, moving_mean, moving_var, moving_momentum=0.1):
-    """Seed 002's batch_norm_1d, as the tutorial writes it (the oracle for Seed002BatchNorm)."""
-    eps = 1e-5
-    x_mean = torch.mean(x, dim=0, keepdim=True)
-    x_var = torch.mean((x - x_mean) ** 2, dim=0, keepdim=True)
-    if is_training:
-        x_hat = (x - x_mean) / torch.sqrt(x_var + eps)
-        moving_mean[:] = moving_momentum * moving_mean + (1. - moving_momentum) * x_mean
-        moving_var[:] = moving_momentum * moving_var + (1. - moving_momentum) * x_var
-    else:
-        x_hat = (x - moving_mean) / torch.sqrt(moving_var + eps)
-    return gamma.view_as(x_mean) * x_hat + beta.view_as(x_mean)
-
-
 def test_seed002_rule_is_the_tutorials():
     torch.manual_seed(0)
     layer = models.Seed002BatchNorm(6)
@@ -140,13 +127,13 @@ def test_seed002_rule_is_the_tutorials():
     moving_mean, moving_var = torch.zeros(6), torch.zeros(6)
     for step in range(4):
         x = torch.randn(10, 6) * (step + 1) + step
-        expected = _seed002_batch_norm_1d(x, gamma, beta, True, moving_mean, moving_var)
+        expected = tutorial_batch_norm_1d(x, gamma, beta, True, moving_mean, moving_var)
         torch.testing.assert_close(layer(x), expected)
     torch.testing.assert_close(layer.running_mean, moving_mean)
     torch.testing.assert_close(layer.running_var, moving_var)
     layer.eval()
     x = torch.randn(3, 6)
-    torch.testing.assert_close(layer(x), _seed002_batch_norm_1d(x, gamma, beta, False, moving_mean, moving_var))
+    torch.testing.assert_close(layer(x), tutorial_batch_norm_1d(x, gamma, beta, False, moving_mean, moving_var))
     # ... and it is not the library's rule: the same batches give other running statistics.
     ours = batchnorm.BatchNorm1d(6)
     torch.manual_seed(0)
