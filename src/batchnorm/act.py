@@ -16,18 +16,17 @@ activation (identity, leaky_relu, elu); relu raises and suggests leaky_relu. Cha
 """
 from __future__ import annotations
 
-from torch import Tensor
-
 import torch
+from torch import Tensor
 
 from . import ops
 from ._compile import outside_compiled_graphs
+from ._script import ScriptableBatchNormAct1d, ScriptableBatchNormAct2d, ScriptableBatchNormAct3d
 from .autograd_act import BatchNormActEval, BatchNormActTrain
 from .functional import RunningUpdate, check_arguments, check_scalars, native_counted, traced_batch_norm, transformed
 from .inplace import check_inplace
 from .kernels import native, use_torch
 from .kernels.activations import check_activation
-from ._script import ScriptableBatchNormAct1d, ScriptableBatchNormAct2d, ScriptableBatchNormAct3d
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, torch_twin
 
 __all__ = ["batch_norm_act", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d"]

@@ -125,9 +125,10 @@ def as_fx_node(layer: torch.nn.Module, x: torch.fx.Proxy) -> torch.fx.Proxy:
 
 
 def torch_twin(layer: _BatchNorm, classes: tuple | None = None) -> torch.nn.Module:
-    """torch's BatchNorm{1,2,3}d (or the matching one of `classes`) holding `layer`'s own Parameter and buffer objects (so an
-    optimizer, a checkpoint and `layer` itself see every change), in `layer`'s mode (eval when
-    frozen). Only for layers whose forward is BN's: plain BN, and the variants in eval."""
+    """torch's BatchNorm{1,2,3}d (or the matching one of `classes`) holding `layer`'s own Parameter
+    and buffer objects (so an optimizer, a checkpoint and `layer` itself see every change), in
+    `layer`'s mode (eval when frozen). Only for layers whose forward is BN's: plain BN, and the
+    variants in eval."""
     torch_class = next((twin for c, twin in zip(_TORCH_CLASSES, classes or _TORCH_CLASSES) if isinstance(layer, c)), None)
     differs = type(layer).forward is not _BatchNorm.forward  # Ghost, Renorm, Sync: their own training
     if torch_class is None or (differs and layer._uses_batch_statistics()):
