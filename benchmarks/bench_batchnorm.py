@@ -411,7 +411,14 @@ def report(rows, dram, stack, memory, latency, others, args, elapsed):
             f"cold kernel cache {latency[0]:.1f} s, warm {latency[1]:.2f} s.",
             "",
         ]
-    (ROOT / args.out).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    # keep the whole-model section that benchmarks/bench_models.py writes into the same file
+    path, kept = ROOT / args.out, ""
+    if path.exists():
+        old = path.read_text(encoding="utf-8")
+        begin, end = "<!-- bench_models: begin -->", "<!-- bench_models: end -->"
+        if begin in old and end in old:
+            kept = "\n" + old[old.index(begin): old.index(end) + len(end)] + "\n"
+    path.write_text("\n".join(lines) + "\n" + kept, encoding="utf-8")
     print("\n".join(lines))
 
 

@@ -3,7 +3,9 @@
     batch_stats(x)                       -> mean, var          per-channel batch statistics
     normalize(x, mean, invstd, w, b)     -> y                  the elementwise normalize-and-affine
     update_running_stats(...)            -> skipped channels   the momentum rule, in place
-    batch_norm(x, running_mean, running_var, weight, bias, *, training, momentum, eps) -> y
+    batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps) -> y
+    batch_norm_act(x, ..., *, training, momentum, eps, activation, activation_param, inplace)
+                                         -> act(y)             the same, fused with an activation
 
 Conventions (stated once, here; see docs/conventions.md):
   * Channels are dim 1: features of (N, C) and (N, C, L), channels of (N, C, H, W), (N, C, D, H, W).
@@ -25,16 +27,19 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .kernels import native
+from ._compile import outside_compiled_graphs
 from ._format import shape_of
 from .autograd import BatchNormEval, BatchNormTrain
-from .kernels import implementation, reference_act, use_torch
+from .inplace import check_inplace
+from .kernels import implementation, native, reference, use_torch
+from .kernels.activations import check_activation
 
 __all__ = [
     "batch_stats",
     "normalize",
     "update_running_stats",
     "batch_norm",
+    "batch_norm_act",
     "check_input",
     "check_batch_size",
     "check_dtypes",
@@ -256,19 +261,86 @@ def batch_norm(
     `counter` is a layer's num_batches_tracked, counted with this batch when the running statistics
     are updated (`RunningUpdate`).
     """
-    x = input
+    check_scalars(input, training, momentum, eps)
+    who = layer if layer is not None else "batch_norm"
+    return _run(input, running_mean, running_var, weight, bias, training, momentum, eps, "identity", 0.0, False, who, counter)
+
+
+def batch_norm_act(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    *,
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    activation: str = "relu",
+    activation_param: float | None = None,
+    inplace: bool = False,
+    layer: object = None,
+    counter: Tensor | None = None,
+) -> Tensor:
+    """act(batch_norm(x)) with `batch_norm`'s semantics for the BN part; the activations are those
+    of `kernels/activations.py` (plain BN is "identity").
+
+    With inplace=True x is overwritten by the result (which is returned) and must not be needed
+    elsewhere. Whatever torch's own in-place ops refuse (a leaf that requires grad, a view of one,
+    a view autograd cannot rebase, an expanded tensor, an inference tensor) is refused before
+    anything is written (`batchnorm.inplace`); a tensor saved for backward by an earlier op is
+    reported by autograd at backward, as for torch's in-place ops.
+    """
     check_scalars(x, training, momentum, eps)
+    param = check_activation(activation, activation_param, inplace)
+    who = layer if layer is not None else "batch_norm_act"
+    return _run(x, running_mean, running_var, weight, bias, training, momentum, eps, activation, param, inplace, who, counter)
+
+
+def _run(x, running_mean, running_var, weight, bias, training, momentum, eps, activation, param, inplace, who, counter):
+    """The one path of every layer and functional form, its scalar arguments checked: chooses what
+    computes act(batch_norm(x)), and counts the batch in `counter` where the running statistics
+    are updated (`RunningUpdate`); `who` (a layer or a name) is named in the warning about
+    non-finite statistics."""
     if ops.tracing() or transformed():  # graphs and torch.func: operators, or the reference math
-        return traced_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, counter=counter)
-    if use_torch(x, training):  # a tensor too small for the kernels' fixed costs: torch's own kernel
-        y = native_counted(native.batch_norm, counter, x, running_mean, running_var, weight, bias, training, momentum, eps)
+        if inplace:
+            return _inplace_traced(x, running_mean, running_var, weight, bias, training, momentum, eps, activation, param, who, counter)
+        return traced_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, activation, param, counter)
+    if not inplace and use_torch(x, training, fused=activation != "identity"):
+        # a tensor too small for the kernels' fixed costs: torch's own kernel (batchnorm.kernels.native)
+        y = native_counted(native.batch_norm_act, counter, x, running_mean, running_var, weight, bias, training, momentum, eps, activation, param)
         if y is not None:  # None: bad arguments or a non-finite batch, which the path below handles
             return y
     check_arguments(x, running_mean, running_var, weight, bias, training=training, eps=eps)
+    if inplace:  # everything torch's in-place ops refuse, refused before a byte of x is written
+        check_inplace(x, weight, bias, running_mean, running_var)
     if not training:
-        return BatchNormEval.apply(x, running_mean, running_var, weight, bias, eps)
-    update = RunningUpdate(running_mean, running_var, momentum, layer if layer is not None else "batch_norm", counter)
-    return BatchNormTrain.apply(x, weight, bias, eps, update)[0]
+        return BatchNormEval.apply(x, running_mean, running_var, weight, bias, eps, activation, param, inplace)
+    update = RunningUpdate(running_mean, running_var, momentum, who, counter)
+    y = BatchNormTrain.apply(x, weight, bias, eps, activation, param, inplace, update)
+    return y if inplace else y[0]
+
+
+def _inplace_traced(x, running_mean, running_var, weight, bias, training, momentum, eps, activation, param, who, counter):
+    """The memory-saving mode where torch traces or transforms: overwriting an input is not
+    something a traced graph or a transform can hold. Under torch.compile it runs as eager code."""
+    if transformed():
+        raise RuntimeError(
+            "BatchNormAct with inplace=True cannot run under torch.func transforms or forward-mode AD (it "
+            "overwrites its input); use inplace=False there"
+        )
+    if torch._C._get_tracing_state() is not None:
+        raise RuntimeError(
+            "BatchNormAct with inplace=True cannot be traced by torch.jit.trace (it overwrites its input); "
+            "use inplace=False for tracing and export, or torch.compile, which runs the layer eagerly"
+        )
+    return _inplace_outside_graphs(x, running_mean, running_var, weight, bias, training, momentum, eps, activation, param, who, counter)
+
+
+@outside_compiled_graphs
+def _inplace_outside_graphs(x, running_mean, running_var, weight, bias, training, momentum, eps, activation, param, who, counter):
+    """The memory-saving mode under torch.compile: a graph break, run as eager code."""
+    return _run(x, running_mean, running_var, weight, bias, training, momentum, eps, activation, param, True, who, counter)
 
 
 class RunningUpdate:
@@ -329,17 +401,17 @@ def traced_batch_norm(
       * torch.compile, torch.export, jit.trace: the `batchnorm::` operators (batchnorm/ops.py);
       * ONNX export: torch's own batch norm op, which the exporters turn into BatchNormalization;
       * torch.func transforms (grad, vmap, jvp, ...) and forward-mode AD: the plain-torch reference
-        (kernels/reference_act.py), which torch differentiates and batches like any torch code.
+        (kernels/reference.py), which torch differentiates and batches like any torch code.
     """
     check_arguments(x, running_mean, running_var, weight, bias, training=training, eps=eps)
     if ops.tracing():
         if torch.onnx.is_in_onnx_export():
             # ONNX has BatchNormalization, which torch's own op translates to; ours it would not know
             y = torch.batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps, False)
-            return reference_act.activate(y, activation, param)
+            return reference.activate(y, activation, param)
         forward_train, forward_eval = ops.forward_train, ops.forward_eval
     else:
-        forward_train, forward_eval = reference_act.forward_train_act, reference_act.forward_eval_act
+        forward_train, forward_eval = reference.forward_train_act, reference.forward_eval_act
     if not training:
         return forward_eval(x, running_mean, running_var, weight, bias, eps, activation, param)
     y, mean, var, _ = forward_train(x, weight, bias, eps, activation, param)

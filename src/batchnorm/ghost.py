@@ -18,13 +18,16 @@ from torch import Tensor
 from ._compile import outside_compiled_graphs
 from ._format import shape_of
 from .kernels.reference import output_memory_format
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, as_fx_node
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d"]
 
 
 class _Ghost:
-    """The shared forward; mixed in before a BatchNorm{d}d so that super().forward is plain BN."""
+    """The chunked normalization; mixed in before a BatchNorm{d}d, whose bookkeeping forward calls
+    it, and whose `_batch_norm` (plain BN) normalizes each chunk."""
+
+    _trains_as_bn = False
 
     def __init__(
         self,
@@ -46,12 +49,12 @@ class _Ghost:
         return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"
 
     @outside_compiled_graphs
-    def forward(self, x: Tensor) -> Tensor:
-        if isinstance(x, torch.fx.Proxy):
-            return as_fx_node(self, x)
-        if not self._uses_batch_statistics() or x.dim() < 2 or x.shape[0] <= self.virtual_batch_size:
-            return super().forward(x)  # eval, or a single chunk: plain BatchNorm
-        self._check_input_dim(x)
+    def _batch_norm(self, x: Tensor, weight, bias, running_mean, running_var, *, training: bool, momentum: float, counter=None) -> Tensor:
+        if not self._uses_batch_statistics() or x.shape[0] <= self.virtual_batch_size:
+            # eval, or a single chunk: plain BatchNorm
+            return super()._batch_norm(
+                x, weight, bias, running_mean, running_var, training=training, momentum=momentum, counter=counter
+            )
         chunks = x.split(self.virtual_batch_size, dim=0)  # (N, C, *) -> [(vbs, C, *), ..., (rest, C, *)]
         # Checked before any chunk runs: a failing last chunk must not leave the running
         # statistics updated by the chunks before it.
@@ -63,8 +66,11 @@ class _Ghost:
                 f"{shape_of(last)}, 1 value per channel; choose a virtual_batch_size that leaves "
                 f"at least 2 samples in the last chunk"
             )
-        y = torch.cat([super(_Ghost, self).forward(chunk) for chunk in chunks], dim=0)
-        return y.contiguous(memory_format=output_memory_format(x))
+        ys = []
+        for chunk in chunks:  # each chunk a batch of its own, counted in turn (momentum=None: its weight 1/k)
+            momentum = self._momentum(counter is not None, counter)
+            ys.append(super()._batch_norm(chunk, weight, bias, running_mean, running_var, training=True, momentum=momentum, counter=counter))
+        return torch.cat(ys, dim=0).contiguous(memory_format=output_memory_format(x))
 
 
 class GhostBatchNorm1d(_Ghost, BatchNorm1d):

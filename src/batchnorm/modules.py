@@ -4,6 +4,13 @@ Each class subclasses its torch counterpart, so constructor, parameters, buffers
 `reset_*`, checkpoint loading (old checkpoints without `num_batches_tracked` included) and every
 `isinstance(m, torch.nn.BatchNorm2d)` check behave exactly as torch's; `forward` is ours. The
 classes differ only in the input check, as in torch.
+
+`_BatchNorm.forward` is the one bookkeeping of every layer of the library: the input check, the
+frozen flag, which statistics to normalize with, the momentum (momentum=None's cumulative
+average), which buffers to update and whether to count the batch. It hands its decisions to one
+hook, `_batch_norm`, which computes the normalization; the variants override only that:
+BatchNormAct (the fused activation), GhostBatchNorm (chunks), BatchRenorm (the corrected affine)
+and SyncBatchNorm (statistics over the process group).
 """
 from __future__ import annotations
 
@@ -28,6 +35,9 @@ class _BatchNorm(torch.nn.modules.batchnorm._BatchNorm):
     # `training` says. Read here, in forward, rather than by flipping `training` around the call,
     # so that forwards from several threads never see (or leave) another call's flag.
     _batchnorm_frozen: bool = False
+    # Whether training computes what torch's BatchNorm computes (False for Ghost, Renorm, Sync):
+    # only then can torch.jit.script compile torch's layer in this one's place in training.
+    _trains_as_bn: bool = True
 
     def _uses_batch_statistics(self) -> bool:
         """True when this call normalizes with (and updates) the batch's statistics: training and
@@ -108,8 +118,10 @@ class _BatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         return torch_twin(self)
 
     def _batch_norm(self, x: Tensor, weight, bias, running_mean, running_var, *, training: bool, momentum: float, counter=None) -> Tensor:
-        """The normalization itself, given the bookkeeping's decisions (BatchNormAct overrides it);
-        `counter` (num_batches_tracked, or None) is counted with the running statistics' update."""
+        """The normalization itself, given the bookkeeping's decisions: `training` says whether to
+        normalize with the batch's statistics; `running_mean`/`running_var` are the buffers to
+        update then (None: no update) or to normalize with in eval; `counter` (num_batches_tracked,
+        or None) is counted with the running statistics' update. The variants override it."""
         return F.batch_norm(
             x, running_mean, running_var, weight, bias,
             training=training, momentum=momentum, eps=self.eps, layer=self, counter=counter,
@@ -130,8 +142,7 @@ def torch_twin(layer: _BatchNorm, classes: tuple | None = None) -> torch.nn.Modu
     `layer`'s mode (eval when frozen). Only for layers whose forward is BN's: plain BN, and the
     variants in eval."""
     torch_class = next((twin for c, twin in zip(_TORCH_CLASSES, classes or _TORCH_CLASSES) if isinstance(layer, c)), None)
-    differs = type(layer).forward is not _BatchNorm.forward  # Ghost, Renorm, Sync: their own training
-    if torch_class is None or (differs and layer._uses_batch_statistics()):
+    if torch_class is None or (not layer._trains_as_bn and layer._uses_batch_statistics()):
         raise RuntimeError(
             f"{type(layer).__name__} in training mode has no equivalent among torch's layers, so torch.jit.script "
             f"cannot compile it; script the model in eval mode, or use torch.compile / torch.export, which trace "

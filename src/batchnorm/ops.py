@@ -16,7 +16,7 @@ create_graph=True, the reference in differentiable torch ops, as `autograd.py` d
 
 Who calls them: the layers and `functional.batch_norm` / `batch_norm_act` while torch traces
 (`tracing()`: torch.compile, torch.export, torch.jit.trace). Eager calls keep the autograd
-Functions of `autograd.py` / `autograd_act.py` and torch's kernel for small tensors, whose fixed
+Functions of `autograd.py` and torch's kernel for small tensors, whose fixed
 costs are measured and lower (docs/performance.md); the numbers are the same kernels' either way.
 The running-statistics update needs no operator: in traced code it runs as plain torch ops
 (`functional._next_running_stats`), its NaN/Inf guard included, as tensor math.
@@ -30,7 +30,7 @@ from torch import Tensor
 
 from . import kernels
 from .autograd import param_grads
-from .kernels import reference, reference_act
+from .kernels import reference
 
 __all__ = ["forward_train", "backward_train", "forward_eval", "backward_eval", "tracing", "decompositions"]
 
@@ -58,7 +58,7 @@ def _no_dx(x: Tensor) -> Tensor:
 def forward_train(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, activation: str, param: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    impl = kernels.implementation(x, fused=True)
+    impl = kernels.implementation(x)
     y, mean, var, invstd = impl.forward_train_act(x, weight, bias, eps, activation, param)
     return y.contiguous(memory_format=reference.output_memory_format(x)), mean, var, invstd
 
@@ -81,7 +81,7 @@ def backward_train(
     need_dx: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """dx (empty when not needed), sum_g = sum(g), sum_g_xhat = sum(g * xhat), g = dy * act'(z)."""
-    impl = kernels.implementation(x, fused=True)
+    impl = kernels.implementation(x)
     dx, sum_g, sum_g_xhat = impl.backward_train_act(dy, x, mean, invstd, weight, bias, activation, param, False, need_dx)
     dx = _no_dx(x) if dx is None else dx.contiguous(memory_format=reference.output_memory_format(x))
     return dx, sum_g, sum_g_xhat
@@ -108,7 +108,7 @@ def _backward_train(ctx, dy, _dmean, _dvar, _dinvstd):
         # create_graph=True: the statistics must depend on x in the graph for double backward
         mean, var = reference.batch_stats(x)
         invstd = torch.rsqrt(var + ctx.eps)
-        dx, sum_g, sum_g_xhat = reference_act.backward_train_act(
+        dx, sum_g, sum_g_xhat = reference.backward_train_act(
             dy, x, mean, invstd, weight, bias, ctx.activation, ctx.param, False, need_dx
         )
     else:
@@ -132,7 +132,7 @@ def forward_eval(
     activation: str,
     param: float,
 ) -> Tensor:
-    y = kernels.implementation(x, fused=True).forward_eval_act(x, mean, var, weight, bias, eps, activation, param)
+    y = kernels.implementation(x).forward_eval_act(x, mean, var, weight, bias, eps, activation, param)
     return y.contiguous(memory_format=reference.output_memory_format(x))
 
 
@@ -155,7 +155,7 @@ def backward_eval(
     need_dx: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """With given statistics: dx = weight * invstd * g (empty when not needed), sum_g, sum_g_xhat."""
-    impl = kernels.implementation(x, fused=True)
+    impl = kernels.implementation(x)
     invstd = reference.eval_invstd(var, x, eps)
     args = (x, mean, invstd, weight, bias, activation, param, False)
     dx = _no_dx(x)
@@ -185,8 +185,8 @@ def _backward_eval(ctx, dy):
         invstd = reference.eval_invstd(var, x, ctx.eps)
         args = (x, mean, invstd, weight, bias, ctx.activation, ctx.param, False)
         zeros = torch.zeros_like(invstd)
-        dx = reference_act.backward_elemt_act(dy, *args, zeros, zeros) if need_dx else None
-        sum_g, sum_g_xhat = reference_act.backward_reduce_act(dy, *args)
+        dx = reference.backward_elemt_act(dy, *args, zeros, zeros) if need_dx else None
+        sum_g, sum_g_xhat = reference.backward_reduce_act(dy, *args)
     else:
         dx, sum_g, sum_g_xhat = backward_eval(dy, x, mean, var, weight, bias, ctx.eps, ctx.activation, ctx.param, need_dx)
     dweight, dbias = param_grads(weight, bias, sum_g, sum_g_xhat, need_weight, need_bias)
@@ -202,6 +202,6 @@ def decompositions() -> dict:
     `ExportedProgram.run_decompositions(batchnorm.ops.decompositions())`: a graph any backend
     that knows aten understands, with the reference's numbers (docs/deploying.md)."""
     return {
-        torch.ops.batchnorm.forward_train.default: reference_act.forward_train_act,
-        torch.ops.batchnorm.forward_eval.default: reference_act.forward_eval_act,
+        torch.ops.batchnorm.forward_train.default: reference.forward_train_act,
+        torch.ops.batchnorm.forward_eval.default: reference.forward_eval_act,
     }

@@ -26,8 +26,9 @@ from torch import Tensor
 from . import functional as F
 from ._compile import outside_compiled_graphs
 from .autograd import BatchNormTrain
+from .kernels import reference
 from .kernels.reference import channel_view, compute_dtype
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, as_fx_node
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 __all__ = ["BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "renorm_correction"]
 
@@ -45,7 +46,10 @@ def renorm_correction(
 
 
 class _Renorm:
-    """The shared forward; mixed in before a BatchNorm{d}d so that super().forward is plain BN."""
+    """The corrected normalization; mixed in before a BatchNorm{d}d, whose bookkeeping forward
+    calls it, and whose `_batch_norm` (plain BN) runs in eval."""
+
+    _trains_as_bn = False
 
     def __init__(
         self,
@@ -76,28 +80,36 @@ class _Renorm:
         return f"{super().extra_repr()}, r_max={self.r_max}, d_max={self.d_max}"
 
     @outside_compiled_graphs
-    def forward(self, x: Tensor) -> Tensor:
-        if isinstance(x, torch.fx.Proxy):
-            return as_fx_node(self, x)
-        if not self._uses_batch_statistics() or self.running_mean is None:
-            return super().forward(x)  # eval (or running stats removed): plain BatchNorm
-        self._check_input_dim(x)
-        F.check_arguments(x, self.running_mean, self.running_var, self.weight, self.bias, training=True, eps=self.eps)
-        momentum = self._momentum(self.num_batches_tracked is not None, self.num_batches_tracked)
-        xhat, mean, var, _ = BatchNormTrain.apply(x, None, None, self.eps, None)  # (N, C, *); (C,), (C,)
-        r, d = renorm_correction(mean, var, self.running_mean, self.running_var, self.eps, self.r_max, self.d_max)
+    def _batch_norm(self, x: Tensor, weight, bias, running_mean, running_var, *, training: bool, momentum: float, counter=None) -> Tensor:
+        if not training or running_mean is None or running_var is None:
+            # eval (or running statistics not tracked): plain BatchNorm
+            return super()._batch_norm(
+                x, weight, bias, running_mean, running_var, training=training, momentum=momentum, counter=counter
+            )
+        F.check_arguments(x, running_mean, running_var, weight, bias, training=True, eps=self.eps)
+        xhat, mean, var = _standardized(x, self.eps)  # (N, C, *); (C,), (C,)
+        r, d = renorm_correction(mean, var, running_mean, running_var, self.eps, self.r_max, self.d_max)
         dtype = compute_dtype(x)
         # y = xhat * (weight * r) + (weight * d + bias): BN with a corrected affine.
-        scale = r if self.weight is None else self.weight.to(dtype) * r  # (C,)
-        shift = d if self.weight is None else self.weight.to(dtype) * d
-        if self.bias is not None:
-            shift = shift + self.bias.to(dtype)
+        scale = r if weight is None else weight.to(dtype) * r  # (C,)
+        shift = d if weight is None else weight.to(dtype) * d
+        if bias is not None:
+            shift = shift + bias.to(dtype)
         y = (xhat.to(dtype) * channel_view(scale, x) + channel_view(shift, x)).to(x.dtype)
         count = x.numel() // x.shape[1] if x.shape[1] else 0
-        F.track_batch(self.running_mean, self.running_var, mean, var, count, momentum, who=self)
-        if self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
+        F.track_batch(running_mean, running_var, mean, var, count, momentum, who=self)
+        if counter is not None:
+            counter.add_(1)
         return y
+
+
+def _standardized(x: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """xhat = (x - mean) / sqrt(var + eps) with the batch's statistics, differentiable as BN's
+    output (the library's Function, or under torch.func the reference math); mean, biased var (C,)."""
+    if F.transformed():
+        xhat, mean, var, _ = reference.forward_train(x, None, None, eps)
+        return xhat, mean.detach(), var.detach()
+    return BatchNormTrain.apply(x, None, None, eps, "identity", 0.0, False, None)
 
 
 class BatchRenorm1d(_Renorm, BatchNorm1d):

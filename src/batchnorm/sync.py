@@ -41,7 +41,7 @@ from ._compile import outside_compiled_graphs
 from ._format import shape_of
 from .autograd import param_grads
 from .kernels import implementation
-from .modules import _BatchNorm, as_fx_node
+from .modules import _BatchNorm
 
 __all__ = ["SyncBatchNorm", "SyncBatchNormTrain", "combine_stats"]
 
@@ -179,6 +179,7 @@ class SyncBatchNorm(_BatchNorm):
     """
 
     _layout = "(N, C, *)"
+    _trains_as_bn = False
     _batchnorm_dims: int | None = None  # per instance once known; see convert
 
     def __init__(
@@ -201,11 +202,15 @@ class SyncBatchNorm(_BatchNorm):
                 f"expected at least 2D input (got {x.dim()}D input): {type(self).__name__} takes "
                 f"{self._layout}, got input of shape {shape_of(x)}"
             )
+        if x.shape[1] == 0:  # torch's SyncBatchNorm refuses it, in training and in eval
+            raise ValueError("SyncBatchNorm number of input channels should be non-zero")
         if x.shape[1] != self.num_features and self.weight is None and self.running_mean is None:
             raise RuntimeError(
                 f"expected input with {self.num_features} channels on dim 1 "
                 f"(got {x.shape[1]} channels, input of shape {shape_of(x)})"
             )
+        if x.dim() in _DIMS_OF_RANK:
+            self._batchnorm_dims = _DIMS_OF_RANK[x.dim()]
 
     def _sync_group(self):
         """(group, size) when statistics must be synchronized, else None."""
@@ -215,28 +220,24 @@ class SyncBatchNorm(_BatchNorm):
         size = dist.get_world_size(group)
         return (group, size) if size > 1 else None
 
+    def _batch_norm(self, x: Tensor, weight, bias, running_mean, running_var, *, training: bool, momentum: float, counter=None) -> Tensor:
+        sync = self._sync_group() if training else None
+        if sync is None:  # eval, no process group, or a group of one: batchnorm's BatchNorm
+            return super()._batch_norm(
+                x, weight, bias, running_mean, running_var, training=training, momentum=momentum, counter=counter
+            )
+        return self._synchronized(x, weight, bias, running_mean, running_var, momentum, counter, *sync)
+
     @outside_compiled_graphs
-    def forward(self, x: Tensor) -> Tensor:
-        if isinstance(x, torch.fx.Proxy):
-            return as_fx_node(self, x)
-        self._check_input_dim(x)
-        if x.shape[1] == 0:  # torch's SyncBatchNorm refuses it, in training and in eval
-            raise ValueError("SyncBatchNorm number of input channels should be non-zero")
-        if x.dim() in _DIMS_OF_RANK:
-            self._batchnorm_dims = _DIMS_OF_RANK[x.dim()]
-        sync = self._sync_group()
-        if sync is None:
-            return super().forward(x)  # batchnorm's BatchNorm forward, unchanged
-        group, size = sync
+    def _synchronized(self, x, weight, bias, running_mean, running_var, momentum, counter, group, size) -> Tensor:
+        """The training normalization with the statistics of the whole process group."""
         # every check of the local path (eps, dtypes, devices, ...) but the count, which is global
-        F.check_arguments(x, self.running_mean, self.running_var, self.weight, self.bias, training=True, eps=self.eps, local_batch=False)
-        update = self.track_running_stats and self.num_batches_tracked is not None
-        momentum = self._momentum(update, self.num_batches_tracked)
-        y, mean, var, count = SyncBatchNormTrain.apply(x, self.weight, self.bias, self.eps, group, size)
+        F.check_arguments(x, running_mean, running_var, weight, bias, training=True, eps=self.eps, local_batch=False)
+        y, mean, var, count = SyncBatchNormTrain.apply(x, weight, bias, self.eps, group, size)
         # The global statistics are identical on every rank, so the buffers stay in sync.
-        F.track_batch(self.running_mean, self.running_var, mean, var, int(count), momentum, who=self)
-        if update:
-            self.num_batches_tracked.add_(1)
+        F.track_batch(running_mean, running_var, mean, var, int(count), momentum, who=self)
+        if counter is not None:
+            counter.add_(1)
         return y
 
     @classmethod

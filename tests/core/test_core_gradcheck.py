@@ -55,7 +55,7 @@ def with_params(fn, x, weight, bias):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_batchnorm_train_function(shape, affine):
     x, weight, bias = inputs(shape, affine)
-    fn, args = with_params(lambda x, w, b: BatchNormTrain.apply(x, w, b, 1e-5, None)[0], x, weight, bias)
+    fn, args = with_params(lambda x, w, b: BatchNormTrain.apply(x, w, b, 1e-5, "identity", 0.0, False, None)[0], x, weight, bias)
     assert gradcheck(fn, args)
     assert gradgradcheck(fn, args)
 
@@ -66,7 +66,7 @@ def test_batchnorm_eval_function(shape, affine):
     x, weight, bias = inputs(shape, affine)
     mean = randn((shape[1],), seed=5, dtype=F64)
     var = torch.rand(shape[1], dtype=F64, generator=torch.Generator().manual_seed(6)) + 0.5
-    fn, args = with_params(lambda x, w, b: BatchNormEval.apply(x, mean, var, w, b, 1e-3), x, weight, bias)
+    fn, args = with_params(lambda x, w, b: BatchNormEval.apply(x, mean, var, w, b, 1e-3, "identity", 0.0, False), x, weight, bias)
     assert gradcheck(fn, args)
     assert gradgradcheck(fn, args)
 

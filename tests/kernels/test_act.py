@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import batchnorm
-from batchnorm.autograd_act import BatchNormActEval, BatchNormActTrain
+from batchnorm.autograd import BatchNormEval, BatchNormTrain
 from kernel_helpers import CL, CL3, randn
 
 TORCH_ACT = {
@@ -171,12 +171,12 @@ def test_gradcheck(activation, param, fmt, path, request):
     b = torch.tensor([0.3, -0.4], dtype=torch.float64, requires_grad=True)
 
     def train(x, w, b):
-        return BatchNormActTrain.apply(x, w, b, 1e-5, activation, param, False)[0]
+        return BatchNormTrain.apply(x, w, b, 1e-5, activation, param, False)[0]
 
     mean, var = torch.rand(2, dtype=torch.float64), torch.rand(2, dtype=torch.float64) + 0.5
 
     def evaluate(x, w, b):
-        return BatchNormActEval.apply(x, mean, var, w, b, 1e-5, activation, param, False)
+        return BatchNormEval.apply(x, mean, var, w, b, 1e-5, activation, param, False)
 
     assert torch.autograd.gradcheck(train, (x, w, b))
     assert torch.autograd.gradcheck(evaluate, (x, w, b))

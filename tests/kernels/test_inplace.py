@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import batchnorm
-from batchnorm.autograd_act import INPLACE_MIN_WEIGHT
+from batchnorm.autograd import INPLACE_MIN_WEIGHT
 from batchnorm.tools import saved_bytes
 from kernel_helpers import CL, randn
 

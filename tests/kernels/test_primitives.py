@@ -1,6 +1,6 @@
 """Every Numba kernel against the plain-PyTorch reference, on every layout and dtype.
 
-The four BN primitives (`reference.py`) and the fused BN+activation ones (`reference_act.py`),
+The four BN primitives (`reference.py`) and the fused BN+activation ones (`reference.py`),
 including the memory-saving mode that works from the output. Same inputs, same per-channel
 vectors; the kernels must agree to a few ulps and lay their outputs out as the reference does.
 """
@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from batchnorm.kernels import buffers, cpu, reference, reference_act
-from batchnorm.autograd_act import guarded_weight
+from batchnorm.kernels import buffers, cpu, reference
+from batchnorm.autograd import guarded_weight
 from kernel_helpers import DTYPES, LAYOUT_PARAMS, assert_close, randn
 
 ACTIVATIONS = [("identity", 0.0), ("relu", 0.0), ("leaky_relu", 0.1), ("elu", 0.7), ("silu", 0.0)]
@@ -92,7 +92,7 @@ def test_forward_eval(shape, fmt, dtype, affine):
 def test_forward_eval_act(shape, fmt, dtype, activation, param):
     x, _, weight, bias, mean, _ = make_case(shape, fmt, dtype)
     running_mean, running_var = mean.to(dtype) - 0.5, (reference.batch_stats(x)[1] * 0.8).to(dtype)
-    want = reference_act.forward_eval_act(x, running_mean, running_var, weight, bias, 1e-3, activation, param)
+    want = reference.forward_eval_act(x, running_mean, running_var, weight, bias, 1e-3, activation, param)
     y = cpu.forward_eval_act(x, running_mean, running_var, weight, bias, 1e-3, activation, param)
     assert y.stride() == want.stride()
     assert_close(y, want, dtype)
@@ -137,14 +137,14 @@ def test_fused_activation_from_input(shape, fmt, dtype, activation, param):
     x, dy, weight, bias, mean, invstd = make_case(shape, fmt, dtype)
     args = (mean, invstd, weight, bias, activation, param)
     y = cpu.normalize_act(x, *args)
-    assert_close(y, reference_act.normalize_act(x, *args), dtype)
+    assert_close(y, reference.normalize_act(x, *args), dtype)
     sums = cpu.backward_reduce_act(dy, x, *args, False)
-    want = reference_act.backward_reduce_act(dy, x, *args, False)
+    want = reference.backward_reduce_act(dy, x, *args, False)
     for got, ref in zip(sums, want):
         assert_close(got, ref, dtype)
     n = x.numel() // x.shape[1]
     dx = cpu.backward_elemt_act(dy, x, *args, False, want[0] / n, want[1] / n)
-    assert_close(dx, reference_act.backward_elemt_act(dy, x, *args, False, want[0] / n, want[1] / n), dtype)
+    assert_close(dx, reference.backward_elemt_act(dy, x, *args, False, want[0] / n, want[1] / n), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -161,14 +161,14 @@ def test_fused_activation_from_output(shape, fmt, dtype, activation, param):
     assert cpu.normalize_act(out, *args, out=out) is out
     assert_close(out, y, dtype)
     sums = cpu.backward_reduce_act(dy, y, *args, True)
-    want = reference_act.backward_reduce_act(dy, y, *args, True)
-    from_input = reference_act.backward_reduce_act(dy, x, *args, False)
+    want = reference.backward_reduce_act(dy, y, *args, True)
+    from_input = reference.backward_reduce_act(dy, x, *args, False)
     for got, ref, ref_x in zip(sums, want, from_input):
         assert_close(got, ref, dtype)
         torch.testing.assert_close(ref.double(), ref_x.double(), rtol=1e-4 if dtype == torch.float32 else 1e-9, atol=1e-4 if dtype == torch.float32 else 1e-9)
     n = x.numel() // x.shape[1]
     dx = cpu.backward_elemt_act(dy, y, *args, True, want[0] / n, want[1] / n)
-    assert_close(dx, reference_act.backward_elemt_act(dy, y, *args, True, want[0] / n, want[1] / n), dtype)
+    assert_close(dx, reference.backward_elemt_act(dy, y, *args, True, want[0] / n, want[1] / n), dtype)
 
 
 def test_elu_inverse_stays_finite_when_saturated():
@@ -220,7 +220,7 @@ def test_forward_train_and_backward_train(shape, fmt, dtype, activation, param):
     """forward_train_act / backward_train_act are the composition of the primitives, in one call."""
     x, dy, weight, bias, _, _ = make_case(shape, fmt, dtype)
     got = cpu.forward_train_act(x, weight, bias, 1e-3, activation, param)
-    want = reference_act.forward_train_act(x, weight, bias, 1e-3, activation, param)
+    want = reference.forward_train_act(x, weight, bias, 1e-3, activation, param)
     assert got[0].stride() == want[0].stride()
     for g, w in zip(got, want):
         assert g.dtype == w.dtype
@@ -228,7 +228,7 @@ def test_forward_train_and_backward_train(shape, fmt, dtype, activation, param):
     mean, invstd = want[1], want[3]
     for need_dx in (True, False):
         got = cpu.backward_train_act(dy, x, mean, invstd, weight, bias, activation, param, False, need_dx)
-        want = reference_act.backward_train_act(dy, x, mean, invstd, weight, bias, activation, param, False, need_dx)
+        want = reference.backward_train_act(dy, x, mean, invstd, weight, bias, activation, param, False, need_dx)
         assert (got[0] is None) == (want[0] is None) == (not need_dx)
         if need_dx:
             assert got[0].stride() == want[0].stride()
@@ -259,7 +259,7 @@ def test_training_steps_in_place(activation, param):
     """Memory-saving mode: forward_train_act writes over x, backward_train_act works from y."""
     x, dy, weight, bias, _, _ = make_case((4, 6, 5, 7), None, torch.float32)
     weight = guarded_weight(weight * torch.where(torch.arange(6) % 2 == 0, 1.0, -1.0))
-    want = reference_act.forward_train_act(x, weight, bias, 1e-5, activation, param)
+    want = reference.forward_train_act(x, weight, bias, 1e-5, activation, param)
     out = x.clone()
     got = cpu.forward_train_act(out, weight, bias, 1e-5, activation, param, out=out)
     assert got[0] is out
@@ -267,6 +267,6 @@ def test_training_steps_in_place(activation, param):
         assert_close(g, w, torch.float32)
     mean, invstd = want[1], want[3]
     got = cpu.backward_train_act(dy, out, mean, invstd, weight, bias, activation, param, True)
-    ref = reference_act.backward_train_act(dy, want[0], mean, invstd, weight, bias, activation, param, True)
+    ref = reference.backward_train_act(dy, want[0], mean, invstd, weight, bias, activation, param, True)
     for g, w in zip(got, ref):
         torch.testing.assert_close(g.double(), w.double(), rtol=1e-4, atol=1e-4)

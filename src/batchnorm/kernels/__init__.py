@@ -1,10 +1,10 @@
 """The one dispatch point between the math and its implementations.
 
 `implementation(x)` returns the namespace of kernels to use for input `x`. Every namespace offers
-the four primitives of `batchnorm.kernels.reference` and the steps composed of them
-(`forward_train`, `backward_train`, `forward_eval`) with the same signatures and semantics; with `fused=True` it
-also offers the fused BN+activation functions of `reference_act`. The references
-are plain PyTorch and are the oracles every other implementation is tested against.
+the functions of `batchnorm.kernels.reference` (the primitives, the steps composed of them, each in
+its fused BN+activation form, plain BN being the identity activation) with the same signatures and
+semantics. The reference is plain PyTorch and is the oracle every other implementation is tested
+against.
 
     cpu            Numba kernels (`cpu.py`): float32/float64 CPU tensors, contiguous NCHW/NCDHW,
                    (N, C), (N, C, L), channels_last(_3d)
@@ -41,9 +41,9 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from . import _numba, buffers, cpu, reference, reference_act
+from . import _numba, buffers, cpu, reference
 
-__all__ = ["implementation", "use_torch", "reference", "reference_act", "cpu", "buffers", "MIN_NUMEL", "parallel_min_numel", "FORCE"]
+__all__ = ["implementation", "use_torch", "reference", "cpu", "buffers", "MIN_NUMEL", "parallel_min_numel", "FORCE"]
 
 # Smallest tensor (elements) sent to the Numba kernels, per mode (BN or BN + activation, training
 # step or eval call) and layout; below it torch's own kernel runs (see use_torch). From
@@ -111,15 +111,13 @@ def parallel_min_numel(layout: str) -> int:
 _MODES = {(True, False): "train", (False, False): "eval", (True, True): "train_act", (False, True): "eval_act"}
 
 
-def implementation(x: Tensor, *, fused: bool = False) -> ModuleType:
-    """The kernels for input `x`: a module with batch_stats, normalize, backward_reduce, backward_elemt
-    (and normalize_act, backward_reduce_act, backward_elemt_act when `fused`)."""
-    slow = reference_act if fused else reference
+def implementation(x: Tensor) -> ModuleType:
+    """The kernels for input `x`: `cpu` or `reference`, modules with the same functions."""
     # torch.func transforms (vmap's batched tensors, grad's wrappers) run the forward in torch ops
     if FORCE == "reference" or torch._C._are_functorch_transforms_active():
-        return slow
+        return reference
     layout = cpu.layout_of(x)
     if layout is None or (FORCE is None and x.numel() < parallel_min_numel(layout)):
-        return slow  # small tensors never take the parallel kernels (see the module docstring)
+        return reference  # small tensors never take the parallel kernels (see the module docstring)
     # In a forked child of a process running GNU OpenMP the kernels cannot launch (see _numba).
-    return cpu if _numba_available() and _numba.usable() else slow
+    return cpu if _numba_available() and _numba.usable() else reference

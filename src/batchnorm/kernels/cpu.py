@@ -2,7 +2,7 @@
 
 Offers the four primitives of `reference` and the steps composed of them (`forward_train`,
 `backward_train`, `forward_eval`) with the same signatures and semantics, plus their
-fused-activation forms (the ones `reference_act` defines), for float32/float64 CPU tensors in
+fused-activation forms (the ones `reference` defines), for float32/float64 CPU tensors in
 the layouts `layout_of` accepts:
 
     planar   contiguous (N, C, L), (N, C, H, W), (N, C, D, H, W) with L = prod(spatial) > 1

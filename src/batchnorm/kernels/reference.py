@@ -3,22 +3,41 @@
 Batch norm splits into two reductions and two elementwise passes, the split torch itself uses for
 SyncBatchNorm (`batch_norm_stats` / `batch_norm_elemt` / `batch_norm_backward_reduce` /
 `batch_norm_backward_elemt`). A synchronized BN all-reduces the outputs of the two reductions and
-reuses the rest unchanged.
+reuses the rest unchanged. BN fused with an activation, y = act(z) with z = xhat * weight + bias,
+is the same split with dy replaced by g = dy * act'(z), the gradient reaching BN's output. Plain
+BN is the identity activation: one set of functions serves both.
 
-    batch_stats(x)                                          -> mean, var            (C,), (C,)
-    normalize(x, mean, invstd, weight, bias)                -> y                    like x
-    backward_reduce(dy, x, mean, invstd)                    -> sum_dy, sum_dy_xhat  (C,), (C,)
-    backward_elemt(dy, x, mean, invstd, weight,
-                   mean_dy, mean_dy_xhat)                   -> dx                   like x
+    batch_stats(x)                                             -> mean, var         (C,), (C,)
+    normalize_act(x, mean, invstd, weight, bias,
+                  activation, param, out=None)                 -> y                 like x
+    backward_reduce_act(dy, saved, mean, invstd, weight, bias,
+                        activation, param, from_output)        -> sum_g, sum_g_xhat (C,), (C,)
+    backward_elemt_act(dy, saved, mean, invstd, weight, bias,
+                       activation, param, from_output,
+                       mean_g, mean_g_xhat)                    -> dx                like saved
+
+    sum_g = sum(g),  sum_g_xhat = sum(g * xhat)                       over every dim but 1
+    dx    = weight * invstd * (g - mean_g - xhat * mean_g_xhat)
 
 and the steps composed of them, which a fast implementation may run as one call:
 
-    forward_train(x, weight, bias, eps)                     -> y, mean, var, invstd
-    backward_train(dy, x, mean, invstd, weight, need_dx)    -> dx or None, sum_dy, sum_dy_xhat
-    forward_eval(x, mean, var, weight, bias, eps)           -> y                    (running statistics)
+    forward_train_act(x, weight, bias, eps, activation, param, out=None)  -> y, mean, var, invstd
+    backward_train_act(dy, saved, mean, invstd, weight, bias, activation,
+                       param, from_output, need_dx)                       -> dx or None, sum_g, sum_g_xhat
+    forward_eval_act(x, mean, var, weight, bias, eps, activation, param, out=None) -> y (running statistics)
+
+Plain BN's names are these with the identity activation: normalize(x, mean, invstd, weight,
+bias), backward_reduce(dy, x, mean, invstd), backward_elemt(dy, x, mean, invstd, weight, mean_dy,
+mean_dy_xhat), forward_train(x, weight, bias, eps), backward_train(dy, x, mean, invstd, weight,
+need_dx), forward_eval(x, mean, var, weight, bias, eps). The CPU kernels (`cpu.py`) offer the same.
+
+`saved` is x, or with `from_output=True` (the memory-saving mode) the output y, from which
+z = act^-1(y) and xhat = (z - bias) / weight; weight must then be the guarded, non-zero weight.
+Activations are in `activations.py`; the forward uses torch's own functions so that outputs match
+torch's BN followed by the activation.
 
 Every function here is written in differentiable torch ops, so the double-backward path of
-`batchnorm.autograd` can run through them with autograd recording.
+`batchnorm.autograd`, torch.func's transforms and forward-mode AD run through them.
 
 Numerics, decided once here:
   * Statistics are accumulated and returned in `stats_dtype(x)`: float64 for float32/float64
@@ -26,13 +45,14 @@ Numerics, decided once here:
     A float32 batch mean would be rounded to float32 before the subtraction x - mean, and that
     rounding (half an ulp of the mean) is the whole error of the output when |mean| >> std
     (x = 1e4 + noise: ulp(1e4) ~ 1e-3 of a unit std). `centered` keeps the float64 mean's precision.
-  * `normalize` subtracts the mean before scaling. torch folds BN into `x * scale + shift`, which
-    cancels catastrophically when |mean| >> std (x = 1000 + noise in float32 loses ~4 digits);
-    `(x - mean) * scale + bias` does not.
+  * `normalize_act` subtracts the mean before scaling. torch folds BN into `x * scale + shift`,
+    which cancels catastrophically when |mean| >> std (x = 1000 + noise in float32 loses ~4
+    digits); `(x - mean) * scale + bias` does not.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
@@ -42,15 +62,23 @@ __all__ = [
     "reduce_dims",
     "channel_view",
     "output_memory_format",
+    "per_channel_count",
+    "eval_invstd",
+    "activate",
+    "activation_grad",
     "batch_stats",
+    "normalize_act",
+    "backward_reduce_act",
+    "backward_elemt_act",
+    "forward_train_act",
+    "backward_train_act",
+    "forward_eval_act",
     "normalize",
     "backward_reduce",
     "backward_elemt",
     "forward_train",
     "forward_eval",
-    "eval_invstd",
     "backward_train",
-    "per_channel_count",
 ]
 
 
@@ -133,77 +161,10 @@ def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     return mean, var
 
 
-def normalize(
-    x: Tensor,
-    mean: Tensor | None,
-    invstd: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-) -> Tensor:
-    """y = (x - mean) * invstd * weight + bias, per channel; `mean=None` means zero.
-
-    (N, C, *) -> like x, in x's dtype and in the memory format torch would give
-    (`output_memory_format`). Computed in `compute_dtype(x)`.
-    """
-    dtype = compute_dtype(x)
-    scale = invstd if weight is None else invstd * weight  # (C,)
-    xc = x.to(dtype) if mean is None else centered(x, mean)
-    y = xc * channel_view(scale.to(dtype), x)
-    if bias is not None:
-        y = y + channel_view(bias.to(dtype), x)
-    return y.to(x.dtype).contiguous(memory_format=output_memory_format(x))
-
-
-def backward_reduce(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor) -> tuple[Tensor, Tensor]:
-    """sum_dy = sum(dy), sum_dy_xhat = sum(dy * xhat) over every dim but 1, xhat = (x - mean) * invstd.
-
-    (N, C, *) -> (C,), (C,) in `compute_dtype(x)`, accumulated in float64.
-    """
-    dtype = compute_dtype(x)
-    dims = reduce_dims(x)
-    dyc = dy.to(dtype)
-    xmu = centered(x, mean)
-    sum_dy = dyc.sum(dims, dtype=torch.float64).to(dtype)  # (N, C, *) -> (C,)
-    sum_dy_xmu = (dyc * xmu).sum(dims, dtype=torch.float64).to(dtype)  # (N, C, *) -> (C,)
-    return sum_dy, sum_dy_xmu * invstd.to(dtype)
-
-
-def backward_elemt(
-    dy: Tensor,
-    x: Tensor,
-    mean: Tensor,
-    invstd: Tensor,
-    weight: Tensor | None,
-    mean_dy: Tensor,
-    mean_dy_xhat: Tensor,
-) -> Tensor:
-    """dx = weight * invstd * (dy - mean_dy - xhat * mean_dy_xhat), xhat = (x - mean) * invstd.
-
-    mean_dy and mean_dy_xhat are the sums of `backward_reduce` divided by the element count per
-    channel (the global count, for a synchronized BN). (N, C, *) -> like x, in x's dtype.
-    """
-    dtype = compute_dtype(x)
-    k = invstd if weight is None else invstd * weight  # (C,)
-    xhat = centered(x, mean) * channel_view(invstd.to(dtype), x)
-    dx = (dy.to(dtype) - channel_view(mean_dy.to(dtype), x) - xhat * channel_view(mean_dy_xhat.to(dtype), x))
-    dx = dx * channel_view(k.to(dtype), x)
-    return dx.to(x.dtype).contiguous(memory_format=output_memory_format(x))
-
-
 def per_channel_count(x: Tensor) -> int:
     """Elements per channel, N * prod(spatial); 1 for an empty batch, so that the means of its
     (zero) sums are 0, not 0/0."""
     return max(x.numel() // x.shape[1] if x.shape[1] else 0, 1)
-
-
-def forward_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
-    """A training forward: batch_stats, invstd = 1 / sqrt(var + eps), normalize with them.
-
-    -> y (like x), mean, var, invstd (C,) in `stats_dtype(x)`.
-    """
-    mean, var = batch_stats(x)
-    invstd = torch.rsqrt(var + eps)
-    return normalize(x, mean, invstd, weight, bias), mean, var, invstd
 
 
 def eval_invstd(var: Tensor, x: Tensor, eps: float) -> Tensor:
@@ -213,17 +174,154 @@ def eval_invstd(var: Tensor, x: Tensor, eps: float) -> Tensor:
     return torch.rsqrt(var.to(stats_dtype(x)) + eps)
 
 
+def activate(z: Tensor, activation: str, param: float) -> Tensor:
+    """y = act(z) with torch's functions."""
+    if activation == "relu":
+        return F.relu(z)
+    if activation == "leaky_relu":
+        return F.leaky_relu(z, param)
+    if activation == "elu":
+        return F.elu(z, param)
+    if activation == "silu":
+        return F.silu(z)
+    return z
+
+
+def activation_grad(z: Tensor, activation: str, param: float) -> Tensor:
+    """act'(z), with torch's choice at z = 0 (the left derivative for relu, leaky_relu and elu)."""
+    one = torch.ones_like(z)
+    if activation == "relu":
+        return (z > 0).to(z.dtype)
+    if activation == "leaky_relu":
+        return torch.where(z > 0, one, one * param)
+    if activation == "elu":
+        return torch.where(z > 0, one, param * torch.exp(z))
+    if activation == "silu":
+        s = torch.sigmoid(z)
+        return s * (1 + z * (1 - s))
+    return one
+
+
+def _inverse(y: Tensor, activation: str, param: float) -> tuple[Tensor, Tensor]:
+    """(z, act'(z)) recovered from y = act(z) for identity, leaky_relu and elu (see numba_act)."""
+    one = torch.ones_like(y)
+    if activation == "leaky_relu":
+        return torch.where(y > 0, y, y / param), torch.where(y > 0, one, one * param)
+    if activation == "elu":
+        floor = -1.0 + torch.finfo(y.dtype).eps  # elu saturates at -alpha: keep z finite
+        z = torch.where(y > 0, y, torch.log1p(torch.clamp(y / param, min=floor)))
+        return z, torch.where(y > 0, one, y + param)
+    return y, one
+
+
+def _xhat_and_grad(dy, saved, mean, invstd, weight, bias, activation, param, from_output):
+    """xhat and g = dy * act'(z), both in compute_dtype, shaped like saved."""
+    dtype = compute_dtype(saved)
+    t = saved.to(dtype)
+    w = channel_view(weight.to(dtype), t) if weight is not None else 1.0
+    b = channel_view(bias.to(dtype), t) if bias is not None else 0.0
+    if from_output:
+        z, dact = _inverse(t, activation, param)
+        xhat = (z - b) / w
+    else:
+        xhat = centered(saved, mean) * channel_view(invstd.to(dtype), t)
+        if activation == "identity":
+            return xhat, dy.to(dtype)  # g = dy
+        dact = activation_grad(xhat * w + b, activation, param)
+    return xhat, dy.to(dtype) * dact
+
+
+def normalize_act(x, mean, invstd, weight, bias, activation="identity", param=0.0, out=None):
+    """y = act((x - mean) * invstd * weight + bias) per channel; `mean=None` means zero.
+
+    (N, C, *) -> like x, in x's dtype and in the memory format torch would give
+    (`output_memory_format`), or written into `out` when given. Computed in `compute_dtype(x)`.
+    """
+    dtype = compute_dtype(x)
+    xc = x.to(dtype) if mean is None else centered(x, mean)
+    scale = invstd if weight is None else invstd * weight  # (C,)
+    z = xc * channel_view(scale.to(dtype), x)
+    if bias is not None:
+        z = z + channel_view(bias.to(dtype), x)
+    y = activate(z, activation, param).to(x.dtype)
+    if out is not None:
+        return out.copy_(y)
+    return y.contiguous(memory_format=output_memory_format(x))
+
+
+def forward_eval_act(x, mean, var, weight, bias, eps, activation="identity", param=0.0, out=None):
+    """An eval forward: normalize_act with given (running) statistics and `eval_invstd`."""
+    return normalize_act(x, mean, eval_invstd(var, x, eps), weight, bias, activation, param, out)
+
+
+def backward_reduce_act(dy, saved, mean, invstd, weight=None, bias=None, activation="identity", param=0.0, from_output=False):
+    """sum_g, sum_g_xhat: (N, C, *) -> (C,), (C,) in `compute_dtype(saved)`, accumulated in float64."""
+    xhat, g = _xhat_and_grad(dy, saved, mean, invstd, weight, bias, activation, param, from_output)
+    dims = reduce_dims(saved)
+    dtype = compute_dtype(saved)
+    sum_g = g.sum(dims, dtype=torch.float64).to(dtype)  # (N, C, *) -> (C,)
+    sum_g_xhat = (g * xhat).sum(dims, dtype=torch.float64).to(dtype)  # (N, C, *) -> (C,)
+    return sum_g, sum_g_xhat
+
+
+def backward_elemt_act(dy, saved, mean, invstd, weight, bias, activation, param, from_output, mean_g, mean_g_xhat):
+    """dx = weight * invstd * (g - mean_g - xhat * mean_g_xhat), like saved. mean_g and
+    mean_g_xhat are the sums of `backward_reduce_act` divided by the element count per channel
+    (the global count, for a synchronized BN)."""
+    xhat, g = _xhat_and_grad(dy, saved, mean, invstd, weight, bias, activation, param, from_output)
+    dtype = compute_dtype(saved)
+    k = invstd if weight is None else invstd * weight  # (C,)
+    dx = g - channel_view(mean_g.to(dtype), saved) - xhat * channel_view(mean_g_xhat.to(dtype), saved)
+    dx = dx * channel_view(k.to(dtype), saved)
+    return dx.to(saved.dtype).contiguous(memory_format=output_memory_format(saved))
+
+
+def forward_train_act(x, weight, bias, eps, activation="identity", param=0.0, out=None):
+    """A training forward: batch_stats, invstd = 1 / sqrt(var + eps), normalize_act with them
+    -> y, mean, var, invstd ((C,) in `stats_dtype(x)`); y written into `out` (may be x) when given."""
+    mean, var = batch_stats(x)
+    invstd = torch.rsqrt(var + eps)
+    return normalize_act(x, mean, invstd, weight, bias, activation, param, out), mean, var, invstd
+
+
+def backward_train_act(dy, saved, mean, invstd, weight, bias, activation, param, from_output, need_dx=True):
+    """A training backward: backward_reduce_act, then (if need_dx) backward_elemt_act with the
+    sums' per-channel means -> (dx or None, sum_g, sum_g_xhat)."""
+    args = (saved, mean, invstd, weight, bias, activation, param, from_output)
+    sum_g, sum_g_xhat = backward_reduce_act(dy, *args)  # (N, C, *) -> (C,), (C,)
+    dx = None
+    if need_dx:
+        n = per_channel_count(saved)
+        dx = backward_elemt_act(dy, *args, sum_g / n, sum_g_xhat / n)
+    return dx, sum_g, sum_g_xhat
+
+
+# ------------------------------------------------------------- plain BN: the identity activation
+def normalize(x: Tensor, mean: Tensor | None, invstd: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """y = (x - mean) * invstd * weight + bias per channel; `mean=None` means zero."""
+    return normalize_act(x, mean, invstd, weight, bias)
+
+
+def backward_reduce(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor) -> tuple[Tensor, Tensor]:
+    """sum_dy = sum(dy), sum_dy_xhat = sum(dy * xhat) over every dim but 1, xhat = (x - mean) * invstd."""
+    return backward_reduce_act(dy, x, mean, invstd)
+
+
+def backward_elemt(dy, x, mean, invstd, weight, mean_dy, mean_dy_xhat) -> Tensor:
+    """dx = weight * invstd * (dy - mean_dy - xhat * mean_dy_xhat), xhat = (x - mean) * invstd."""
+    return backward_elemt_act(dy, x, mean, invstd, weight, None, "identity", 0.0, False, mean_dy, mean_dy_xhat)
+
+
+def forward_train(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
+    """forward_train_act with the identity: (x, weight, bias, eps) -> (y, mean, var, invstd)."""
+    return forward_train_act(x, weight, bias, eps)
+
+
 def forward_eval(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
-    """An eval forward: normalize with given statistics and `eval_invstd`."""
-    return normalize(x, mean, eval_invstd(var, x, eps), weight, bias)
+    """forward_eval_act with the identity."""
+    return forward_eval_act(x, mean, var, weight, bias, eps)
 
 
 def backward_train(dy: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, weight: Tensor | None, need_dx: bool = True):
-    """A training backward: backward_reduce, then (if need_dx) backward_elemt with the sums'
-    per-channel means -> (dx or None, sum_dy, sum_dy_xhat)."""
-    sum_dy, sum_dy_xhat = backward_reduce(dy, x, mean, invstd)  # (N, C, *) -> (C,), (C,)
-    dx = None
-    if need_dx:
-        n = per_channel_count(x)
-        dx = backward_elemt(dy, x, mean, invstd, weight, sum_dy / n, sum_dy_xhat / n)
-    return dx, sum_dy, sum_dy_xhat
+    """backward_train_act with the identity -> (dx or None, sum_dy, sum_dy_xhat)."""
+    return backward_train_act(dy, x, mean, invstd, weight, None, "identity", 0.0, False, need_dx)
