@@ -135,6 +135,14 @@ class _BatchNormAct:
         twin.activation, twin.activation_param = self.activation, float(self.activation_param)
         return twin
 
+    def _masked_activation(self) -> tuple[str, float]:
+        if self.inplace:
+            raise ValueError(
+                f"{type(self).__name__} with inplace=True does not take a mask: the masked path is ordinary torch ops, "
+                f"which do not overwrite their input (no memory is saved); use inplace=False with a mask"
+            )
+        return self.activation, self.activation_param
+
     def _batch_norm(self, x: Tensor, weight, bias, running_mean, running_var, *, training: bool, momentum: float, counter=None) -> Tensor:
         return batch_norm_act(
             x, running_mean, running_var, weight, bias,

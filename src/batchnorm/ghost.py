@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ._compile import outside_compiled_graphs
 from ._format import shape_of
+from .masked import refuse_mask
 from .kernels.reference import output_memory_format
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, as_fx_node
 
@@ -46,7 +47,9 @@ class _Ghost:
         return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"
 
     @outside_compiled_graphs
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        if mask is not None:  # a keyword the layer takes, so that the error can say where masks work
+            raise refuse_mask(self)
         if isinstance(x, torch.fx.Proxy):
             return as_fx_node(self, x)
         if not self._uses_batch_statistics() or x.dim() < 2 or x.shape[0] <= self.virtual_batch_size:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import functional as F
-from . import ops
+from . import masked, ops
 from ._format import shape_of
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
@@ -81,9 +81,11 @@ class _BatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         except KeyError:
             return self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """`mask` (optional, bool, x's shape without dim 1, True where a value is real): batch
+        statistics over the real positions of a padded batch only (batchnorm/masked.py)."""
         if isinstance(x, torch.fx.Proxy):
-            return as_fx_node(self, x)
+            return as_fx_node(self, x, mask)
         self._check_input_dim(x)
         weight, bias, running_mean, running_var, num_batches_tracked = self._state()
         training = self._uses_batch_statistics()
@@ -97,6 +99,15 @@ class _BatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         # The batch is counted where the running statistics are updated (functional.RunningUpdate):
         # never for a rejected input, and like torch's layer under torch.utils.checkpoint.
         counter = num_batches_tracked if update else None
+        if mask is not None:  # a padded batch: the statistics of its real positions (masked.py)
+            activation, param = self._masked_activation()
+            masked.check_mask(x, mask)
+            if use_batch_stats:
+                return masked.batch_norm(
+                    x, mask, running_mean, running_var, weight, bias, momentum=momentum, eps=self.eps,
+                    activation=activation, activation_param=param, layer=self, counter=counter,
+                )
+            # normalized with the running statistics, which the mask does not change: the path below
         return self._batch_norm(
             x, weight, bias, running_mean, running_var, training=use_batch_stats, momentum=momentum, counter=counter
         )
@@ -107,6 +118,10 @@ class _BatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         TorchScript cannot compile ours). Variants whose training differs from BN refuse."""
         return torch_twin(self)
 
+    def _masked_activation(self) -> tuple[str, float]:
+        """(activation, param) applied after a masked batch norm; BatchNormAct overrides it."""
+        return "identity", 0.0
+
     def _batch_norm(self, x: Tensor, weight, bias, running_mean, running_var, *, training: bool, momentum: float, counter=None) -> Tensor:
         """The normalization itself, given the bookkeeping's decisions (BatchNormAct overrides it);
         `counter` (num_batches_tracked, or None) is counted with the running statistics' update."""
@@ -116,12 +131,13 @@ class _BatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         )
 
 
-def as_fx_node(layer: torch.nn.Module, x: torch.fx.Proxy) -> torch.fx.Proxy:
+def as_fx_node(layer: torch.nn.Module, x: torch.fx.Proxy, mask=None) -> torch.fx.Proxy:
     """The call of `layer` as one node of a torch.fx graph. fx's default tracer keeps torch.nn's
     modules as calls and traces into any other, where this forward's checks would branch on the
     input's rank (a Proxy): so the layer records itself as a call, as torch's BN is recorded,
     and the graph runs this layer's forward (its training flag read at run time, as torch's)."""
-    return x.tracer.create_proxy("call_module", x.tracer.path_of_module(layer), (x,), {})
+    kwargs = {} if mask is None else {"mask": mask}
+    return x.tracer.create_proxy("call_module", x.tracer.path_of_module(layer), (x,), kwargs)
 
 
 def torch_twin(layer: _BatchNorm, classes: tuple | None = None) -> torch.nn.Module:

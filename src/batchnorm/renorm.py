@@ -26,6 +26,7 @@ from torch import Tensor
 from . import functional as F
 from ._compile import outside_compiled_graphs
 from .autograd import BatchNormTrain
+from .masked import refuse_mask
 from .kernels.reference import channel_view, compute_dtype
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, as_fx_node
 
@@ -76,7 +77,9 @@ class _Renorm:
         return f"{super().extra_repr()}, r_max={self.r_max}, d_max={self.d_max}"
 
     @outside_compiled_graphs
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        if mask is not None:  # a keyword the layer takes, so that the error can say where masks work
+            raise refuse_mask(self)
         if isinstance(x, torch.fx.Proxy):
             return as_fx_node(self, x)
         if not self._uses_batch_statistics() or self.running_mean is None:

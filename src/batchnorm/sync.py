@@ -37,6 +37,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import functional as F
+from . import masked
 from ._compile import outside_compiled_graphs
 from ._format import shape_of
 from .autograd import param_grads
@@ -91,6 +92,47 @@ def _all_reduce_sum(local: Tensor, group, group_size: int, what: str) -> Tensor:
     except RuntimeError as error:
         raise _collective_failed(what, group_size, error) from error
     return local
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """A differentiable all_reduce(SUM): y = sum over ranks of x, so dL/dx = sum over ranks of
+    dL/dy (each rank's loss depends on every rank's x): the backward is an all_reduce too."""
+
+    @staticmethod
+    def forward(ctx, local: Tensor, group, group_size: int, what: str) -> Tensor:
+        ctx.group, ctx.group_size, ctx.what = group, group_size, what
+        return _all_reduce_sum(local.clone(), group, group_size, what)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        summed = _AllReduceSum.apply(grad.contiguous(), ctx.group, ctx.group_size, f"{ctx.what} (backward)")
+        return summed, None, None, None
+
+
+def masked_sync_train(x: Tensor, mask: Tensor, weight, bias, eps: float, group, group_size: int):
+    """The masked forward (batchnorm/masked.py) with statistics over the real positions of every
+    rank: -> y, mean (C,), var (C,), total count (int). Each rank's masked (n_r, mean_r, M2_r),
+    combined by `combine_stats` (the counts differ per rank by their masks). Written in
+    differentiable ops around one differentiable all_reduce, so autograd gives the exact gradient
+    with one all_reduce in backward (of the gradient of the gathered statistics, only when x
+    needs a gradient)."""
+    local_mean, local_var, local_count = masked.masked_batch_stats(x, mask)  # (C,), (C,), ()
+    n_r = local_count.to(torch.float64).reshape(1)
+    local = torch.cat([n_r, local_mean.double(), local_var.double() * n_r])  # (1 + 2C,): n_r, mean_r, M2_r
+    # an all_gather as an all_reduce of one row per rank (zeros elsewhere): the all_reduce's backward
+    # is an all_reduce too, which gloo has (all_gather's natural backward, reduce_scatter, it has not)
+    row = (torch.arange(group_size, device=x.device) == dist.get_rank(group)).to(torch.float64)  # (R,)
+    rows = row.unsqueeze(1) * local  # (R, 1 + 2C)
+    gathered = _AllReduceSum.apply(rows, group, group_size, "all_reduce of masked batch statistics")
+    channels = x.shape[1]
+    count, mean, var = combine_stats(gathered[:, 0], gathered[:, 1 : 1 + channels], gathered[:, 1 + channels :])
+    total = int(count)
+    if total == 1:  # the same gathered tensor on every rank: every rank raises here
+        raise ValueError(masked._one_value_error(x, f" over all {group_size} ranks"))
+    dtype = local_mean.dtype  # stats_dtype(x)
+    mean, var = mean.to(dtype), var.to(dtype)
+    y = masked.masked_normalize(x, mean, var, weight, bias, eps)
+    return y, mean.detach(), var.detach(), total
 
 
 class SyncBatchNormTrain(torch.autograd.Function):
@@ -216,9 +258,11 @@ class SyncBatchNorm(_BatchNorm):
         return (group, size) if size > 1 else None
 
     @outside_compiled_graphs
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """`mask` (optional, bool, x's shape without dim 1, True where a value is real): statistics
+        over the real positions of every rank's padded batch (batchnorm/masked.py)."""
         if isinstance(x, torch.fx.Proxy):
-            return as_fx_node(self, x)
+            return as_fx_node(self, x, mask)
         self._check_input_dim(x)
         if x.shape[1] == 0:  # torch's SyncBatchNorm refuses it, in training and in eval
             raise ValueError("SyncBatchNorm number of input channels should be non-zero")
@@ -226,13 +270,17 @@ class SyncBatchNorm(_BatchNorm):
             self._batchnorm_dims = _DIMS_OF_RANK[x.dim()]
         sync = self._sync_group()
         if sync is None:
-            return super().forward(x)  # batchnorm's BatchNorm forward, unchanged
+            return super().forward(x, mask)  # batchnorm's BatchNorm forward, unchanged
         group, size = sync
         # every check of the local path (eps, dtypes, devices, ...) but the count, which is global
         F.check_arguments(x, self.running_mean, self.running_var, self.weight, self.bias, training=True, eps=self.eps, local_batch=False)
         update = self.track_running_stats and self.num_batches_tracked is not None
         momentum = self._momentum(update, self.num_batches_tracked)
-        y, mean, var, count = SyncBatchNormTrain.apply(x, self.weight, self.bias, self.eps, group, size)
+        if mask is None:
+            y, mean, var, count = SyncBatchNormTrain.apply(x, self.weight, self.bias, self.eps, group, size)
+        else:  # checked before the collective (a rank that raises leaves the others to the timeout)
+            masked.check_mask(x, mask)
+            y, mean, var, count = masked_sync_train(x, mask, self.weight, self.bias, self.eps, group, size)
         # The global statistics are identical on every rank, so the buffers stay in sync.
         F.track_batch(self.running_mean, self.running_var, mean, var, int(count), momentum, who=self)
         if update:
