@@ -381,6 +381,13 @@ def test_compiled_fullgraph_equals_eager_buffers_included(momentum):
         compiled(randn((3, 2, 6), seed=5), one)
     for key, value in compiled_model.state_dict().items():
         assert torch.equal(value, before[key]), key
+    # no real position: the running statistics stay, the batch is counted (as eager does)
+    compiled(randn((3, 2, 6), seed=6), torch.zeros(3, 6, dtype=torch.bool))
+    for key, value in compiled_model.state_dict().items():
+        if key.endswith("num_batches_tracked"):
+            assert int(value) == int(before[key]) + 1, key
+        else:
+            assert torch.equal(value, before[key]), key
     torch._dynamo.reset()
 
 
