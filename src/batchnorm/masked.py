@@ -141,10 +141,11 @@ def batch_norm(
     F.check_arguments(x, running_mean, running_var, weight, bias, training=True, eps=eps, local_batch=False)
     check_mask(x, mask)
     mean, var, count = masked_batch_stats(x, mask)  # (C,), (C,), ()
-    traced = ops.tracing()
-    if traced:  # a graph cannot branch on the count: checked when the graph runs, before its update
+    # A graph, or a torch.func transform (vmap: a count per sample), cannot read the count in Python.
+    traced = ops.tracing() or F.transformed()
+    if ops.tracing():  # checked when the graph runs, before its update
         torch._assert_async(count != 1, _one_value_error(x))
-    elif int(count) == 1:
+    elif not traced and int(count) == 1:  # (under torch.func, which has no data-dependent raise: unchecked)
         raise ValueError(_one_value_error(x))
     y = masked_normalize(x, mean, var, weight, bias, eps, activation, activation_param)
     if running_mean is not None or running_var is not None:

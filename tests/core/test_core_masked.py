@@ -430,3 +430,23 @@ def test_keras_masked_batch_normalization_agrees(shape):
     biased_update = (ours.running_var - 0.9 * old_var) * (n - 1) / n  # momentum * the biased masked var
     torch.testing.assert_close(0.9 * old_var + biased_update, keras_var, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(ours.running_var, keras_var, rtol=1e-5, atol=1e-6)  # the conventions do differ
+
+
+def test_torch_func_grad_and_vmap_without_running_statistics():
+    """Where torch.func works for torch's layer (no running statistics to mutate): grad over the
+    parameters and the input equals autograd, vmap over a stack of (batch, mask) pairs equals a
+    loop (each batch with its own count, which vmap cannot read in Python)."""
+    from torch.func import functional_call, grad, vmap
+
+    layer = randomize_(batchnorm.BatchNormAct1d(3, activation="elu", track_running_stats=False, dtype=torch.float64))
+    x = randn((4, 3, 5), seed=12, dtype=torch.float64, loc=1.0)
+    mask = random_mask(tuple(x.shape), 12)
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    got_params, got_x = grad(lambda p, x: functional_call(layer, p, (x, mask)).sin().sum(), argnums=(0, 1))(params, x)
+    xi = x.clone().requires_grad_(True)
+    expected = torch.autograd.grad(layer(xi, mask).sin().sum(), [layer.weight, layer.bias, xi])
+    for got, want in zip((got_params["weight"], got_params["bias"], got_x), expected):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+    xs, masks = torch.stack([x, 2 * x - 1]), torch.stack([mask, random_mask(tuple(x.shape), 13)])
+    torch.testing.assert_close(vmap(layer)(xs, masks), torch.stack([layer(a, m) for a, m in zip(xs, masks)]), rtol=1e-12, atol=1e-12)
