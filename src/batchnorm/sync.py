@@ -23,6 +23,13 @@ while dweight and dbias are the rank's LOCAL sums (sum(dy_r * xhat_r), sum(dy_r)
 gradient of the global loss is their sum over ranks, which DistributedDataParallel forms when it
 all-reduces parameter gradients, exactly as for any other layer.
 
+Masked (`forward(x, mask)`, batchnorm/masked.py): n_r, m_r and M2_r are taken over the rank's
+real positions (n_r differs per rank with its mask; 0 for a rank all padding), combined as above.
+That forward is written in differentiable ops around one differentiable all_reduce of the
+per-rank statistics (`masked_sync_train`), so autograd derives the backward: the all_reduce of
+their gradient is its one collective, and dx = weight * invstd * (g - m * sum_g / n - m * xhat *
+sum_g_xhat / n) with global sums and m the rank's mask.
+
 Every rank must call forward (an empty batch included) and, if any rank does, backward: a rank
 that skips a collective leaves the others waiting until the process group's timeout, after which
 they raise a RuntimeError that names the layer and the collective. Double backward through a
@@ -215,6 +222,9 @@ class SyncBatchNorm(_BatchNorm):
     2d/3d` computes. The running statistics get the global mean and the global unbiased variance
     (momentum convention: see `batchnorm.functional`), identically on every rank. The rule
     "Expected more than 1 value per channel when training" applies to the global count.
+
+    `forward(x, mask)` takes each rank's padded batch with its own mask (batchnorm/masked.py):
+    statistics over the real positions of every rank.
 
     The rank of the last input (2 or 3 -> BatchNorm1d, 4 -> 2d, 5 -> 3d) is remembered so that
     `batchnorm.convert(model, to="batchnorm")` can turn the layer back into plain BN.

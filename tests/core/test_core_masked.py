@@ -161,6 +161,24 @@ def test_an_all_true_mask_is_the_unmasked_layer_and_torch(shape, momentum):
             torch.testing.assert_close(ours.state_dict()[key], value, rtol=1e-12, atol=1e-12, msg=lambda m, key=key: f"{key}: {m}")
 
 
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "elu", "silu"])
+def test_an_all_true_mask_on_batchnorm_act_is_torch_bn_then_the_activation(activation):
+    ref = randomize_(nn.BatchNorm2d(3, dtype=torch.float64))
+    ours = batchnorm.BatchNormAct2d(3, activation=activation, dtype=torch.float64)
+    ours.load_state_dict(ref.state_dict())
+    x, dy = randn((2, 3, 4, 5), seed=14, dtype=torch.float64), randn((2, 3, 4, 5), seed=15, dtype=torch.float64)
+    results = []
+    for layer, args in ((ours, (torch.ones(2, 4, 5, dtype=torch.bool),)), (ref, ())):
+        xi = x.clone().requires_grad_(True)
+        y = layer(xi, *args)
+        y = y if layer is ours else ACTIVATIONS[activation](y)
+        results.append((y, *torch.autograd.grad(y, [xi, layer.weight, layer.bias], dy)))
+    for name, a, b in zip(("y", "dx", "dweight", "dbias"), *results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
+    for key, value in ref.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[key], value, rtol=1e-12, atol=1e-12)
+
+
 # ---------------------------------------------------------------------- mask=None is today's path
 
 
