@@ -143,9 +143,10 @@ def batch_norm(
     mean, var, count = masked_batch_stats(x, mask)  # (C,), (C,), ()
     # A graph, or a torch.func transform (vmap: a count per sample), cannot read the count in Python.
     traced = ops.tracing() or F.transformed()
+    n = None if traced else int(count)
     if ops.tracing():  # checked when the graph runs, before its update
         torch._assert_async(count != 1, _one_value_error(x))
-    elif not traced and int(count) == 1:  # (under torch.func, which has no data-dependent raise: unchecked)
+    elif n == 1:  # (torch.func has no data-dependent raise: unchecked there)
         raise ValueError(_one_value_error(x))
     y = masked_normalize(x, mean, var, weight, bias, eps, activation, activation_param)
     if running_mean is not None or running_var is not None:
@@ -153,7 +154,7 @@ def batch_norm(
         if traced:
             _update_in_graph(running_mean, running_var, mean, var, count, momentum)
         else:
-            F.track_batch(running_mean, running_var, mean, var, int(count), momentum, layer if layer is not None else "masked batch_norm")
+            F.track_batch(running_mean, running_var, mean, var, n, momentum, layer if layer is not None else "masked batch_norm")
     if counter is not None:
         counter.add_(1)  # as for an empty batch: counted even with no real position
     return y
