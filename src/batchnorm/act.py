@@ -65,7 +65,21 @@ class _BatchNormAct:
         twin.activation, twin.activation_param = self.activation, float(self.activation_param)
         return twin
 
-    def _batch_norm(self, x: Tensor, weight, bias, running_mean, running_var, *, training: bool, momentum: float, counter=None) -> Tensor:
+    def _masked_activation(self) -> tuple[str, float]:
+        if self.inplace:
+            raise ValueError(
+                f"{type(self).__name__} with inplace=True does not take a mask: the masked path is ordinary torch ops, "
+                f"which do not overwrite their input (no memory is saved); use inplace=False with a mask"
+            )
+        return self.activation, self.activation_param
+
+    def _batch_norm(
+        self, x: Tensor, weight, bias, running_mean, running_var, *, training: bool, momentum: float, counter=None, mask=None
+    ) -> Tensor:
+        if mask is not None and training:  # the masked path, with this layer's activation (_masked_activation)
+            return super()._batch_norm(
+                x, weight, bias, running_mean, running_var, training=training, momentum=momentum, counter=counter, mask=mask
+            )
         return batch_norm_act(
             x, running_mean, running_var, weight, bias,
             training=training, momentum=momentum, eps=self.eps,

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ._compile import outside_compiled_graphs
 from ._format import shape_of
+from .masked import refuse_mask
 from .kernels.reference import output_memory_format
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
@@ -48,8 +49,11 @@ class _Ghost:
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, virtual_batch_size={self.virtual_batch_size}"
 
+    def _masked_activation(self) -> tuple[str, float]:
+        raise refuse_mask(self)  # a keyword the layer takes, so that the error can say where masks work
+
     @outside_compiled_graphs
-    def _batch_norm(self, x: Tensor, weight, bias, running_mean, running_var, *, training: bool, momentum: float, counter=None) -> Tensor:
+    def _batch_norm(self, x: Tensor, weight, bias, running_mean, running_var, *, training: bool, momentum: float, counter=None, mask=None) -> Tensor:
         if not self._uses_batch_statistics() or x.shape[0] <= self.virtual_batch_size:
             # eval, or a single chunk: plain BatchNorm
             return super()._batch_norm(

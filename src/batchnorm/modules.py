@@ -7,8 +7,8 @@ classes differ only in the input check, as in torch.
 
 `_BatchNorm.forward` is the one bookkeeping of every layer of the library: the input check, the
 frozen flag, which statistics to normalize with, the momentum (momentum=None's cumulative
-average), which buffers to update and whether to count the batch. It hands its decisions to one
-hook, `_batch_norm`, which computes the normalization; the variants override only that:
+average), which buffers to update and whether to count the batch. It hands its decisions (and a padded batch's
+`mask`, batchnorm/masked.py) to one hook, `_batch_norm`, which computes the normalization; the variants override only that:
 BatchNormAct (the fused activation), GhostBatchNorm (chunks), BatchRenorm (the corrected affine)
 and SyncBatchNorm (statistics over the process group).
 """
@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from . import functional as F
-from . import ops
+from . import masked, ops
 from ._format import shape_of
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
@@ -91,9 +91,11 @@ class _BatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         except KeyError:
             return self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """`mask` (optional, bool, x's shape without dim 1, True where a value is real): batch
+        statistics over the real positions of a padded batch only (batchnorm/masked.py)."""
         if isinstance(x, torch.fx.Proxy):
-            return as_fx_node(self, x)
+            return as_fx_node(self, x, mask)
         self._check_input_dim(x)
         weight, bias, running_mean, running_var, num_batches_tracked = self._state()
         training = self._uses_batch_statistics()
@@ -107,8 +109,11 @@ class _BatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         # The batch is counted where the running statistics are updated (functional.RunningUpdate):
         # never for a rejected input, and like torch's layer under torch.utils.checkpoint.
         counter = num_batches_tracked if update else None
+        if mask is not None:  # refused (by a variant that takes none, or for a bad mask) before anything changes
+            self._masked_activation()
+            masked.check_mask(x, mask)
         return self._batch_norm(
-            x, weight, bias, running_mean, running_var, training=use_batch_stats, momentum=momentum, counter=counter
+            x, weight, bias, running_mean, running_var, training=use_batch_stats, momentum=momentum, counter=counter, mask=mask
         )
 
     def __prepare_scriptable__(self) -> torch.nn.Module:
@@ -117,23 +122,39 @@ class _BatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         TorchScript cannot compile ours). Variants whose training differs from BN refuse."""
         return torch_twin(self)
 
-    def _batch_norm(self, x: Tensor, weight, bias, running_mean, running_var, *, training: bool, momentum: float, counter=None) -> Tensor:
+    def _masked_activation(self) -> tuple[str, float]:
+        """(activation, param) applied after a masked batch norm; BatchNormAct overrides it, and
+        the variants that take no mask raise here."""
+        return "identity", 0.0
+
+    def _batch_norm(
+        self, x: Tensor, weight, bias, running_mean, running_var, *, training: bool, momentum: float, counter=None, mask=None
+    ) -> Tensor:
         """The normalization itself, given the bookkeeping's decisions: `training` says whether to
         normalize with the batch's statistics; `running_mean`/`running_var` are the buffers to
         update then (None: no update) or to normalize with in eval; `counter` (num_batches_tracked,
-        or None) is counted with the running statistics' update. The variants override it."""
+        or None) is counted with the running statistics' update; `mask` (checked) marks a padded
+        batch's real positions, whose statistics alone count. The variants override it."""
+        if mask is not None and training:  # a padded batch: the statistics of its real positions (masked.py)
+            activation, param = self._masked_activation()
+            return masked.batch_norm(
+                x, mask, running_mean, running_var, weight, bias, momentum=momentum, eps=self.eps,
+                activation=activation, activation_param=param, layer=self, counter=counter,
+            )
+        # (in eval the running statistics normalize, which a mask does not change)
         return F.batch_norm(
             x, running_mean, running_var, weight, bias,
             training=training, momentum=momentum, eps=self.eps, layer=self, counter=counter,
         )
 
 
-def as_fx_node(layer: torch.nn.Module, x: torch.fx.Proxy) -> torch.fx.Proxy:
+def as_fx_node(layer: torch.nn.Module, x: torch.fx.Proxy, mask=None) -> torch.fx.Proxy:
     """The call of `layer` as one node of a torch.fx graph. fx's default tracer keeps torch.nn's
     modules as calls and traces into any other, where this forward's checks would branch on the
     input's rank (a Proxy): so the layer records itself as a call, as torch's BN is recorded,
     and the graph runs this layer's forward (its training flag read at run time, as torch's)."""
-    return x.tracer.create_proxy("call_module", x.tracer.path_of_module(layer), (x,), {})
+    kwargs = {} if mask is None else {"mask": mask}
+    return x.tracer.create_proxy("call_module", x.tracer.path_of_module(layer), (x,), kwargs)
 
 
 def torch_twin(layer: _BatchNorm, classes: tuple | None = None) -> torch.nn.Module:

@@ -27,6 +27,7 @@ from . import functional as F
 from ._compile import outside_compiled_graphs
 from .autograd import BatchNormTrain
 from .kernels import reference
+from .masked import refuse_mask
 from .kernels.reference import channel_view, compute_dtype
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
@@ -79,8 +80,11 @@ class _Renorm:
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, r_max={self.r_max}, d_max={self.d_max}"
 
+    def _masked_activation(self) -> tuple[str, float]:
+        raise refuse_mask(self)  # a keyword the layer takes, so that the error can say where masks work
+
     @outside_compiled_graphs
-    def _batch_norm(self, x: Tensor, weight, bias, running_mean, running_var, *, training: bool, momentum: float, counter=None) -> Tensor:
+    def _batch_norm(self, x: Tensor, weight, bias, running_mean, running_var, *, training: bool, momentum: float, counter=None, mask=None) -> Tensor:
         if not training or running_mean is None or running_var is None:
             # eval (or running statistics not tracked): plain BatchNorm
             return super()._batch_norm(

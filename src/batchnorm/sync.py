@@ -23,6 +23,13 @@ while dweight and dbias are the rank's LOCAL sums (sum(dy_r * xhat_r), sum(dy_r)
 gradient of the global loss is their sum over ranks, which DistributedDataParallel forms when it
 all-reduces parameter gradients, exactly as for any other layer.
 
+Masked (`forward(x, mask)`, batchnorm/masked.py): n_r, m_r and M2_r are taken over the rank's
+real positions (n_r differs per rank with its mask; 0 for a rank all padding), combined as above.
+That forward is written in differentiable ops around one differentiable all_reduce of the
+per-rank statistics (`masked_sync_train`), so autograd derives the backward: the all_reduce of
+their gradient is its one collective, and dx = weight * invstd * (g - m * sum_g / n - m * xhat *
+sum_g_xhat / n) with global sums and m the rank's mask.
+
 Every rank must call forward (an empty batch included) and, if any rank does, backward: a rank
 that skips a collective leaves the others waiting until the process group's timeout, after which
 they raise a RuntimeError that names the layer and the collective. Double backward through a
@@ -37,6 +44,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import functional as F
+from . import masked
 from ._compile import outside_compiled_graphs
 from ._format import shape_of
 from .autograd import param_grads
@@ -91,6 +99,47 @@ def _all_reduce_sum(local: Tensor, group, group_size: int, what: str) -> Tensor:
     except RuntimeError as error:
         raise _collective_failed(what, group_size, error) from error
     return local
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """A differentiable all_reduce(SUM): y = sum over ranks of x, so dL/dx = sum over ranks of
+    dL/dy (each rank's loss depends on every rank's x): the backward is an all_reduce too."""
+
+    @staticmethod
+    def forward(ctx, local: Tensor, group, group_size: int, what: str) -> Tensor:
+        ctx.group, ctx.group_size, ctx.what = group, group_size, what
+        return _all_reduce_sum(local.clone(), group, group_size, what)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        summed = _AllReduceSum.apply(grad.contiguous(), ctx.group, ctx.group_size, f"{ctx.what} (backward)")
+        return summed, None, None, None
+
+
+def masked_sync_train(x: Tensor, mask: Tensor, weight, bias, eps: float, group, group_size: int):
+    """The masked forward (batchnorm/masked.py) with statistics over the real positions of every
+    rank: -> y, mean (C,), var (C,), total count (int). Each rank's masked (n_r, mean_r, M2_r),
+    combined by `combine_stats` (the counts differ per rank by their masks). Written in
+    differentiable ops around one differentiable all_reduce, so autograd gives the exact gradient
+    with one all_reduce in backward (of the gradient of the gathered statistics, only when x
+    needs a gradient)."""
+    local_mean, local_var, local_count = masked.masked_batch_stats(x, mask)  # (C,), (C,), ()
+    n_r = local_count.to(torch.float64).reshape(1)
+    local = torch.cat([n_r, local_mean.double(), local_var.double() * n_r])  # (1 + 2C,): n_r, mean_r, M2_r
+    # an all_gather as an all_reduce of one row per rank (zeros elsewhere): the all_reduce's backward
+    # is an all_reduce too, which gloo has (all_gather's natural backward, reduce_scatter, it has not)
+    row = (torch.arange(group_size, device=x.device) == dist.get_rank(group)).to(torch.float64)  # (R,)
+    rows = row.unsqueeze(1) * local  # (R, 1 + 2C)
+    gathered = _AllReduceSum.apply(rows, group, group_size, "all_reduce of masked batch statistics")
+    channels = x.shape[1]
+    count, mean, var = combine_stats(gathered[:, 0], gathered[:, 1 : 1 + channels], gathered[:, 1 + channels :])
+    total = int(count)
+    if total == 1:  # the same gathered tensor on every rank: every rank raises here
+        raise ValueError(masked._one_value_error(x, f" over all {group_size} ranks"))
+    dtype = local_mean.dtype  # stats_dtype(x)
+    mean, var = mean.to(dtype), var.to(dtype)
+    y = masked.masked_normalize(x, mean, var, weight, bias, eps)
+    return y, mean.detach(), var.detach(), total
 
 
 class SyncBatchNormTrain(torch.autograd.Function):
@@ -174,6 +223,9 @@ class SyncBatchNorm(_BatchNorm):
     (momentum convention: see `batchnorm.functional`), identically on every rank. The rule
     "Expected more than 1 value per channel when training" applies to the global count.
 
+    `forward(x, mask)` takes each rank's padded batch with its own mask (batchnorm/masked.py):
+    statistics over the real positions of every rank.
+
     The rank of the last input (2 or 3 -> BatchNorm1d, 4 -> 2d, 5 -> 3d) is remembered so that
     `batchnorm.convert(model, to="batchnorm")` can turn the layer back into plain BN.
     """
@@ -220,20 +272,27 @@ class SyncBatchNorm(_BatchNorm):
         size = dist.get_world_size(group)
         return (group, size) if size > 1 else None
 
-    def _batch_norm(self, x: Tensor, weight, bias, running_mean, running_var, *, training: bool, momentum: float, counter=None) -> Tensor:
+    def _batch_norm(
+        self, x: Tensor, weight, bias, running_mean, running_var, *, training: bool, momentum: float, counter=None, mask=None
+    ) -> Tensor:
         sync = self._sync_group() if training else None
         if sync is None:  # eval, no process group, or a group of one: batchnorm's BatchNorm
             return super()._batch_norm(
-                x, weight, bias, running_mean, running_var, training=training, momentum=momentum, counter=counter
+                x, weight, bias, running_mean, running_var, training=training, momentum=momentum, counter=counter, mask=mask
             )
-        return self._synchronized(x, weight, bias, running_mean, running_var, momentum, counter, *sync)
+        return self._synchronized(x, weight, bias, running_mean, running_var, momentum, counter, *sync, mask=mask)
 
     @outside_compiled_graphs
-    def _synchronized(self, x, weight, bias, running_mean, running_var, momentum, counter, group, size) -> Tensor:
-        """The training normalization with the statistics of the whole process group."""
+    def _synchronized(self, x, weight, bias, running_mean, running_var, momentum, counter, group, size, mask=None) -> Tensor:
+        """The training normalization with the statistics of the whole process group (of the real
+        positions of every rank's padded batch, given a mask: masked.py, checked by forward before
+        the collective, since a rank that raises leaves the others to the timeout)."""
         # every check of the local path (eps, dtypes, devices, ...) but the count, which is global
         F.check_arguments(x, running_mean, running_var, weight, bias, training=True, eps=self.eps, local_batch=False)
-        y, mean, var, count = SyncBatchNormTrain.apply(x, weight, bias, self.eps, group, size)
+        if mask is None:
+            y, mean, var, count = SyncBatchNormTrain.apply(x, weight, bias, self.eps, group, size)
+        else:
+            y, mean, var, count = masked_sync_train(x, mask, weight, bias, self.eps, group, size)
         # The global statistics are identical on every rank, so the buffers stay in sync.
         F.track_batch(running_mean, running_var, mean, var, int(count), momentum, who=self)
         if counter is not None:

@@ -153,3 +153,52 @@ def recal_batches(rank: int) -> list[torch.Tensor]:
     """Batches of different sizes on each rank, with different means, so weighting matters."""
     g = torch.Generator().manual_seed(100 + rank)
     return [torch.randn(n, 3, 5, 5, generator=g, dtype=torch.float64) * (1 + rank) + rank for n in (rank + 1, 6)]
+
+
+# --- masked SyncBatchNorm: each rank's padded batch, statistics over the real positions of all ---
+
+
+@dataclass(frozen=True)
+class MaskedCase:
+    id: str
+    spatial: tuple[int, ...]
+    dtype: torch.dtype
+    slices: tuple[int, ...]
+    padded_rank: int | None = None  # a rank whose every position is padding
+    channels: int = 3
+
+    @property
+    def dims(self) -> int:
+        return {0: 1, 1: 1, 2: 2, 3: 3}[len(self.spatial)]
+
+
+MASKED_CASES = [
+    MaskedCase("NCL-f64-uneven", (6,), torch.float64, (3, 2)),
+    MaskedCase("NCHW-f32-uneven", (3, 4), torch.float32, (2, 3)),
+    MaskedCase("NCL-f64-rank1-all-padded", (5,), torch.float64, (3, 2), padded_rank=1),
+    MaskedCase("NC-f64-rank0-empty", (), torch.float64, (0, 5)),
+]
+
+
+def masked_data(case: MaskedCase, step: int) -> dict[str, torch.Tensor]:
+    """`data`'s global batch plus a global mask (N, *): sequences padded at the end for (N, C, L),
+    random positions otherwise; upstream gradients non-zero at padded positions too."""
+    g = torch.Generator().manual_seed(1000 * step + sum(map(ord, case.id)))
+    n = sum(case.slices)
+    shape = (n, case.channels, *case.spatial)
+    out = {
+        "x": (torch.randn(shape, generator=g, dtype=torch.float64) * 2.0 + 3.0).to(case.dtype),
+        "dy": torch.randn(shape, generator=g, dtype=torch.float64).to(case.dtype),
+        "weight": (torch.rand(case.channels, generator=g, dtype=torch.float64) + 0.5).to(case.dtype),
+        "bias": torch.randn(case.channels, generator=g, dtype=torch.float64).to(case.dtype),
+    }
+    if len(case.spatial) == 1:
+        lengths = torch.randint(1, case.spatial[0] + 1, (n,), generator=g)
+        mask = torch.arange(case.spatial[0]) < lengths[:, None]
+    else:
+        mask = torch.rand((n, *case.spatial), generator=g) < 0.6
+        mask.view(-1)[-2:] = True  # at least 2 real positions over all ranks
+    if case.padded_rank is not None:
+        mask[rank_slice(case.slices, case.padded_rank)] = False
+    out["mask"] = mask
+    return out

@@ -125,6 +125,49 @@ def compare(rank: int, world: int, counter: CollectiveCounter) -> dict:
     return out
 
 
+def masked_compare(rank: int, world: int, counter: CollectiveCounter) -> dict:
+    """SyncBatchNorm with a mask per rank: two training steps (the first with backward), then eval."""
+    out = {}
+    for case in sd.MASKED_CASES:
+        layer = batchnorm.SyncBatchNorm(case.channels, dtype=case.dtype)
+        part = sd.rank_slice(case.slices, rank)
+        res = {}
+        with torch.no_grad():
+            layer.weight.copy_(sd.masked_data(case, 0)["weight"])
+            layer.bias.copy_(sd.masked_data(case, 0)["bias"])
+        for step in (0, 1):
+            d = sd.masked_data(case, step)
+            x = d["x"][part].clone().requires_grad_(True)
+            counter.take()
+            y = layer(x, d["mask"][part])
+            res[f"fwd_collectives{step}"] = counter.take()
+            if step == 0:
+                (y * d["dy"][part]).sum().backward()
+                res["bwd_collectives"] = counter.take()
+                res.update(y=y.detach(), dx=x.grad, dweight=layer.weight.grad.clone(), dbias=layer.bias.grad.clone())
+        res.update(running_mean=layer.running_mean.clone(), running_var=layer.running_var.clone(),
+                   num_batches_tracked=layer.num_batches_tracked.clone())  # fmt: skip
+        out[case.id] = res
+
+    # One real position over all ranks (rank 0's only): every rank refuses, none is left waiting.
+    layer = batchnorm.SyncBatchNorm(3)
+    mask = torch.zeros(2, 4, dtype=torch.bool)
+    if rank == 0:
+        mask[1, 2] = True
+    try:
+        layer(torch.randn(2, 3, 4), mask)
+        out["global_count_error"] = None
+    except ValueError as error:
+        out["global_count_error"] = str(error)
+    out["global_count_state"] = {k: v.clone() for k, v in layer.state_dict().items()}
+    # One real position on each rank: enough globally.
+    mask = torch.zeros(2, 4, dtype=torch.bool)
+    mask[0, rank] = True
+    layer(torch.randn(2, 3, 4), mask)
+    out["one_per_rank_ok"] = True
+    return out
+
+
 def fail(rank: int, world: int, mode: str) -> dict:
     layer = batchnorm.SyncBatchNorm(3)
     if rank == 1:
@@ -151,10 +194,12 @@ def main() -> None:
     counter = CollectiveCounter()
     if scenario == "compare":
         result = compare(rank, world, counter)
+    elif scenario == "masked":
+        result = masked_compare(rank, world, counter)
     else:
         result = fail(rank, world, scenario.removeprefix("fail_"))
     torch.save(result, outdir / f"rank{rank}.pt")
-    if scenario == "compare":
+    if scenario in ("compare", "masked"):
         dist.destroy_process_group()
     else:
         os._exit(0)  # the group is broken: do not wait for peers in destroy

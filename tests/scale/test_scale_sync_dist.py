@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+import batchnorm
 import scale_dist as sd
 
 TORCH_BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
@@ -158,3 +159,63 @@ def test_a_failing_rank_stops_the_others_with_a_clear_error(mode, tmp_path):
     assert res["elapsed"] < timeout + 20, f"rank 0 waited {res['elapsed']:.1f}s with a {timeout}s timeout"
     if mode == "exit":
         assert results[1][0] != 0 and "fails on purpose" in results[1][1]
+
+
+OUR_BN = {1: batchnorm.BatchNorm1d, 2: batchnorm.BatchNorm2d, 3: batchnorm.BatchNorm3d}
+
+
+def _masked_reference(case: sd.MaskedCase) -> dict:
+    """The library's single-process masked BatchNorm (tests/core/test_core_masked.py checks it
+    against a float64 reference without padding) on the concatenated batch and mask."""
+    bn = OUR_BN[case.dims](case.channels, dtype=case.dtype)
+    d0 = sd.masked_data(case, 0)
+    with torch.no_grad():
+        bn.weight.copy_(d0["weight"])
+        bn.bias.copy_(d0["bias"])
+    x = d0["x"].clone().requires_grad_(True)
+    y = bn(x, d0["mask"])
+    (y * d0["dy"]).sum().backward()
+    d1 = sd.masked_data(case, 1)
+    bn(d1["x"], d1["mask"])
+    return {"y": y.detach(), "dx": x.grad, "dweight": bn.weight.grad, "dbias": bn.bias.grad,
+            "running_mean": bn.running_mean, "running_var": bn.running_var, "num_batches_tracked": bn.num_batches_tracked}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_masked_sync_batchnorm_matches_masked_batchnorm_on_the_global_batch(tmp_path):
+    """2 gloo ranks, each with its own mask (uneven real counts, a rank all padding, an empty
+    rank): outputs, input grads (upstream grads non-zero at padded positions), summed weight/bias
+    grads and running statistics equal the single-process masked layer on the concatenated batch;
+    one collective per forward and per backward; one real position over all ranks is refused on
+    every rank before anything changes."""
+    world = 2
+    results = sd.launch("masked", world, tmp_path, pg_timeout=30.0, wait=120.0)
+    for rank, (code, err) in enumerate(results):
+        assert code == 0, f"rank {rank} exited with {code}:\n{err[-4000:]}"
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    m = Mismatches()
+    for case in sd.MASKED_CASES:
+        ref = _masked_reference(case)
+        tol = _tol(case.dtype)
+        got = [r[case.id] for r in ranks]
+        for rank, res in enumerate(got):
+            part = sd.rank_slice(case.slices, rank)
+            where = f"{case.id} rank {rank}"
+            for key in ("y", "dx"):
+                m.close(f"{where} {key}", res[key], ref[key][part], **tol)
+            for key in ("running_mean", "running_var", "num_batches_tracked"):
+                m.close(f"{where} {key}", res[key], ref[key], **tol)
+            m.equal(f"{where} collectives in forward (step 1)", res["fwd_collectives0"], 1)
+            m.equal(f"{where} collectives in forward (step 2)", res["fwd_collectives1"], 1)
+            m.equal(f"{where} collectives in backward", res["bwd_collectives"], 1)
+        for key in ("dweight", "dbias"):
+            m.close(f"{case.id} {key} summed over ranks", sum(r[key] for r in got), ref[key], **tol)
+    fresh = batchnorm.SyncBatchNorm(3).state_dict()
+    for rank, res in enumerate(ranks):
+        error = res["global_count_error"]
+        if error is None or not ("Expected more than 1 value per channel" in error and "mask" in error and "over all 2 ranks" in error):
+            m.failures.append(f"rank {rank}: one real position over all ranks must raise, got {error!r}")
+        for key, value in fresh.items():
+            m.equal(f"rank {rank}: {key} untouched by the refused batch", torch.equal(res["global_count_state"][key], value), True)
+        m.equal(f"rank {rank}: one real position per rank", res["one_per_rank_ok"], True)
+    m.check()
