@@ -78,6 +78,8 @@ def test_batch_norm_matches_torch_and_mutates_nothing(training, shape_id):
     y_torch = torch.nn.functional.batch_norm(
         torch_leaves[0], torch_mean, torch_var, *torch_leaves[1:], training=training, momentum=0.3, eps=1e-4
     )
+    # eager: the library's autograd Function over its kernels (not the reference, not torch's)
+    assert y.grad_fn.name() == ("BatchNormTrainBackward" if training else "BatchNormEvalBackward")
     torch.testing.assert_close(y, y_torch, **TOL)
     assert y.is_contiguous(memory_format=torch.channels_last) == y_torch.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(new_mean, torch_mean, **TOL)
@@ -123,6 +125,19 @@ def test_tensor_momentum_is_torchs_cumulative_average():
     torch.testing.assert_close(running_var, layer.running_var, **TOL)
 
 
+def test_functional_batch_norm_takes_a_tensor_momentum_on_the_kernels_path(monkeypatch):
+    """batchnorm.functional.batch_norm with a 0-d tensor momentum (which its checks accept) on the
+    library's own path: the NumPy update used to get the tensor and fail."""
+    monkeypatch.setattr(kernels, "FORCE", "cpu")
+    x = data((64, 5))
+    running_mean, running_var = torch.zeros(5), torch.ones(5)
+    torch_mean, torch_var = running_mean.clone(), running_var.clone()
+    batchnorm.functional.batch_norm(x, running_mean, running_var, training=True, momentum=torch.tensor(0.25))
+    torch.nn.functional.batch_norm(x, torch_mean, torch_var, training=True, momentum=0.25)
+    torch.testing.assert_close(running_mean, torch_mean, **TOL)
+    torch.testing.assert_close(running_var, torch_var, **TOL)
+
+
 def test_without_running_statistics_batch_statistics_and_none():
     x = data((8, 3, 4))
     weight, bias, _, _ = vectors(3)
@@ -131,12 +146,21 @@ def test_without_running_statistics_batch_statistics_and_none():
     torch.testing.assert_close(y, torch.nn.functional.batch_norm(x, None, None, weight, bias, training=True), **TOL)
 
 
-def test_non_finite_channel_keeps_its_statistics_others_update():
+@pytest.mark.parametrize("how", ["eager", "vmap", "compile"])
+def test_non_finite_channel_keeps_its_statistics_others_update(how):
+    """The guard in eager (NumPy on plain CPU vectors) and as tensor math (transforms, graphs)."""
     x = data((8, 3, 4))
     x[2, 1, 0] = float("nan")
     weight, bias, running_mean, running_var = vectors(3)
     before = running_mean.clone(), running_var.clone()
-    _, new_mean, new_var = bnf.batch_norm(x, weight, bias, running_mean, running_var, training=True, momentum=0.5)
+
+    def step(x):
+        return bnf.batch_norm(x, weight, bias, running_mean, running_var, training=True, momentum=0.5)
+
+    if how == "vmap":
+        _, new_mean, new_var = (t[0] for t in vmap(step)(x[None]))
+    else:
+        _, new_mean, new_var = (torch.compile(step, fullgraph=True, backend="aot_eager") if how == "compile" else step)(x)
     clean = x[:, [0, 2]]
     torch_mean, torch_var = before[0][[0, 2]].clone(), before[1][[0, 2]].clone()
     torch.nn.functional.batch_norm(clean, torch_mean, torch_var, training=True, momentum=0.5)
@@ -144,6 +168,18 @@ def test_non_finite_channel_keeps_its_statistics_others_update():
     torch.testing.assert_close(new_mean[[0, 2]], torch_mean, **TOL)
     torch.testing.assert_close(new_var[[0, 2]], torch_var, **TOL)
     assert torch.equal(running_mean, before[0]) and torch.equal(running_var, before[1])
+
+
+def test_the_new_statistics_carry_no_derivative():
+    """As torch's running statistics: not differentiated. Under jvp the batch statistics come from
+    the reference's differentiable ops, and torch.no_grad does not stop forward-mode AD."""
+    x, tangent = data((8, 3, 4)), data((8, 3, 4), seed=2)
+    weight, bias, running_mean, running_var = vectors(3)
+    (y, new_mean, new_var), tangents = jvp(
+        lambda x: bnf.batch_norm(x, weight, bias, running_mean, running_var, training=True), (x,), (tangent,)
+    )
+    assert tangents[0].abs().max() > 0
+    assert torch.equal(tangents[1], torch.zeros(3)) and torch.equal(tangents[2], torch.zeros(3))
 
 
 def test_empty_batch_leaves_the_statistics():
@@ -425,6 +461,8 @@ def test_exported_program_mutates_nothing_and_returns_the_new_statistics(trainin
     signature = program.graph_signature
     assert not signature.buffers_to_mutate and not signature.user_inputs_to_mutate
     assert len(signature.user_outputs) == 3
+    ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function" and "batchnorm." in str(n.target)}
+    assert ops == {"batchnorm.forward_train.default" if training else "batchnorm.forward_eval.default"}
     saved = snapshot(dict(enumerate(args)))
     got = program.module()(*args)
     assert_unchanged(dict(enumerate(args)), saved)
