@@ -28,7 +28,12 @@ from torch import Tensor, nn
 from . import functional as F
 from . import ops
 from ._format import shape_of
+from .act import _BatchNormAct
+from .ghost import _Ghost
 from .kernels import reference_act
+from .modules import _BatchNorm
+from .renorm import _Renorm
+from .sync import SyncBatchNorm
 
 __all__ = ["batch_norm", "functional_call"]
 
@@ -159,7 +164,7 @@ class _Layer:
     """One BN module of the model: its names in the state, and the routed forward."""
 
     def __init__(self, module: nn.Module, prefixes: list[str]) -> None:
-        self.module, self.prefixes = module, prefixes
+        self.module, self.prefixes, self.kind = module, prefixes, _kind(module)
         self.where = repr(prefixes[0]) if prefixes[0] else "the model itself"
 
     def name(self, member: str) -> str:
@@ -171,16 +176,15 @@ class _Layer:
 
     def routed(self) -> bool:
         """Whether batch_norm takes this layer's place (else its own forward runs)."""
-        kind = _kind(self.module)
-        return kind in ("torch", "ours", "act") or (kind == "variant" and not self._batch_statistics())
+        return self.kind in ("torch", "ours", "act") or (self.kind == "variant" and not self._batch_statistics())
 
     def check(self, state: dict) -> None:
-        m, kind = self.module, _kind(self.module)
+        m, kind = self.module, self.kind
         what = f"{type(m).__name__} at {self.where}"
         if kind == "variant" and self._batch_statistics():
             raise NotImplementedError(
                 f"batchnorm.func.functional_call: {what} is in training mode, where it computes its statistics its own "
-                f"way ({_VARIANT_REASON.get(type(m).__name__.rstrip('123d'), 'its own forward')}), which the pure "
+                f"way ({_variant_reason(m)}), which the pure "
                 f"functional BN does not implement; call it in eval mode (model.eval() or batchnorm.freeze), or "
                 f"convert it to plain BN (batchnorm.convert(model, to='batchnorm') for SyncBatchNorm)"
             )
@@ -241,7 +245,7 @@ class _Layer:
             if tracked and counter is not None:
                 for k in layer.aliases("num_batches_tracked"):
                     updates[k] = counter + 1
-            if _kind(m) == "act":
+            if layer.kind == "act":
                 y = reference_act.activate(y, m.activation, m.activation_param)
             return y
 
@@ -253,22 +257,19 @@ class _Layer:
 
 
 _MEMBERS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-_VARIANT_REASON = {
-    "GhostBatchNorm": "virtual batches",
-    "BatchRenorm": "the renormalization correction",
-    "SyncBatchNorm": "statistics synchronized across processes",
-}
+
+
+def _variant_reason(m: nn.Module) -> str:
+    if isinstance(m, _Ghost):
+        return "virtual batches"
+    if isinstance(m, _Renorm):
+        return "the renormalization correction"
+    return "statistics synchronized across processes"
 
 
 def _kind(m: nn.Module) -> str:
     """'torch' (torch's BN forward), 'ours', 'act' (the library's BN / BNAct forward), 'variant'
     (BN in eval, its own training: Ghost, Renorm, Sync), 'other' (an unknown forward)."""
-    from .act import _BatchNormAct
-    from .ghost import _Ghost
-    from .modules import _BatchNorm
-    from .renorm import _Renorm
-    from .sync import SyncBatchNorm
-
     forward = type(m).forward
     if forward is _TORCH_FORWARD:
         return "torch"
