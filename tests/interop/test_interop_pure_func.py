@@ -567,3 +567,24 @@ def test_separate_models_in_threads_are_independent():
             out = oracle(x)
         torch.testing.assert_close(results[i][0], out, **MODEL_TOL)
         assert_state_close(results[i][1], state_of(oracle))
+
+
+class OwnForwardBN(nn.BatchNorm2d):
+    """A BN subclass with a forward of its own (as timm's BatchNormAct2d): its semantics are unknown."""
+
+    def forward(self, x):
+        return torch.relu(super().forward(x))
+
+
+def test_a_bn_subclass_with_its_own_forward_is_refused_in_training_and_runs_as_itself_in_eval():
+    model = nn.Sequential(nn.Conv2d(4, 4, 1), OwnForwardBN(4)).train()
+    state = state_of(model)
+    saved = snapshot(state)
+    x = data(SHAPES["small"])
+    with pytest.raises(NotImplementedError, match="OwnForwardBN at '1' has its own forward"):
+        bnf.functional_call(model, state, (x,))
+    assert_unchanged(state, saved)
+    model.eval()
+    out, new_state = bnf.functional_call(model, state, (x,))
+    torch.testing.assert_close(out, model(x), **TOL)  # its own forward ran: the relu is there
+    assert out.min() >= 0 and all(new_state[k] is v for k, v in state.items())
