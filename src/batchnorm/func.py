@@ -131,8 +131,10 @@ def functional_call(
 
     BN layers run through `batch_norm` above: torch.nn.BatchNorm1d/2d/3d, the library's
     BatchNorm1d/2d/3d and BatchNormAct1d/2d/3d (activation applied after), and in eval mode the
-    variants (Ghost, Renorm, Sync, torch.nn.SyncBatchNorm), which normalize as BN there. In
-    training those variants are refused, as are BatchNormAct layers with inplace=True. momentum=None
+    variants (Ghost, Renorm, Sync, torch.nn.SyncBatchNorm), which normalize as BN there; in
+    training those variants are refused, and BatchNormAct with inplace=True always is (it
+    overwrites its input). A BN subclass with a forward of its own is refused in training and runs
+    its own forward in eval. momentum=None
     is the cumulative average 1 / (num_batches_tracked + 1), read from `state`. Other modules run
     as they are: one that writes its own buffers in place (InstanceNorm with track_running_stats,
     say) still does.
@@ -308,7 +310,14 @@ _routing = threading.Lock()  # makes "is this model already routed?" and the rou
 
 
 class _routed:
-    """Route each BN layer's forward through `batch_norm` for the duration of a `with` block."""
+    """Route each BN layer's forward through `batch_norm` for the duration of a `with` block.
+
+    An instance attribute `forward` (nn.Module.__call__ looks it up before the class's), set and
+    removed through the module's __dict__: under torch.compile (torch 2.13) a `module.forward = f`
+    then `del module.forward` pair fails (the compiled code replays the deletion without the
+    assignment: AttributeError), the __dict__ pair traces. Not a torch function mode intercepting F.batch_norm: the library's layers do
+    not call it, and torch's layer writes num_batches_tracked (and reads it with float(), which
+    vmap refuses) before calling it. Not a per-call copy of the model: Dynamo cannot trace one."""
 
     def __init__(self, layers: list[_Layer], updates: dict) -> None:
         self.layers = [layer for layer in layers if layer.routed()]
