@@ -7,10 +7,11 @@ rewriting: `freeze`/`unfreeze` and `convert`. `BatchNormAct1d/2d/3d` fuse BN wit
 scale and deployment (docs/scale.md): `SyncBatchNorm` on any torch.distributed backend, `fold` for
 inference, `recalibrate` for exact running statistics, `adapt` for test-time adaptation to shifted
 data, and the small-batch layers `GhostBatchNorm*d` and `BatchRenorm*d`. Beyond torch (docs/tools.md):
-`from_keras`/`to_keras` move BN layers to and from Keras 3, and `diagnose` (the `batchnorm doctor`
-command) checks a model's BN state.
+`from_keras`/`to_keras` move BN layers to and from Keras 3, `diagnose` (the `batchnorm doctor`
+command) checks a model's BN state, and `batchnorm.func` is a pure functional BN that returns its
+statistics (vmap over a stack of models in training).
 """
-from . import functional
+from . import func, functional
 from .act import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .tools import adapt, convert, diagnose, fold, fold_weights, freeze, from_keras, is_frozen, recalibrate, to_keras, unfreeze
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "functional",
+    "func",
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",

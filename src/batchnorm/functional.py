@@ -46,6 +46,7 @@ __all__ = [
     "check_arguments",
     "check_scalars",
     "traced_batch_norm",
+    "forward_steps",
     "RunningUpdate",
     "native_counted",
     "transformed",
@@ -101,7 +102,9 @@ def _next_running_stats(running_mean, running_var, mean, var, count: int, moment
     no buffer), skipped mask (C,)): the update, computed but not stored, so that a warning about
     the skipped channels can come before anything is written. NumPy arrays for plain CPU
     vectors, tensors otherwise."""
-    arrays = _numpy_views(running_mean, running_var, mean, var)
+    # NumPy only for a Python momentum: a 0-d tensor momentum (momentum=None's 1 / (count + 1),
+    # batchnorm.func) stays in torch, where NumPy's arithmetic would hand the array to it
+    arrays = None if isinstance(momentum, Tensor) else _numpy_views(running_mean, running_var, mean, var)
     if arrays is not None:
         return _next_in_numpy(*arrays, count, momentum)
     with torch.no_grad():
@@ -404,14 +407,11 @@ def traced_batch_norm(
         (kernels/reference.py), which torch differentiates and batches like any torch code.
     """
     check_arguments(x, running_mean, running_var, weight, bias, training=training, eps=eps)
-    if ops.tracing():
-        if torch.onnx.is_in_onnx_export():
-            # ONNX has BatchNormalization, which torch's own op translates to; ours it would not know
-            y = torch.batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps, False)
-            return reference.activate(y, activation, param)
-        forward_train, forward_eval = ops.forward_train, ops.forward_eval
-    else:
-        forward_train, forward_eval = reference.forward_train_act, reference.forward_eval_act
+    if ops.tracing() and torch.onnx.is_in_onnx_export():
+        # ONNX has BatchNormalization, which torch's own op translates to; ours it would not know
+        y = torch.batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps, False)
+        return reference.activate(y, activation, param)
+    forward_train, forward_eval = forward_steps()
     if not training:
         return forward_eval(x, running_mean, running_var, weight, bias, eps, activation, param)
     y, mean, var, _ = forward_train(x, weight, bias, eps, activation, param)
@@ -423,6 +423,38 @@ def traced_batch_norm(
     if counter is not None:
         counter.add_(1)
     return y
+
+
+def forward_steps():
+    """(forward_train, forward_eval) for this call, with the signatures of
+    `reference.forward_train_act` / `forward_eval_act`:
+
+        forward_train(x, weight, bias, eps, activation, param)            -> y, mean, var, invstd
+        forward_eval(x, mean, var, weight, bias, eps, activation, param)  -> y
+
+    mean, var, invstd (C,) in `reference.stats_dtype(x)` (invstd may be None); nothing is written,
+    not even running statistics (the caller applies them). The one place that says which
+    computation runs:
+
+      * tracing (torch.compile, torch.export, jit.trace): the `batchnorm::` operators (ops.py);
+      * torch.func transforms and forward-mode AD: the plain-torch reference, which torch
+        differentiates and batches like any torch code;
+      * eager: the autograd Functions over the fast kernels.
+    """
+    if ops.tracing():
+        return ops.forward_train, ops.forward_eval
+    if transformed():
+        return reference.forward_train_act, reference.forward_eval_act
+    return _eager_forward_train, _eager_forward_eval
+
+
+def _eager_forward_train(x, weight, bias, eps, activation="identity", param=0.0):
+    y, mean, var = BatchNormTrain.apply(x, weight, bias, eps, activation, param, False, None)
+    return y, mean, var, None
+
+
+def _eager_forward_eval(x, mean, var, weight, bias, eps, activation="identity", param=0.0):
+    return BatchNormEval.apply(x, mean, var, weight, bias, eps, activation, param, False)
 
 
 def transformed() -> bool:
