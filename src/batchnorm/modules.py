@@ -62,6 +62,8 @@ class _BatchNorm(torch.nn.modules.batchnorm._BatchNorm):
     def _momentum(self, update: bool, num_batches_tracked: Tensor | None) -> float:
         """The weight of this batch in the running statistics; `momentum=None` is a cumulative
         average, in which the k-th batch (counted once this one succeeds) gets weight 1/k."""
+        if type(self.momentum) is float:  # the usual case, answered before the checks below (~3 us)
+            return self.momentum
         if self.momentum is None and update and (ops.tracing() or F.transformed()):
             return 1.0 / (num_batches_tracked.double() + 1.0)  # a graph cannot read the count's value
         if self.momentum is not None:

@@ -9,6 +9,8 @@ import copy
 import pytest
 import torch
 
+import batchnorm
+
 from interop_helpers import SIZES, assert_states_close, conv_bn_model, resnet18_style
 
 TOL = dict(rtol=1e-4, atol=1e-4)  # small sizes: eager runs torch's kernel, the graph the library's
@@ -89,3 +91,42 @@ def test_nonfinite_batch_keeps_running_statistics_in_compiled_code_too():
     compiled(x)
     assert m.running_mean[1] == 0 and m.running_var[1] == 1
     assert torch.isfinite(m.running_mean).all() and m.running_mean[0] != 0
+
+
+def graph_targets(model, x) -> set[str]:
+    """The call_function targets of the graphs Dynamo hands the backend (forward, not lowered)."""
+    targets = set()
+
+    def backend(gm, example_inputs):
+        targets.update(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(model, backend=backend, fullgraph=True)(x)
+    return targets
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_small_tensors_compile_to_torchs_batch_norm_large_ones_to_the_operator(training):
+    """As in eager, where tensors below the measured sizes take torch's kernel: the graph holds
+    torch's batch norm for them (Inductor fuses it with its neighbours), the operator above."""
+    small, large = torch.randn(SIZES["small"]), torch.randn(4, 3, 512, 512)  # below / above every MIN_NUMEL
+    for x, ours in ((small, False), (large, True)):
+        layer = batchnorm.BatchNorm2d(3).train(training)
+        targets = graph_targets(layer, x)
+        assert any("batchnorm." in t for t in targets) is ours, targets
+        assert any("batch_norm" in t and "batchnorm." not in t for t in targets) is not ours, targets
+
+
+def test_small_tensors_in_compiled_code_keep_the_guard_and_match_eager():
+    x = torch.randn(SIZES["small"])
+    x[:, 1] = float("nan")
+    eager, compiled_layer = batchnorm.BatchNorm2d(3), batchnorm.BatchNorm2d(3)
+    compiled = torch.compile(compiled_layer, fullgraph=True, backend="aot_eager")
+    with pytest.warns(RuntimeWarning):  # eager names the channel; the graph keeps it silently
+        y_eager = eager(x)
+    y = compiled(x)
+    torch.testing.assert_close(y, y_eager, equal_nan=True)
+    assert torch.equal(compiled_layer.running_mean[1], torch.tensor(0.0))  # channel 1 kept
+    assert torch.equal(compiled_layer.running_var[1], torch.tensor(1.0))
+    assert_states_close(compiled_layer, eager)

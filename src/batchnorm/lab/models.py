@@ -126,13 +126,19 @@ class LabGhostBatchNorm1d(batchnorm.GhostBatchNorm1d):
     layer, state_dict and eval, and a one-sample chunk never happens.
     """
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _batch_norm(self, x: Tensor, weight, bias, running_mean, running_var, *, training, momentum, counter=None, mask=None) -> Tensor:
         size = self.virtual_batch_size
-        if not (self.training and x.shape[0] > size and x.shape[0] % size == 1):
-            return super().forward(x)
+        if not (self._uses_batch_statistics() and x.shape[0] > size and x.shape[0] % size == 1):
+            return super()._batch_norm(
+                x, weight, bias, running_mean, running_var, training=training, momentum=momentum, counter=counter, mask=mask
+            )
         cut = x.shape[0] - size - 1  # chunks of `size` before, one of size + 1 after
-        head = [super().forward(x[:cut])] if cut else []  # first: running stats follow chunk order
-        last = batchnorm.BatchNorm1d.forward(self, x[cut:])  # one chunk: BN on its own statistics
+        state = (weight, bias, running_mean, running_var)
+        # first: running stats follow chunk order
+        head = [super()._batch_norm(x[:cut], *state, training=True, momentum=momentum, counter=counter)] if cut else []
+        # one chunk, BN on its own statistics (momentum=None: its weight after the head's chunks)
+        momentum = self._momentum(counter is not None, counter)
+        last = batchnorm.BatchNorm1d._batch_norm(self, x[cut:], *state, training=True, momentum=momentum, counter=counter)
         return torch.cat([*head, last], dim=0)
 
 
