@@ -1,7 +1,7 @@
 """What stays eager under torch.compile: a graph break, run as eager code.
 
-The plain layers and BatchNormAct are `batchnorm::` operators in compiled graphs (ops.py). What
-cannot be one runs outside the graph: the in-place mode (it overwrites its input) and the
+The plain layers and BatchNormAct lower to torch's batch norm in compiled graphs (or to the
+`batchnorm::` operators of ops.py: `functional.compiled_as_torch`). What cannot runs outside the graph: the in-place mode (it overwrites its input) and the
 training forwards of GhostBatchNorm, BatchRenorm and SyncBatchNorm (their own statistics steps
 and collectives). Dynamo compiles the model's other ops and calls these as eager code, which
 runs exactly as without compile (same kernels, numbers, errors and guard), with its autograd

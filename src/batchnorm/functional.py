@@ -31,7 +31,8 @@ from ._compile import outside_compiled_graphs
 from ._format import shape_of
 from .autograd import BatchNormEval, BatchNormTrain
 from .inplace import check_inplace
-from .kernels import implementation, native, reference, torch_kernel_in_graph, use_torch
+from . import kernels
+from .kernels import implementation, native, reference, use_torch
 from .kernels.activations import check_activation
 
 __all__ = [
@@ -401,10 +402,9 @@ def traced_batch_norm(
     tensor math (the guard's warning, which would need the values, is left out). `momentum` may be
     a 0-d tensor (momentum=None's 1 / (count + 1) in a graph).
 
-      * torch.compile, torch.export, jit.trace: the `batchnorm::` operators (batchnorm/ops.py),
-        except under torch.compile for the tensors eager code gives torch's kernel (below the
-        measured sizes, `kernels.torch_kernel_in_graph`): torch's batch norm, which Inductor
-        compiles with its neighbours, with the guard as tensor math;
+      * torch.compile: torch's batch norm, which Inductor compiles with its neighbours, with the
+        guard as tensor math (`compiled_as_torch` says when and why);
+      * torch.export, jit.trace: the `batchnorm::` operators (batchnorm/ops.py);
       * ONNX export: torch's own batch norm op, which the exporters turn into BatchNormalization;
       * torch.func transforms (grad, vmap, jvp, ...) and forward-mode AD: the plain-torch reference
         (kernels/reference.py), which torch differentiates and batches like any torch code.
@@ -414,10 +414,7 @@ def traced_batch_norm(
         # ONNX has BatchNormalization, which torch's own op translates to; ours it would not know
         y = torch.batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps, False)
         return reference.activate(y, activation, param)
-    if (
-        torch.compiler.is_compiling() and not torch.compiler.is_exporting() and not isinstance(momentum, Tensor)
-        and torch_kernel_in_graph(x, training, fused=activation != "identity")
-    ):  # small tensors under torch.compile: torch's batch norm, which Inductor fuses, as eager takes torch's kernel
+    if compiled_as_torch(momentum):  # torch.compile: torch's batch norm, which Inductor fuses with its neighbours
         y = _torch_batch_norm_guarded(x, running_mean, running_var, weight, bias, training, momentum, eps)
         if counter is not None:
             counter.add_(1)
@@ -434,6 +431,23 @@ def traced_batch_norm(
     if counter is not None:
         counter.add_(1)
     return y
+
+
+def compiled_as_torch(momentum) -> bool:
+    """Whether torch.compile should get torch's own batch norm in its graph rather than the
+    library's operators: always, unless the kernels are forced (`BATCHNORM_KERNELS=cpu` or
+    `reference`) or the momentum is a tensor (momentum=None's weight, which torch's op cannot take).
+
+    Measured (BENCHMARKS.md, "Whole models"): with the operators, a compiled ResNet-18 training
+    step ran at 0.81-0.92x torch compiled and a MobileNetV2 one at 0.42-0.55x. Inductor fuses
+    torch's batch norm with the convolution outputs, activations and residual adds around it,
+    fewer passes than any opaque call can make, and keeps its layouts; so a compiled model holding
+    the library's layers compiles as with torch's, the library adding its NaN/Inf guard as tensor
+    math. torch.export and jit.trace keep the operators (portable graphs of the library's math)."""
+    return (
+        torch.compiler.is_compiling() and not torch.compiler.is_exporting() and not isinstance(momentum, Tensor)
+        and kernels.FORCE in (None, "torch")
+    )
 
 
 def _torch_batch_norm_guarded(x, running_mean, running_var, weight, bias, training, momentum, eps) -> Tensor:

@@ -43,7 +43,7 @@ from torch import Tensor
 from . import functional as F
 from . import ops
 from ._format import shape_of
-from .kernels.reference import activate, centered, channel_view, compute_dtype, output_memory_format, reduce_dims, stats_dtype
+from .kernels.reference import channel_view, normalize_act, reduce_dims, stats_dtype
 
 __all__ = ["check_mask", "masked_batch_stats", "masked_normalize", "batch_norm", "refuse_mask"]
 
@@ -103,13 +103,7 @@ def masked_normalize(
 
     (N, C, *) with (C,) vectors -> like x, in x's dtype and torch's output memory format, computed
     in `compute_dtype(x)` from the wider statistics (`reference.centered`)."""
-    dtype = compute_dtype(x)
-    invstd = torch.rsqrt(var + eps)  # (C,)
-    scale = invstd if weight is None else invstd * weight  # (C,)
-    z = centered(x, mean) * channel_view(scale.to(dtype), x)
-    if bias is not None:
-        z = z + channel_view(bias.to(dtype), x)
-    return activate(z, activation, param).to(x.dtype).contiguous(memory_format=output_memory_format(x))
+    return normalize_act(x, mean, torch.rsqrt(var + eps), weight, bias, activation, param)  # differentiable torch ops
 
 
 def _one_value_error(x: Tensor, where: str = "") -> str:

@@ -15,7 +15,9 @@ differentiable through `register_autograd`, whose backward calls the backward op
 create_graph=True, the reference in differentiable torch ops, as `autograd.py` does).
 
 Who calls them: the layers and `functional.batch_norm` / `batch_norm_act` while torch traces
-(`tracing()`: torch.compile, torch.export, torch.jit.trace). Eager calls keep the autograd
+(`tracing()`: torch.export and torch.jit.trace; torch.compile only with the kernels forced or
+momentum=None, since Inductor fuses torch's own batch norm into faster whole-model code:
+`functional.compiled_as_torch`). Eager calls keep the autograd
 Functions of `autograd.py` and torch's kernel for small tensors, whose fixed
 costs are measured and lower (docs/performance.md); the numbers are the same kernels' either way.
 The running-statistics update needs no operator: in traced code it runs as plain torch ops

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from . import _numba, buffers, cpu, reference
 
-__all__ = ["implementation", "use_torch", "torch_kernel_in_graph", "reference", "cpu", "buffers", "MIN_NUMEL", "parallel_min_numel", "FORCE"]
+__all__ = ["implementation", "use_torch", "reference", "cpu", "buffers", "MIN_NUMEL", "parallel_min_numel", "FORCE"]
 
 # Smallest tensor (elements) sent to the Numba kernels, per mode (BN or BN + activation, training
 # step or eval call) and layout; below it torch's own kernel runs (see use_torch). From
@@ -91,22 +91,6 @@ def use_torch(x: Tensor, training: bool, fused: bool = False) -> bool:
         return False
     # (Asked in eager code only: the caller has sent traced code and torch.func transforms elsewhere.)
     if not x.is_cpu:  # other devices: torch's own kernels (cuDNN on CUDA), never slower than torch.nn
-        return True
-    layout = cpu.layout_of(x)
-    if layout is None:
-        return False
-    return FORCE == "torch" or x.numel() < MIN_NUMEL[_MODES[training, fused]][layout]
-
-
-def torch_kernel_in_graph(x: Tensor, training: bool, fused: bool = False) -> bool:
-    """True when torch.compile should put torch's own batch norm into the graph for `x` rather than
-    the library's operator: what `use_torch` says in eager, from the same measured sizes (a
-    tensor below them, or on another device). Inductor then compiles torch's batch norm with its
-    neighbours, where the operator's fixed costs, or the reference it runs for small tensors, would
-    make the compiled model slower than the eager one (MobileNetV2: 0.51x torch compiled)."""
-    if FORCE is not None and FORCE != "torch":
-        return False
-    if not x.is_cpu:
         return True
     layout = cpu.layout_of(x)
     if layout is None:
