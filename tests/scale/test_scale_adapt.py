@@ -10,23 +10,13 @@ import torch
 from torch import nn
 
 import batchnorm
+from scale_models import mixed_bn_model
 
 _BN = nn.modules.batchnorm._BatchNorm
 
 
 def _model() -> nn.Module:
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 4, 3),
-        batchnorm.BatchNorm2d(4),
-        nn.ReLU(),
-        nn.Dropout(0.5),
-        nn.Conv2d(4, 2, 1),
-        nn.BatchNorm2d(2, momentum=None),
-        nn.Flatten(),
-        nn.Linear(2 * 3 * 3, 3),
-        nn.BatchNorm1d(3),
-    ).double()
+    model = mixed_bn_model()
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():  # source statistics and affine parameters far from the defaults
         for m in model.modules():

@@ -8,21 +8,7 @@ import torch
 from torch import nn
 
 import batchnorm
-
-
-def _model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3),
-        batchnorm.BatchNorm2d(4),
-        nn.ReLU(),
-        nn.Dropout(0.5),
-        nn.Conv2d(4, 2, 1),
-        nn.BatchNorm2d(2, momentum=None),
-        nn.Flatten(),
-        nn.Linear(2 * 3 * 3, 3),
-        nn.BatchNorm1d(3),
-    ).double()
+from scale_models import mixed_bn_model as _model
 
 
 def _batches(sizes=(2, 4, 7)) -> list[torch.Tensor]:
