@@ -415,7 +415,10 @@ def traced_batch_norm(
         y = torch.batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps, False)
         return reference.activate(y, activation, param)
     if compiled_as_torch(momentum):  # torch.compile: torch's batch norm, which Inductor fuses with its neighbours
-        y = _torch_batch_norm_guarded(x, running_mean, running_var, weight, bias, training, momentum, eps)
+        if training and running_mean is not None and running_var is not None:
+            y = native.guarded_training(x, running_mean, running_var, weight, bias, momentum, eps)
+        else:
+            y = torch.batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps, False)
         if counter is not None:
             counter.add_(1)
         return reference.activate(y, activation, param)
@@ -448,21 +451,6 @@ def compiled_as_torch(momentum) -> bool:
         torch.compiler.is_compiling() and not torch.compiler.is_exporting() and not isinstance(momentum, Tensor)
         and kernels.FORCE in (None, "torch")
     )
-
-
-def _torch_batch_norm_guarded(x, running_mean, running_var, weight, bias, training, momentum, eps) -> Tensor:
-    """torch's batch norm, its running-statistics update under the library's guard as tensor math:
-    torch updates copies, and a channel takes its new values only where they are finite (as
-    `native._guarded_off_cpu` does on other devices)."""
-    if not training or running_mean is None or running_var is None:
-        return torch.batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps, False)
-    new_mean, new_var = running_mean.clone(), running_var.clone()
-    y = torch.batch_norm(x, weight, bias, new_mean, new_var, True, momentum, eps, False)
-    keep = torch.isfinite(new_mean) & torch.isfinite(new_var)
-    with torch.no_grad():
-        running_mean.copy_(torch.where(keep, new_mean, running_mean))
-        running_var.copy_(torch.where(keep, new_var, running_var))
-    return y
 
 
 def forward_steps():

@@ -1,5 +1,5 @@
 """torch's own batch norm kernel, for tensors too small for the Numba kernels and for every device
-but the CPU (cuDNN on CUDA; there the guard is tensor math, `_guarded_off_cpu`).
+but the CPU (cuDNN on CUDA; there the guard is tensor math, `guarded_training`).
 
 A call into the Numba kernels has a fixed cost (drivers, NumPy views, a parallel launch, a Python
 autograd Function): about 0.3 ms per training step and 33 us per eval call, against torch's 0.09 ms
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["batch_norm", "batch_norm_act"]
+__all__ = ["batch_norm", "batch_norm_act", "guarded_training"]
 
 
 def batch_norm(
@@ -53,7 +53,7 @@ def batch_norm(
         if not training or running_mean is None or running_var is None:
             return torch.batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps, torch.backends.cudnn.enabled)
         if not x.is_cpu:
-            return _guarded_off_cpu(x, running_mean, running_var, weight, bias, momentum, eps)
+            return guarded_training(x, running_mean, running_var, weight, bias, momentum, eps)
         mean, var = _memory(running_mean), _memory(running_var)
         if mean is None or var is None:
             return None  # not plain float CPU vectors: torch refuses them, or the library's path handles them
@@ -71,11 +71,12 @@ def batch_norm(
     return None
 
 
-def _guarded_off_cpu(x, running_mean, running_var, weight, bias, momentum, eps) -> Tensor:
-    """torch's training batch norm on another device (cuDNN on CUDA), with the guard as tensor
-    math: torch updates copies of the running statistics, and a channel takes its new values only
-    where they are finite. No value is read, so the device never waits for the host (the warning
-    that names the channels, which would need the values, is left out there)."""
+def guarded_training(x, running_mean, running_var, weight, bias, momentum, eps) -> Tensor:
+    """torch's training batch norm with the guard as tensor math: torch updates copies of the
+    running statistics, and a channel takes its new values only where they are finite. No value
+    is read, so a device never waits for the host, and a compiled graph can hold it (the
+    warning that names the channels, which would need the values, is left out). Serves other
+    devices (cuDNN on CUDA) and torch.compile's graphs (`functional.compiled_as_torch`)."""
     new_mean, new_var = running_mean.clone(), running_var.clone()
     y = torch.batch_norm(x, weight, bias, new_mean, new_var, True, momentum, eps, torch.backends.cudnn.enabled)
     keep = torch.isfinite(new_mean) & torch.isfinite(new_var)
