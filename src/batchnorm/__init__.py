@@ -14,7 +14,7 @@ statistics (vmap over a stack of models in training).
 from . import func, functional
 from .act import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
-from .tools import adapt, convert, diagnose, fold, fold_weights, freeze, from_keras, is_frozen, recalibrate, to_keras, unfreeze
+from .tools import adapt, convert, diagnose, fold, fold_weights, freeze, fuse, from_keras, is_frozen, recalibrate, to_keras, unfreeze
 from .sync import SyncBatchNorm
 from .ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
 from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
@@ -43,6 +43,7 @@ __all__ = [
     "BatchRenorm3d",
     "fold",
     "fold_weights",
+    "fuse",
     "recalibrate",
     "from_keras",
     "to_keras",
