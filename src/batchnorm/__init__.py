@@ -8,8 +8,9 @@ scale and deployment (docs/scale.md): `SyncBatchNorm` on any torch.distributed b
 inference, `recalibrate` for exact running statistics, `adapt` for test-time adaptation to shifted
 data, and the small-batch layers `GhostBatchNorm*d` and `BatchRenorm*d`. Beyond torch (docs/tools.md):
 `from_keras`/`to_keras` move BN layers to and from Keras 3, `diagnose` (the `batchnorm doctor`
-command) checks a model's BN state, and `batchnorm.func` is a pure functional BN that returns its
-statistics (vmap over a stack of models in training).
+command) checks a model's BN state, `batchnorm.func` is a pure functional BN that returns its
+statistics (vmap over a stack of models in training), and `fuse` rewrites a model (torch.fx) so that
+each BN runs with the activation and residual add after it as one `BatchNormAct*d` layer.
 """
 from . import func, functional
 from .act import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
