@@ -578,3 +578,20 @@ def test_fused_model_runs_under_torch_compile():
     for name, p in fused.named_parameters():
         torch.testing.assert_close(p.grad, reference_parameters[name].grad, msg=name)
     assert_same_state(fused, reference, {})
+
+
+@pytest.mark.parametrize("library", [False, True], ids=["torch_bn", "library_bn"])
+def test_frozen_layers(library):
+    """The library's frozen layer (a flag read in forward) fuses and stays frozen; torch's (frozen
+    with an instance forward) is left, with the way round."""
+    torch.manual_seed(0)
+    model = batchnorm.freeze(nn.Sequential(nn.Conv2d(3, 4, 1), BN[library, 2](4), nn.ReLU()))
+    reference = copy.deepcopy(model)
+    fused, report = batchnorm.fuse(model)
+    assert report["1"].fused == library
+    if not library:
+        assert report["1"].reason.startswith("frozen by batchnorm.freeze") and "fuse first, then freeze" in report["1"].reason
+    assert batchnorm.is_frozen(fused.get_submodule("1"))
+    x = torch.randn(4, 3, 3, 3)
+    torch.testing.assert_close(fused(x), reference(x))
+    assert_same_state(fused, reference, {})
