@@ -429,7 +429,6 @@ def fuse(model: nn.Module) -> tuple[torch.fx.GraphModule, FuseReport]:
     for name, layer in fused_layers.items():
         _set_submodule(fused, name, layer)
     _copy_missing(model, fused)
-    fused.training = model.training  # only the root's flag: train() would switch model's own submodules too
     report = FuseReport()
     for name, bn in model.named_modules():
         if not isinstance(bn, _BN):
