@@ -59,13 +59,13 @@ class UntraceableModelError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------ activations
-# How each activation call reads: (library name, where its parameter is: (position after the
-# input, keyword, default) or None). Exact module classes only: a subclass may compute otherwise.
+# The activations fuse recognizes, by the library's name for them. Exact module classes only: a
+# subclass may compute otherwise. A function's parameter: (position after the input, keyword, default).
 _MODULES = {
-    nn.ReLU: ("relu", None), nn.ReLU6: ("relu6", None), nn.SiLU: ("silu", None),
-    nn.Hardswish: ("hardswish", None), nn.Sigmoid: ("sigmoid", None), nn.Tanh: ("tanh", None),
-    nn.GELU: ("gelu", None), nn.LeakyReLU: ("leaky_relu", None), nn.ELU: ("elu", None),
+    nn.ReLU: "relu", nn.ReLU6: "relu6", nn.SiLU: "silu", nn.Hardswish: "hardswish", nn.Sigmoid: "sigmoid",
+    nn.Tanh: "tanh", nn.GELU: "gelu", nn.LeakyReLU: "leaky_relu", nn.ELU: "elu",
 }  # fmt: skip
+_MODULE_PARAM = {nn.LeakyReLU: "negative_slope", nn.ELU: "alpha"}
 _FUNCTIONS = {
     F.relu: ("relu", None), torch.relu: ("relu", None), F.relu_: ("relu", None), torch.relu_: ("relu", None),
     F.relu6: ("relu6", None), F.silu: ("silu", None), F.hardswish: ("hardswish", None),
@@ -75,6 +75,8 @@ _FUNCTIONS = {
     F.elu: ("elu", (1, "alpha", 1.0)), F.elu_: ("elu", (1, "alpha", 1.0)),
 }  # fmt: skip
 _METHODS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid", "tanh": "tanh", "tanh_": "tanh"}
+# functions and methods reported as activations the library does not fuse (rather than "no activation")
+_OTHER_ACTIVATIONS = ("softplus", "mish", "hardsigmoid", "selu", "celu", "prelu", "rrelu", "hardtanh", "softsign", "logsigmoid")
 _ADDS = (operator.add, operator.iadd, torch.add)
 _ADD_METHODS = ("add", "add_")
 
@@ -97,18 +99,19 @@ class _NotFusable(Exception):
 
 def _activation_of(node: torch.fx.Node, root: nn.Module) -> tuple[str, float | None] | None:
     """(library activation name, parameter) of an activation call, None when `node` is no
-    activation fuse knows. Raises _NotFusable for an activation it knows but cannot fuse."""
+    activation. Raises _NotFusable for an activation the library does not fuse in any version."""
     if node.op == "call_module":
         module = root.get_submodule(node.target)
-        if type(module) not in _MODULES:
-            if isinstance(module, nn.Module) and type(module).__module__.startswith("torch.nn.modules.activation"):
-                raise _NotFusable(f"its activation {type(module).__name__} ({node.target!r}) is not one the library fuses")
+        kind = type(module)
+        if kind not in _MODULES:
+            if kind.__module__ == "torch.nn.modules.activation" and kind is not nn.MultiheadAttention:
+                raise _NotFusable(f"its activation {kind.__name__} ({node.target!r}) is not one the library fuses")
             return None
-        name, _ = _MODULES[type(module)]
-        if type(module) is nn.GELU and module.approximate != "none":
-            raise _NotFusable(f"its activation nn.GELU(approximate={module.approximate!r}) is not one the library fuses (only approximate='none')")
-        param = {"leaky_relu": lambda: float(module.negative_slope), "elu": lambda: float(module.alpha)}.get(name, lambda: None)()
-        return name, param
+        if kind is nn.GELU and module.approximate != "none":
+            raise _NotFusable(
+                f"its activation nn.GELU(approximate={module.approximate!r}) is not one the library fuses (only approximate='none')"
+            )
+        return _MODULES[kind], float(getattr(module, _MODULE_PARAM[kind])) if kind in _MODULE_PARAM else None
     if node.op == "call_function" and node.target in _FUNCTIONS:
         name, where = _FUNCTIONS[node.target]
         if node.target is F.gelu and node.kwargs.get("approximate", "none") != "none":
@@ -120,7 +123,7 @@ def _activation_of(node: torch.fx.Node, root: nn.Module) -> tuple[str, float | N
         return name, _constant(value, f"{name} {keyword}")
     if node.op == "call_method" and node.target in _METHODS:
         return _METHODS[node.target], None
-    if node.op in ("call_function", "call_method") and _node_name(node).rstrip("_") in ("softplus", "mish", "gelu", "hardsigmoid", "selu", "celu", "prelu", "rrelu", "hardtanh", "softsign", "logsigmoid"):
+    if node.op in ("call_function", "call_method") and _node_name(node).rstrip("_") in _OTHER_ACTIVATIONS:
         raise _NotFusable(f"its activation {_node_name(node)} is not one the library fuses")
     return None
 
