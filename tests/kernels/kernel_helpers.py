@@ -5,6 +5,8 @@ name `conftest`, so `from conftest import ...` can pick up another suite's conft
 test directories are given on the command line."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -36,6 +38,13 @@ LAYOUTS = [
     ("NC_wide_rows", (70, 1030), None),
 ]
 LAYOUT_PARAMS = [pytest.param(shape, fmt, id=name) for name, shape, fmt in LAYOUTS]
+
+# The layouts again, each planar one a second time with the training steps' cache-blocked kernels
+# forced on (`cpu.BLOCKED`; the other layouts have no blocked kernels): (shape, fmt, blocked).
+PLANAR_NAMES = {name for name, shape, fmt in LAYOUTS if fmt is None and math.prod(shape[2:]) > 1}
+TRAIN_LAYOUT_PARAMS = [pytest.param(shape, fmt, False, id=name) for name, shape, fmt in LAYOUTS] + [
+    pytest.param(shape, fmt, True, id=f"{name}-blocked") for name, shape, fmt in LAYOUTS if name in PLANAR_NAMES
+]
 DTYPES = [pytest.param(torch.float32, id="f32"), pytest.param(torch.float64, id="f64")]
 
 

@@ -11,7 +11,7 @@ import torch
 
 from batchnorm.kernels import buffers, cpu, reference
 from batchnorm.autograd import guarded_weight
-from kernel_helpers import DTYPES, LAYOUT_PARAMS, assert_close, randn
+from kernel_helpers import DTYPES, LAYOUT_PARAMS, TRAIN_LAYOUT_PARAMS, assert_close, randn
 
 ACTIVATIONS = [("identity", 0.0), ("relu", 0.0), ("leaky_relu", 0.1), ("elu", 0.7), ("silu", 0.0)]
 INVERTIBLE = [("identity", 0.0), ("leaky_relu", 0.1), ("elu", 0.7)]
@@ -213,11 +213,37 @@ def test_large_outputs_on_huge_pages_are_correct(fmt):
 
 
 # ---------------------------------------------------------------- the training steps (one kernel call each)
+@pytest.fixture
+def blocking(monkeypatch):
+    """Returns a function that forces the cache-blocked training kernels on or off (`cpu.BLOCKED`)
+    and counts their calls, so a test can check the forced kernel is the one that ran."""
+    calls = []
+    cpu._kernels()
+
+    def counted(fn):
+        def run(*args):
+            calls.append(fn.__name__)
+            return fn(*args)
+
+        return run
+
+    monkeypatch.setattr(cpu._blocked, "forward_train", counted(cpu._blocked.forward_train))
+    monkeypatch.setattr(cpu._blocked, "backward_train", counted(cpu._blocked.backward_train))
+
+    def force(blocked: bool):
+        monkeypatch.setattr(cpu, "BLOCKED", blocked)
+        return calls
+
+    return force
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape, fmt", LAYOUT_PARAMS)
+@pytest.mark.parametrize("shape, fmt, blocked", TRAIN_LAYOUT_PARAMS)
 @pytest.mark.parametrize("activation, param", ACTIVATIONS, ids=[a for a, _ in ACTIVATIONS])
-def test_forward_train_and_backward_train(shape, fmt, dtype, activation, param):
-    """forward_train_act / backward_train_act are the composition of the primitives, in one call."""
+def test_forward_train_and_backward_train(shape, fmt, blocked, dtype, activation, param, blocking):
+    """forward_train_act / backward_train_act are the composition of the primitives, in one call
+    (streaming, or one cache-blocked kernel each)."""
+    calls = blocking(blocked)
     x, dy, weight, bias, _, _ = make_case(shape, fmt, dtype)
     got = cpu.forward_train_act(x, weight, bias, 1e-3, activation, param)
     want = reference.forward_train_act(x, weight, bias, 1e-3, activation, param)
@@ -236,12 +262,14 @@ def test_forward_train_and_backward_train(shape, fmt, dtype, activation, param):
         for g, w in zip(got[1:], want[1:]):
             assert g.dtype == w.dtype
             assert_close(g, w, dtype)
+    assert calls == (["forward_train", "backward_train", "backward_train"] if blocked else [])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape, fmt", LAYOUT_PARAMS)
-def test_plain_training_steps(shape, fmt, dtype):
+@pytest.mark.parametrize("shape, fmt, blocked", TRAIN_LAYOUT_PARAMS)
+def test_plain_training_steps(shape, fmt, blocked, dtype, blocking):
     """The plain (no activation) steps match the reference's, with and without affine."""
+    calls = blocking(blocked)
     x, dy, weight, bias, _, _ = make_case(shape, fmt, dtype)
     for w, b in ((weight, bias), (None, None)):
         got = cpu.forward_train(x, w, b, 1e-5)
@@ -252,11 +280,14 @@ def test_plain_training_steps(shape, fmt, dtype):
         ref = reference.backward_train(dy, x, want[1], want[3], w)
         for g, r in zip(got, ref):
             assert_close(g, r, dtype)
+    assert len(calls) == (4 if blocked else 0)
 
 
+@pytest.mark.parametrize("blocked", [False, True], ids=["streaming", "blocked"])
 @pytest.mark.parametrize("activation, param", INVERTIBLE, ids=[a for a, _ in INVERTIBLE])
-def test_training_steps_in_place(activation, param):
+def test_training_steps_in_place(activation, param, blocked, blocking):
     """Memory-saving mode: forward_train_act writes over x, backward_train_act works from y."""
+    calls = blocking(blocked)
     x, dy, weight, bias, _, _ = make_case((4, 6, 5, 7), None, torch.float32)
     weight = guarded_weight(weight * torch.where(torch.arange(6) % 2 == 0, 1.0, -1.0))
     want = reference.forward_train_act(x, weight, bias, 1e-5, activation, param)
@@ -270,3 +301,4 @@ def test_training_steps_in_place(activation, param):
     ref = reference.backward_train_act(dy, want[0], mean, invstd, weight, bias, activation, param, True)
     for g, w in zip(got, ref):
         torch.testing.assert_close(g.double(), w.double(), rtol=1e-4, atol=1e-4)
+    assert len(calls) == (2 if blocked else 0)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import threading
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -51,19 +52,19 @@ __all__ = [
 
 PLANAR, ROWS, ROWS_CHANNELS_LAST = "planar", "rows", "rows_channels_last"
 _DTYPES = (torch.float32, torch.float64)
-_planar = _rows = _channels_math = None
+_planar = _rows = _channels_math = _blocked = None
 _threads = threading.local()  # the thread count this Python thread last gave Numba (Numba's is per thread)
 
 
 def _kernels(layout: str = PLANAR):
     """Import Numba and the kernels on first use (never at `import batchnorm`); returns (the
     layout's passes, the per-channel math, the thread count to use)."""
-    global _planar, _rows, _channels_math
+    global _planar, _rows, _channels_math, _blocked
     if _planar is None:
         numba = _numba.load()
-        from . import numba_channels, numba_planar, numba_rows
+        from . import numba_blocked, numba_channels, numba_planar, numba_rows
 
-        _planar, _rows, _channels_math = numba_planar, numba_rows, numba_channels
+        _planar, _rows, _channels_math, _blocked = numba_planar, numba_rows, numba_channels, numba_blocked
         _kernels.numba = numba
     # Follow torch's thread setting (torch.set_num_threads), within what Numba started with.
     threads = torch.get_num_threads()
@@ -87,6 +88,51 @@ def layout_of(x: Tensor) -> str | None:
     ):
         return ROWS_CHANNELS_LAST
     return None
+
+
+# Cache blocking (`numba_blocked`): None chooses by `blocked_pays`' rule, True / False force it on
+# or off wherever the layout allows (tests, benchmarks).
+BLOCKED: bool | None = None
+# The rule's limits, measured by benchmarks/blocked_kernels.py on the 2-core development machine
+# (docs/performance.md): a channel's slab (x's in the forward, x's and dy's in the backward) must
+# fit in this fraction of one core's L2, and the tensor must be at least BLOCKED_MIN_BYTES (below
+# it, the whole tensor stays in the last-level cache between the streaming kernels' passes), with
+# at least BLOCKED_MIN_CHANNELS_PER_THREAD channels per thread (threads run over channels).
+BLOCKED_L2_FRACTION = 0.5
+BLOCKED_MIN_BYTES = 0
+BLOCKED_MIN_CHANNELS_PER_THREAD = 4
+
+
+def _l2_bytes() -> int:
+    """One core's L2 cache size, from Linux's sysfs; 512 KiB where it cannot be read."""
+    try:
+        for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+            if (index / "level").read_text().strip() == "2":
+                text = (index / "size").read_text().strip().upper()  # e.g. "2048K"
+                scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1], 1)
+                return int(text.rstrip("KM")) * scale
+    except (OSError, ValueError):
+        pass
+    return 512 << 10
+
+
+L2_BYTES = _l2_bytes()
+
+
+def blocked_pays(x: Tensor, layout: str | None, backward: bool) -> bool:
+    """Whether a training step's pass over x (forward) or over x and dy (backward) runs as one
+    cache-blocked kernel (`numba_blocked`, planar layout only) rather than the streaming passes."""
+    if layout != PLANAR or BLOCKED is False:
+        return False
+    if BLOCKED:
+        return True
+    c = x.shape[1]
+    slab = x.numel() // c * x.element_size() * (2 if backward else 1)
+    return (
+        slab <= BLOCKED_L2_FRACTION * L2_BYTES
+        and x.numel() * x.element_size() >= BLOCKED_MIN_BYTES
+        and c >= BLOCKED_MIN_CHANNELS_PER_THREAD * _threads.numba
+    )
 
 
 def _view(t: Tensor, layout: str) -> np.ndarray:
@@ -271,11 +317,16 @@ def forward_train_act(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """A training forward: batch_stats, invstd = 1 / sqrt(var + eps), then normalize_act with them
     -> (y, mean, var, invstd); y written into `out` (may be x) when given. Two passes over x and
-    one call of per-channel math between them."""
+    one call of per-channel math between them (or one blocked kernel, see `blocked_pays`)."""
     layout = layout_of(x)
     passes, math, threads = _kernels(layout)
     xv = _view(x, layout)
     mean, var, invstd = _channels(x, 3)
+    if blocked_pays(x, layout, backward=False):
+        y = _empty(x, layout) if out is None else out
+        with _numba.LAUNCH_LOCK:
+            _blocked.forward_train(xv, _view(y, layout), _f64(weight, x, 1.0), _f64(bias, x, 0.0), float(eps), CODES[activation], _consts(x, param), mean, var, invstd)
+        return y, _out(mean), _out(var), _out(invstd)
     with _numba.LAUNCH_LOCK:
         partials = passes.partial_stats(xv, threads)
     constants = math.train_constants(xv, *partials, _f64(weight, x, 1.0), _f64(bias, x, 0.0), float(eps), mean, var, invstd)
@@ -311,6 +362,16 @@ class _Backward:
         sum_g, sum_g_xhat = _channels(self.saved, 2)
         self.math.finish_sums(*partials, self.t, *self.vectors, self.from_output, sum_g, sum_g_xhat)
         return sum_g, sum_g_xhat
+
+    def blocked(self, need_dx: bool):
+        """The whole training backward in one cache-blocked kernel: (dx or None, sum_g, sum_g_xhat)."""
+        dx = _empty(self.saved, self.layout) if need_dx else None
+        sums = _channels(self.saved, 2)
+        with _numba.LAUNCH_LOCK:
+            _blocked.backward_train(
+                self.t, self.dy, self.t if dx is None else _view(dx, self.layout), *self.vectors, *self.act, self.from_output, need_dx, *sums
+            )
+        return (dx, *(_in_dtype(v, self.saved) for v in sums))
 
     def elemt(self, constants) -> Tensor:
         """dx from the dx pass's constants (see numba_channels.elemt_constants)."""
@@ -374,8 +435,11 @@ def backward_train_act(
     need_dx: bool = True,
 ) -> tuple[Tensor | None, Tensor, Tensor]:
     """A training backward: backward_reduce_act, then (if need_dx) backward_elemt_act with the
-    sums divided by the count -> (dx or None, sum_g, sum_g_xhat)."""
+    sums divided by the count -> (dx or None, sum_g, sum_g_xhat). Two passes over (saved, dy), or
+    one blocked kernel (`blocked_pays`)."""
     b = _Backward(dy, saved, mean, invstd, weight, bias, activation, param, from_output)
+    if blocked_pays(saved, b.layout, backward=True):
+        return b.blocked(need_dx)
     sum_g, sum_g_xhat = b.reduce()
     dx = b.elemt(b.math.train_elemt_constants(b.t, *b.vectors, b.from_output, sum_g, sum_g_xhat)) if need_dx else None
     return dx, _in_dtype(sum_g, saved), _in_dtype(sum_g_xhat, saved)

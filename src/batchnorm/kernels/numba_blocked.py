@@ -1,0 +1,226 @@
+"""Cache-blocked Numba kernels for the planar layout: a training step in 5 memory passes, not 8.
+
+The streaming kernels (`numba_planar`) make one pass over the tensor per step of the math: a
+training forward reads x for the statistics, then reads it again to write y (3 tensor-sized
+transfers); a backward reads x and dy for the sums, then again to write dx (5). When the tensor is
+larger than the cache each pass comes from memory, and those kernels already run near the
+memory's speed, so the only way to go faster is to move fewer bytes.
+
+These kernels work one channel at a time (threads over channels): a channel's slab, its N planes
+of L elements, is read from memory once for the statistics (or the sums), stays in the core's L2
+cache, and the second pass over it (normalize, or dx) reads the cache instead of memory:
+
+    forward   read x (stats; memory), read x (L2), write y                    2 memory passes
+    backward  read x, dy (sums; memory), read x, dy (L2), write dx            3 memory passes
+
+That pays when a channel's slab (x's; x's and dy's for the backward) fits in L2 with room to
+spare, when the tensor does not fit in the last-level cache anyway, and when there are enough
+channels to keep every thread busy: `cpu.blocked_pays` holds the rule and its measured
+thresholds.
+
+The numbers are the streaming kernels': the same per-plane float64 partials (the plane loops of
+`numba_planar`, called per plane), merged in the same order by the same formulas as
+`numba_channels` (written per channel below, without fast-math, as there). The reductions may
+differ from the streaming ones in the last bit of a float64 sum, from the order in which the
+vectorized loop adds. Both modes of the backward are here: from the input x, and the
+memory-saving mode from the output y (`from_output`, see `numba_planar`).
+
+Structure, and why: the elementwise loops are written out in the parallel loop's body, where the
+compiler vectorizes them with the activation branch hoisted (the same loops moved into a separate
+compiled function measured 6-10x slower: scalar code with a mispredicted branch per element); the
+plane reductions are separate functions with the reductions' fast-math flags, so their float64
+sums vectorize while the elementwise loops keep `(x - off) - off_lo` unfolded.
+"""
+import numpy as np
+from numba import njit, prange
+
+from . import numba_act as act
+from ._numba import ELEMENTWISE_FLAGS, REDUCE_FLAGS
+
+# The plane reductions: the reduce kernels' flags without `parallel` (they run inside the channel
+# loop, one plane per call)
+PLANE_REDUCE = {k: v for k, v in REDUCE_FLAGS.items() if k != "parallel"}
+# The per-channel math: no fast-math at all, as `numba_channels`
+CHANNEL_MATH = dict(cache=True, nogil=True)
+
+
+@njit(**PLANE_REDUCE)
+def _plane_stats(x3, n, c):
+    """One plane's mean and sum of squared deviations, as `numba_planar.partial_stats` computes them."""
+    L = x3.shape[2]
+    if x3.itemsize == 4:
+        shift = np.float64(x3[n, c, 0])
+        s1 = 0.0
+        s2 = 0.0
+        for i in range(L):
+            d = x3[n, c, i] - shift
+            s1 += d
+            s2 += d * d
+        m = s1 / L
+        return shift + m, s2 - s1 * m
+    s = 0.0
+    for i in range(L):
+        s += x3[n, c, i]
+    m = s / L
+    d2 = 0.0
+    for i in range(L):
+        d = x3[n, c, i] - m
+        d2 += d * d
+    return m, d2
+
+
+@njit(**PLANE_REDUCE)
+def _plane_sums(t3, dy3, n, c, o, s, b, code, consts, from_output):
+    """One plane's sum(g) and sum(g * (u - off)), as `numba_planar.partial_sums` computes them."""
+    L = t3.shape[2]
+    p = consts[0]
+    one = consts[1]
+    floor = consts[2]
+    sg = 0.0
+    sgu = 0.0
+    if from_output:
+        for i in range(L):
+            t = t3[n, c, i]
+            g = dy3[n, c, i] * act.grad_from_y(t, code, p, one)
+            sg += g
+            sgu += g * (act.inverse(t, code, p, one, floor) - o)
+    elif code == act.IDENTITY:
+        for i in range(L):
+            g = dy3[n, c, i]
+            sg += g
+            sgu += g * (t3[n, c, i] - o)
+    else:
+        for i in range(L):
+            t = t3[n, c, i]
+            g = dy3[n, c, i] * act.grad((t - o) * s + b, code, p, one)
+            sg += g
+            sgu += g * (t - o)
+    return sg, sgu
+
+
+@njit(**CHANNEL_MATH)
+def _stats_constants(pmean, pm2, L, w, b, eps, tmp):
+    """`numba_channels.train_constants` for one channel: merge the planes' (mean, m2), each of L
+    elements, into (mean, biased var, invstd) float64, and put the normalize pass's constants
+    off, off_lo, scale, shift (x's dtype) in tmp[0:4]."""
+    N = pmean.shape[0]
+    count = 0.0
+    for n in range(N):
+        count += L
+    acc = 0.0
+    for n in range(N):
+        acc += L * (pmean[n] - pmean[0])
+    mean = pmean[0] + acc / count
+    m2 = 0.0
+    for n in range(N):
+        d = pmean[n] - mean
+        m2 += pm2[n] + L * d * d
+    var = m2 / count
+    invstd = 1.0 / np.sqrt(var + eps)
+    tmp[0] = mean
+    tmp[1] = mean - np.float64(tmp[0])
+    tmp[2] = invstd * w
+    tmp[3] = b
+    return mean, var, invstd
+
+
+@njit(**CHANNEL_MATH)
+def _reduce_constants(mean, invstd, w, b, from_output, tmp):
+    """`numba_channels.reduce_constants` for one channel: (off64, mul) float64, and the sums'
+    off, scale, shift (x's dtype) in tmp[0:3]. xhat = (u - off64) * mul."""
+    if from_output:
+        off64, mul = b, 1.0 / w
+    else:
+        off64, mul = mean, invstd
+    tmp[0] = off64
+    tmp[1] = invstd * w
+    tmp[2] = b
+    return off64, mul
+
+
+@njit(**CHANNEL_MATH)
+def _dx_constants(psum, pdot, off64, mul, invstd, w, b, n_total, tmp):
+    """`numba_channels.finish_sums` then `train_elemt_constants` for one channel: sum_g and
+    sum_g_xhat float64, and the dx pass's off, off_lo, scale, shift, k_g, k_u, k_0 (x's dtype) in
+    tmp[0:7]."""
+    sum_g = 0.0
+    dot = 0.0
+    for n in range(psum.shape[0]):
+        sum_g += psum[n]
+        dot += pdot[n]
+    tmp[0] = off64
+    sum_g_xhat = (dot - (off64 - np.float64(tmp[0])) * sum_g) * mul
+    k_g = invstd * w
+    tmp[1] = off64 - np.float64(tmp[0])
+    tmp[2] = k_g
+    tmp[3] = b
+    tmp[4] = k_g
+    tmp[5] = -k_g * mul * (sum_g_xhat / n_total)
+    tmp[6] = -k_g * (sum_g / n_total)
+    return sum_g, sum_g_xhat
+
+
+@njit(**ELEMENTWISE_FLAGS)
+def forward_train(x3, y3, w, b, eps, code, consts, mean, var, invstd):
+    """y = act(xhat * w + b) with the batch's statistics, one channel at a time; mean, var
+    (biased) and invstd are written (C,) float64. y3 may be x3 (in-place)."""
+    N, C, L = x3.shape
+    p = consts[0]
+    one = consts[1]
+    for c in prange(C):
+        pmean = np.empty(N, np.float64)
+        pm2 = np.empty(N, np.float64)
+        for n in range(N):  # the slab from memory
+            pmean[n], pm2[n] = _plane_stats(x3, n, c)
+        tmp = np.empty(4, x3.dtype)
+        mean[c], var[c], invstd[c] = _stats_constants(pmean, pm2, L, w[c], b[c], eps, tmp)
+        o = tmp[0]
+        ol = tmp[1]
+        s = tmp[2]
+        sh = tmp[3]
+        for n in range(N):  # the slab from L2
+            for i in range(L):
+                y3[n, c, i] = act.forward((x3[n, c, i] - o - ol) * s + sh, code, p, one)
+
+
+@njit(**ELEMENTWISE_FLAGS)
+def backward_train(t3, dy3, dx3, mean, invstd, w, b, code, consts, from_output, need_dx, sum_g, sum_g_xhat):
+    """sum_g = sum(g), sum_g_xhat = sum(g * xhat) (C,) float64, g = dy * act'(z), and, when
+    need_dx, dx = w * invstd * (g - sum_g / n - xhat * sum_g_xhat / n), one channel at a time.
+    t3 is x, or y when from_output (then w is the guarded weight the forward used)."""
+    N, C, L = t3.shape
+    p = consts[0]
+    one = consts[1]
+    floor = consts[2]
+    n_total = float(N * L)
+    for c in prange(C):
+        tmp = np.empty(7, t3.dtype)
+        off64, mul = _reduce_constants(mean[c], invstd[c], w[c], b[c], from_output, tmp)
+        psum = np.empty(N, np.float64)
+        pdot = np.empty(N, np.float64)
+        for n in range(N):  # the slabs from memory
+            psum[n], pdot[n] = _plane_sums(t3, dy3, n, c, tmp[0], tmp[1], tmp[2], code, consts, from_output)
+        sum_g[c], sum_g_xhat[c] = _dx_constants(psum, pdot, off64, mul, invstd[c], w[c], b[c], n_total, tmp)
+        if not need_dx:
+            continue
+        o = tmp[0]
+        ol = tmp[1]
+        s = tmp[2]
+        sh = tmp[3]
+        kg = tmp[4]
+        ku = tmp[5]
+        k0 = tmp[6]
+        for n in range(N):  # the slabs from L2
+            if from_output:
+                for i in range(L):
+                    t = t3[n, c, i]
+                    g = dy3[n, c, i] * act.grad_from_y(t, code, p, one)
+                    dx3[n, c, i] = kg * g + ku * (act.inverse(t, code, p, one, floor) - o - ol) + k0
+            elif code == act.IDENTITY:
+                for i in range(L):
+                    dx3[n, c, i] = kg * dy3[n, c, i] + ku * (t3[n, c, i] - o - ol) + k0
+            else:
+                for i in range(L):
+                    t = t3[n, c, i]
+                    g = dy3[n, c, i] * act.grad((t - o - ol) * s + sh, code, p, one)
+                    dx3[n, c, i] = kg * g + ku * (t - o - ol) + k0
