@@ -204,7 +204,7 @@ class _Tracer(torch.fx.Tracer):
         return isinstance(m, _BN) or type(m) in _MODULES or super().is_leaf_module(m, qualname)
 
 
-def _trace(model: nn.Module) -> torch.fx.Graph:
+def _trace_once(model: nn.Module) -> torch.fx.Graph:
     try:
         return _Tracer().trace(model)
     except Exception as error:  # data-dependent control flow (TraceError), len()/iter() of a Proxy, ...
@@ -215,6 +215,33 @@ def _trace(model: nn.Module) -> torch.fx.Graph:
             f"loop on a tensor's value, len() of a tensor, ...) has none. Fuse its traceable submodules instead, "
             f"one block at a time, e.g. `model.layer1[0], report = batchnorm.fuse(model.layer1[0])`"
         ) from error
+
+
+def _trace(model: nn.Module) -> torch.fx.Graph:
+    """The model's graph, traced once as the modules' training flags are and once with every flag
+    flipped (restored in `finally`): a forward that reads a flag in Python (`if self.training:`,
+    `F.dropout(x, p, self.training)`, torchvision's stochastic depth) would have one mode's path
+    fixed in the graph, and run it in the other mode too. Such a model is refused."""
+    graph = _trace_once(model)
+    modules = list(model.modules())
+    flags = [m.training for m in modules]
+    try:
+        for m, flag in zip(modules, flags):
+            m.training = not flag
+        flipped = _trace_once(model)
+    finally:
+        for m, flag in zip(modules, flags):
+            m.training = flag
+    if graph.python_code("self").src != flipped.python_code("self").src:
+        raise UntraceableModelError(
+            f"batchnorm.fuse: the forward of {type(model).__name__} takes another path in training than in eval "
+            f"(a Python branch on a module's `training` flag: `if self.training:`, `F.dropout(x, p, self.training)`, "
+            f"stochastic depth, ...), so a torch.fx graph would keep one mode's path and run it in both. Fuse the "
+            f"submodules whose forward does not read the flag instead, one at a time, e.g. "
+            f"`model.layer1[0], report = batchnorm.fuse(model.layer1[0])`, or use nn.Dropout-style modules, whose "
+            f"calls read the flag when they run"
+        )
+    return graph
 
 
 # --------------------------------------------------------------------------------- the rewrite
@@ -388,8 +415,9 @@ def fuse(model: nn.Module) -> tuple[torch.fx.GraphModule, FuseReport]:
     both operands of an add are BN outputs, the BN computed first takes the other as its residual.
     A residual is fused whatever its shape; the fused layer checks at run time that it has BN's.
 
-    Raises UntraceableModelError when torch.fx cannot trace `model` (data-dependent control flow):
-    fuse its traceable blocks one at a time instead.
+    Raises UntraceableModelError when torch.fx cannot trace `model` (data-dependent control flow),
+    or when its forward reads a module's training flag in Python (the graph would keep one mode's
+    path): fuse its traceable blocks one at a time instead.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"batchnorm.fuse expected a torch.nn.Module (got {type(model).__name__})")
