@@ -8,6 +8,8 @@ BN forward followed by the activation. torch.jit.script puts these in the model 
 __prepare_scriptable__ protocol); they compute what the library's layers compute.
 """
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -15,8 +17,8 @@ from torch import Tensor
 __all__ = ["ScriptableBatchNormAct1d", "ScriptableBatchNormAct2d", "ScriptableBatchNormAct3d"]
 
 
-def _forward(self, input: Tensor) -> Tensor:
-    # torch's _BatchNorm.forward (torch/nn/modules/batchnorm.py), then the activation
+def _forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+    # torch's _BatchNorm.forward (torch/nn/modules/batchnorm.py), then the residual and the activation
     self._check_input_dim(input)
     exponential_average_factor = 0.0
     if self.momentum is not None:
@@ -38,6 +40,8 @@ def _forward(self, input: Tensor) -> Tensor:
         exponential_average_factor,
         self.eps,
     )
+    if residual is not None:
+        z = z + residual
     if self.activation == "relu":
         return F.relu(z)
     if self.activation == "leaky_relu":

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ._script import ScriptableBatchNormAct1d, ScriptableBatchNormAct2d, ScriptableBatchNormAct3d
-from .functional import batch_norm_act
+from .functional import batch_norm_act, check_residual_call
 from .kernels.activations import check_activation
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, torch_twin
 
@@ -73,18 +73,23 @@ class _BatchNormAct:
             )
         return self.activation, self.activation_param
 
+    def _check_residual(self, x: Tensor, residual: object) -> None:
+        check_residual_call(x, residual, self.inplace)
+
     def _batch_norm(
-        self, x: Tensor, weight, bias, running_mean, running_var, *, training: bool, momentum: float, counter=None, mask=None
+        self, x: Tensor, weight, bias, running_mean, running_var, *, training: bool, momentum: float, counter=None, mask=None,
+        residual=None,
     ) -> Tensor:
         if mask is not None and training:  # the masked path, with this layer's activation (_masked_activation)
             return super()._batch_norm(
-                x, weight, bias, running_mean, running_var, training=training, momentum=momentum, counter=counter, mask=mask
+                x, weight, bias, running_mean, running_var, training=training, momentum=momentum, counter=counter, mask=mask,
+                residual=residual,
             )
         return batch_norm_act(
             x, running_mean, running_var, weight, bias,
             training=training, momentum=momentum, eps=self.eps,
             activation=self.activation, activation_param=self.activation_param, inplace=self.inplace,
-            layer=self, counter=counter,
+            layer=self, counter=counter, residual=residual,
         )
 
 

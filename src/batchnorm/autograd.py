@@ -17,6 +17,17 @@ The kernels compute g on the fly from the saved tensor, so the fused layer keeps
 backward and reads it twice (one reduction, one dx pass), where BN followed by a separate
 activation keeps two and reads four.
 
+Residual form (ResNet's second BN of a block, MobileNet's add): a residual r of x's shape is
+added before the activation,
+
+    s = z + r,    y = act(s),    g = dy * act'(s),    dresidual = g
+
+and the rest is as above with this g. With the identity activation g = dy, so the residual's
+gradient is dy itself (as torch's add hands it on) and backward is plain BN's. Otherwise the
+backward's reduction writes g (it is the residual's gradient) and the dx pass reads it
+(`kernels.cpu.backward_train_residual_act` counts the passes). The memory-saving mode refuses a
+residual (recovering z = act^-1(y) - r would need r kept, which is what the mode saves).
+
 Memory-saving mode (In-Place Activated BatchNorm, Rota Bulo et al., CVPR 2018), `inplace=True`:
 y is written over x and only y (plus the (C,) vectors) is kept. Backward recovers
 
@@ -135,23 +146,28 @@ def _save_for_inplace(ctx, x, y, weight_used, *vectors):
 
 
 class BatchNormTrain(FastApply, torch.autograd.Function):
-    """act(BN(x)) with the batch's statistics: (x, weight, bias, eps, activation, param, inplace,
-    update) -> (y, mean, var); `update` (functional.RunningUpdate, or None) applies the statistics
-    to the running ones. mean and the biased var (C,) are not differentiable. With inplace=True,
-    y is x, overwritten, and y alone is returned. Plain BN: activation "identity", param 0."""
+    """act(BN(x) [+ residual]) with the batch's statistics: (x, weight, bias, eps, activation,
+    param, inplace, update, residual) -> (y, mean, var); `update` (functional.RunningUpdate, or
+    None) applies the statistics to the running ones. mean and the biased var (C,) are not
+    differentiable. With inplace=True (no residual), y is x, overwritten, and y alone is
+    returned. Plain BN: activation "identity", param 0."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps: float, activation: str, param: float, inplace: bool, update=None):
+    def forward(ctx, x, weight, bias, eps: float, activation: str, param: float, inplace: bool, update=None, residual=None):
         impl = kernels.implementation(x)
         # batch_stats, invstd, normalize_act (on the fast path: two passes, the math between them compiled)
         if inplace:
             weight_used = guarded_weight(weight)
             y, mean, var, invstd = impl.forward_train_act(x, weight_used, bias, eps, activation, param, out=x)
             _save_for_inplace(ctx, x, y, weight_used, bias, mean, invstd)
-        else:
+        elif residual is None:
             y, mean, var, invstd = impl.forward_train_act(x, weight, bias, eps, activation, param)
             ctx.save_for_backward(x, weight, bias, mean, invstd)
+        else:
+            y, mean, var, invstd = impl.forward_train_act(x, weight, bias, eps, activation, param, residual=residual)
+            _save_with_residual(ctx, activation, x, weight, bias, mean, invstd, residual)
         ctx.eps, ctx.activation, ctx.param, ctx.inplace = eps, activation, param, inplace
+        ctx.residual = residual is not None
         ctx.set_materialize_grads(False)  # see _NO_GRADIENT
         if update is not None:  # the running statistics, before autograd saves anything (functional.RunningUpdate)
             update(x, mean, var)
@@ -165,7 +181,9 @@ class BatchNormTrain(FastApply, torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor | None, *_dstats):
         if dy is None:
-            return _NO_GRADIENT * 8
+            return _NO_GRADIENT * 9
+        if ctx.residual:
+            return _train_backward_residual(ctx, dy)
         saved, weight, bias, mean, invstd = ctx.saved_tensors
         if torch.is_grad_enabled():
             # create_graph=True: the statistics must depend on x in the graph for double backward.
@@ -181,33 +199,65 @@ class BatchNormTrain(FastApply, torch.autograd.Function):
         )
         # In-place mode saved weight_used; its gradient passes straight through to weight.
         dweight, dbias = param_grads(weight, bias, sum_g, sum_g_xhat, *ctx.needs_input_grad[1:3])
-        return dx, dweight, dbias, None, None, None, None, None
+        return dx, dweight, dbias, None, None, None, None, None, None
+
+
+def _save_with_residual(ctx, activation, x, weight, bias, mean, vector, residual):
+    """Keep what the residual form's backward reads: x and, unless the activation is the
+    identity (whose g = dy needs no residual), the residual."""
+    ctx.save_for_backward(x, weight, bias, mean, vector, None if activation == "identity" else residual)
+
+
+def _train_backward_residual(ctx, dy):
+    saved, weight, bias, mean, invstd, residual = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: see BatchNormTrain.backward
+        impl = reference
+        mean, var = reference.batch_stats(saved)
+        invstd = torch.rsqrt(var + ctx.eps)
+    else:
+        impl = kernels.implementation(saved)
+    need_dx = ctx.needs_input_grad[0]
+    if residual is None:  # the identity: g = dy, plain BN's backward
+        dx, sum_g, sum_g_xhat = impl.backward_train_act(dy, saved, mean, invstd, weight, bias, "identity", 0.0, False, need_dx)
+        g = dy
+    else:
+        dx, sum_g, sum_g_xhat, g = impl.backward_train_residual_act(
+            dy, saved, residual, mean, invstd, weight, bias, ctx.activation, ctx.param, need_dx
+        )
+    dweight, dbias = param_grads(weight, bias, sum_g, sum_g_xhat, *ctx.needs_input_grad[1:3])
+    return dx, dweight, dbias, None, None, None, None, None, (g if ctx.needs_input_grad[8] else None)
 
 
 class BatchNormEval(FastApply, torch.autograd.Function):
-    """act(BN(x)) with given statistics (the running ones): (x, mean, var, weight, bias, eps,
-    activation, param, inplace) -> y. The statistics are constants: no gradient flows to them,
-    as in torch."""
+    """act(BN(x) [+ residual]) with given statistics (the running ones): (x, mean, var, weight,
+    bias, eps, activation, param, inplace, residual) -> y. The statistics are constants: no
+    gradient flows to them, as in torch."""
 
     @staticmethod
-    def forward(ctx, x, mean, var, weight, bias, eps: float, activation: str, param: float, inplace: bool):
+    def forward(ctx, x, mean, var, weight, bias, eps: float, activation: str, param: float, inplace: bool, residual=None):
         impl = kernels.implementation(x)
         # var is kept and invstd taken in backward, if one runs: an eval forward needs neither
         if inplace:
             weight_used = guarded_weight(weight)
             y = impl.forward_eval_act(x, mean, var, weight_used, bias, eps, activation, param, out=x)
             _save_for_inplace(ctx, x, y, weight_used, bias, mean, var)
-        else:
+        elif residual is None:
             y = impl.forward_eval_act(x, mean, var, weight, bias, eps, activation, param)
             ctx.save_for_backward(x, weight, bias, mean, var)
+        else:
+            y = impl.forward_eval_act(x, mean, var, weight, bias, eps, activation, param, residual=residual)
+            _save_with_residual(ctx, activation, x, weight, bias, mean, var, residual)
         ctx.eps, ctx.activation, ctx.param, ctx.inplace = eps, activation, param, inplace
+        ctx.residual = residual is not None
         ctx.set_materialize_grads(False)  # see _NO_GRADIENT
         return y
 
     @staticmethod
     def backward(ctx, dy: Tensor | None):
         if dy is None:
-            return _NO_GRADIENT * 9
+            return _NO_GRADIENT * 10
+        if ctx.residual:
+            return _eval_backward_residual(ctx, dy)
         saved, weight, bias, mean, var = ctx.saved_tensors
         invstd = reference.eval_invstd(var, saved, ctx.eps)  # as forward_eval_act took it
         if torch.is_grad_enabled():
@@ -227,4 +277,26 @@ class BatchNormEval(FastApply, torch.autograd.Function):
         if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
             sum_g, sum_g_xhat = impl.backward_reduce_act(dy, *args)  # (N, C, *) -> (C,), (C,)
             dweight, dbias = param_grads(weight, bias, sum_g, sum_g_xhat, *ctx.needs_input_grad[3:5])
-        return dx, None, None, dweight, dbias, None, None, None, None
+        return dx, None, None, dweight, dbias, None, None, None, None, None
+
+
+def _eval_backward_residual(ctx, dy):
+    """With given statistics: g = dy * act'(z + residual) (dy for the identity), dx = weight *
+    invstd * g, dweight and dbias from the sums of g."""
+    saved, weight, bias, mean, var, residual = ctx.saved_tensors
+    invstd = reference.eval_invstd(var, saved, ctx.eps)
+    impl = reference if torch.is_grad_enabled() else kernels.implementation(saved)
+    need_dx, need_params, need_residual = ctx.needs_input_grad[0], ctx.needs_input_grad[3] or ctx.needs_input_grad[4], ctx.needs_input_grad[9]
+    dweight = dbias = sums = None
+    if residual is None:  # the identity: g = dy
+        g = dy
+        if need_params:
+            sums = impl.backward_reduce_act(dy, saved, mean, invstd, weight, bias, "identity", 0.0, False)
+    elif need_dx or need_params or need_residual:
+        g, *sums = impl.backward_reduce_residual_act(dy, saved, residual, mean, invstd, weight, bias, ctx.activation, ctx.param)
+    if need_params:
+        dweight, dbias = param_grads(weight, bias, *sums, *ctx.needs_input_grad[3:5])
+    dx = None
+    if need_dx:  # weight * invstd * g, laid out like x
+        dx = impl.normalize(g, None, invstd, weight, None).contiguous(memory_format=reference.output_memory_format(saved))
+    return dx, None, None, dweight, dbias, None, None, None, None, (g if need_residual else None)

@@ -4,8 +4,8 @@
     normalize(x, mean, invstd, w, b)     -> y                  the elementwise normalize-and-affine
     update_running_stats(...)            -> skipped channels   the momentum rule, in place
     batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps) -> y
-    batch_norm_act(x, ..., *, training, momentum, eps, activation, activation_param, inplace)
-                                         -> act(y)             the same, fused with an activation
+    batch_norm_act(x, ..., *, training, momentum, eps, activation, activation_param, inplace, residual)
+                                         -> act(y [+ residual]) the same, fused with an activation
 
 Conventions (stated once, here; see docs/conventions.md):
   * Channels are dim 1: features of (N, C) and (N, C, L), channels of (N, C, H, W), (N, C, D, H, W).
@@ -42,6 +42,7 @@ __all__ = [
     "batch_norm",
     "batch_norm_act",
     "check_input",
+    "check_residual",
     "check_batch_size",
     "check_dtypes",
     "check_arguments",
@@ -204,6 +205,28 @@ def check_input(
             )
 
 
+def check_residual(x: Tensor, residual: object) -> None:
+    """The residual of `batch_norm_act` has x's shape exactly (no broadcasting), dtype and device;
+    any memory layout."""
+    if not isinstance(residual, Tensor):
+        raise TypeError(f"batch_norm_act(): residual must be a Tensor of the input's shape {shape_of(x)}, not {type(residual).__name__}")
+    if residual.shape != x.shape:
+        raise RuntimeError(
+            f"batch_norm_act expected a residual of the input's shape {shape_of(x)} (it is added to the "
+            f"normalized input, without broadcasting); got residual of shape {shape_of(residual)}"
+        )
+    if residual.dtype != x.dtype:
+        raise RuntimeError(
+            f"batch_norm_act expected a residual in the input's dtype {x.dtype}; got residual {residual.dtype} "
+            f"(input of shape {shape_of(x)})"
+        )
+    if residual.device != x.device:
+        raise RuntimeError(
+            f"batch_norm_act expected a residual on the input's device {x.device}; got residual on "
+            f"{residual.device} (input of shape {shape_of(x)})"
+        )
+
+
 def check_dtypes(x: Tensor, **vectors: Tensor | None) -> None:
     """The per-channel vectors share x's dtype, or are float32 for a float16/bfloat16 x (mixed
     precision): exactly the combinations torch's CPU batch norm accepts. A float32 model fed
@@ -285,9 +308,16 @@ def batch_norm_act(
     inplace: bool = False,
     layer: object = None,
     counter: Tensor | None = None,
+    residual: Tensor | None = None,
 ) -> Tensor:
     """act(batch_norm(x)) with `batch_norm`'s semantics for the BN part; the activations are those
     of `kernels/activations.py` (plain BN is "identity").
+
+    With `residual` (a tensor of x's shape, dtype and device, in any memory layout), the residual
+    form act(batch_norm(x) + residual): ResNet's `relu(bn2(conv2(out)) + identity)` and, with the
+    identity activation, MobileNet's add, in one fused forward and backward; the residual gets
+    its gradient. The output is laid out as x. Not with inplace=True (which recovers BN's output
+    from y, and would need the residual kept for that).
 
     With inplace=True x is overwritten by the result (which is returned) and must not be needed
     elsewhere. Whatever torch's own in-place ops refuse (a leaf that requires grad, a view of one,
@@ -298,30 +328,46 @@ def batch_norm_act(
     check_scalars(x, training, momentum, eps)
     param = check_activation(activation, activation_param, inplace)
     who = layer if layer is not None else "batch_norm_act"
-    return _run(x, running_mean, running_var, weight, bias, training, momentum, eps, activation, param, inplace, who, counter)
+    if residual is not None:
+        check_residual_call(x, residual, inplace)
+    return _run(x, running_mean, running_var, weight, bias, training, momentum, eps, activation, param, inplace, who, counter, residual)
 
 
-def _run(x, running_mean, running_var, weight, bias, training, momentum, eps, activation, param, inplace, who, counter):
-    """The one path of every layer and functional form, its scalar arguments checked: chooses what
-    computes act(batch_norm(x)), and counts the batch in `counter` where the running statistics
-    are updated (`RunningUpdate`); `who` (a layer or a name) is named in the warning about
-    non-finite statistics."""
+def check_residual_call(x: Tensor, residual: object, inplace: bool) -> None:
+    """A residual given to `batch_norm_act` (or a BatchNormAct layer): refused with inplace=True,
+    else checked by `check_residual`; before anything is computed or written."""
+    if inplace:
+        raise ValueError(
+            "batch_norm_act: inplace=True does not take a residual: the memory-saving mode recovers BN's output "
+            "from the result, which with a residual would need the residual kept (the memory it saves); use "
+            "inplace=False with a residual"
+        )
+    check_residual(x, residual)
+
+
+def _run(x, running_mean, running_var, weight, bias, training, momentum, eps, activation, param, inplace, who, counter, residual=None):
+    """The one path of every layer and functional form, its scalar arguments (and residual, if
+    any) checked: chooses what computes act(batch_norm(x) [+ residual]), and counts the batch in
+    `counter` where the running statistics are updated (`RunningUpdate`); `who` (a layer or a
+    name) is named in the warning about non-finite statistics."""
     if ops.tracing() or transformed():  # graphs and torch.func: operators, or the reference math
         if inplace:
             return _inplace_traced(x, running_mean, running_var, weight, bias, training, momentum, eps, activation, param, who, counter)
-        return traced_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, activation, param, counter)
-    if not inplace and use_torch(x, training, fused=activation != "identity"):
+        return traced_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, activation, param, counter, residual)
+    if not inplace and use_torch(x, training, fused=activation != "identity" or residual is not None):
         # a tensor too small for the kernels' fixed costs: torch's own kernel (batchnorm.kernels.native)
-        y = native_counted(native.batch_norm_act, counter, x, running_mean, running_var, weight, bias, training, momentum, eps, activation, param)
+        y = native_counted(
+            native.batch_norm_act, counter, x, running_mean, running_var, weight, bias, training, momentum, eps, activation, param, residual
+        )
         if y is not None:  # None: bad arguments or a non-finite batch, which the path below handles
             return y
     check_arguments(x, running_mean, running_var, weight, bias, training=training, eps=eps)
     if inplace:  # everything torch's in-place ops refuse, refused before a byte of x is written
         check_inplace(x, weight, bias, running_mean, running_var)
     if not training:
-        return BatchNormEval.apply(x, running_mean, running_var, weight, bias, eps, activation, param, inplace)
+        return BatchNormEval.apply(x, running_mean, running_var, weight, bias, eps, activation, param, inplace, residual)
     update = RunningUpdate(running_mean, running_var, momentum, who, counter)
-    y = BatchNormTrain.apply(x, weight, bias, eps, activation, param, inplace, update)
+    y = BatchNormTrain.apply(x, weight, bias, eps, activation, param, inplace, update, residual)
     return y if inplace else y[0]
 
 
@@ -396,11 +442,17 @@ def traced_batch_norm(
     activation: str = "identity",
     param: float = 0.0,
     counter: Tensor | None = None,
+    residual: Tensor | None = None,
 ) -> Tensor:
-    """act(batch_norm(...)) for code torch traces or transforms: no value is read in Python, so the
-    whole call fits in one graph, and the running-statistics update with its NaN/Inf guard is
-    tensor math (the guard's warning, which would need the values, is left out). `momentum` may be
-    a 0-d tensor (momentum=None's 1 / (count + 1) in a graph).
+    """act(batch_norm(...) [+ residual]) for code torch traces or transforms: no value is read in
+    Python, so the whole call fits in one graph, and the running-statistics update with its
+    NaN/Inf guard is tensor math (the guard's warning, which would need the values, is left out).
+    `momentum` may be a 0-d tensor (momentum=None's 1 / (count + 1) in a graph).
+
+    The residual form is BN as below, then the add and the activation as torch ops: under
+    torch.compile Inductor fuses the three as it fuses torch's layers; an exported graph holds the
+    `batchnorm::` operator followed by aten's add and activation, which every backend knows; under
+    torch.func the three are reference math, which every transform supports.
 
       * torch.compile: torch's batch norm, which Inductor compiles with its neighbours, with the
         guard as tensor math (`compiled_as_torch` says when and why);
@@ -409,6 +461,9 @@ def traced_batch_norm(
       * torch.func transforms (grad, vmap, jvp, ...) and forward-mode AD: the plain-torch reference
         (kernels/reference.py), which torch differentiates and batches like any torch code.
     """
+    if residual is not None:
+        y = traced_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, "identity", 0.0, counter)
+        return reference.activate(y + residual, activation, param)
     check_arguments(x, running_mean, running_var, weight, bias, training=training, eps=eps)
     if ops.tracing() and torch.onnx.is_in_onnx_export():
         # ONNX has BatchNormalization, which torch's own op translates to; ours it would not know

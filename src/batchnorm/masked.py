@@ -98,12 +98,13 @@ def masked_normalize(
     eps: float,
     activation: str = "identity",
     param: float = 0.0,
+    residual: Tensor | None = None,
 ) -> Tensor:
-    """y = act((x - mean) * invstd * weight + bias) at every position, invstd = 1 / sqrt(var + eps).
+    """y = act((x - mean) * invstd * weight + bias [+ residual]) at every position, invstd = 1 / sqrt(var + eps).
 
     (N, C, *) with (C,) vectors -> like x, in x's dtype and torch's output memory format, computed
     in `compute_dtype(x)` from the wider statistics (`reference.centered`)."""
-    return normalize_act(x, mean, torch.rsqrt(var + eps), weight, bias, activation, param)  # differentiable torch ops
+    return normalize_act(x, mean, torch.rsqrt(var + eps), weight, bias, activation, param, residual=residual)  # differentiable torch ops
 
 
 def _one_value_error(x: Tensor, where: str = "") -> str:
@@ -127,10 +128,12 @@ def batch_norm(
     activation_param: float = 0.0,
     layer: object = None,
     counter: Tensor | None = None,
+    residual: Tensor | None = None,
 ) -> Tensor:
     """A forward with batch statistics over mask's real positions: normalize every position with
-    them and, when running statistics are given, update those in place (then count the batch in
-    `counter`, a layer's num_batches_tracked). Every check runs before anything is written."""
+    them (`residual`, if given, added before the activation at every position) and, when running
+    statistics are given, update those in place (then count the batch in `counter`, a layer's
+    num_batches_tracked). Every check runs before anything is written."""
     F.check_arguments(x, running_mean, running_var, weight, bias, training=True, eps=eps, local_batch=False)
     check_mask(x, mask)
     mean, var, count = masked_batch_stats(x, mask)  # (C,), (C,), ()
@@ -141,7 +144,9 @@ def batch_norm(
         torch._assert_async(count != 1, _one_value_error(x))
     elif n == 1:  # (torch.func has no data-dependent raise: unchecked there)
         raise ValueError(_one_value_error(x))
-    y = masked_normalize(x, mean, var, weight, bias, eps, activation, activation_param)
+    if residual is not None:
+        F.check_residual(x, residual)
+    y = masked_normalize(x, mean, var, weight, bias, eps, activation, activation_param, residual)
     if running_mean is not None or running_var is not None:
         mean, var = mean.detach(), var.detach()  # the running statistics are not differentiated
         if traced:

@@ -93,11 +93,12 @@ class _BatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         except KeyError:
             return self.weight, self.bias, self.running_mean, self.running_var, self.num_batches_tracked
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None = None, *, residual: Tensor | None = None) -> Tensor:
         """`mask` (optional, bool, x's shape without dim 1, True where a value is real): batch
-        statistics over the real positions of a padded batch only (batchnorm/masked.py)."""
+        statistics over the real positions of a padded batch only (batchnorm/masked.py).
+        `residual` (BatchNormAct only; x's shape, dtype, device): act(BN(x) + residual)."""
         if isinstance(x, torch.fx.Proxy):
-            return as_fx_node(self, x, mask)
+            return as_fx_node(self, x, mask, residual)
         self._check_input_dim(x)
         weight, bias, running_mean, running_var, num_batches_tracked = self._state()
         training = self._uses_batch_statistics()
@@ -114,8 +115,14 @@ class _BatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         if mask is not None:  # refused (by a variant that takes none, or for a bad mask) before anything changes
             self._masked_activation()
             masked.check_mask(x, mask)
+        if residual is None:
+            return self._batch_norm(
+                x, weight, bias, running_mean, running_var, training=use_batch_stats, momentum=momentum, counter=counter, mask=mask
+            )
+        self._check_residual(x, residual)  # refused (by a layer that takes none, or a bad one) before anything changes
         return self._batch_norm(
-            x, weight, bias, running_mean, running_var, training=use_batch_stats, momentum=momentum, counter=counter, mask=mask
+            x, weight, bias, running_mean, running_var,
+            training=use_batch_stats, momentum=momentum, counter=counter, mask=mask, residual=residual,
         )
 
     def __prepare_scriptable__(self) -> torch.nn.Module:
@@ -129,19 +136,29 @@ class _BatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         the variants that take no mask raise here."""
         return "identity", 0.0
 
+    def _check_residual(self, x: Tensor, residual: object) -> None:
+        """Only BatchNormAct takes a residual (it overrides this): its hook gets `residual=`."""
+        raise TypeError(
+            f"{type(self).__name__} does not take a residual: act(BN(x) + residual) is BatchNormAct{self._ranks[-1] - 2}d's "
+            f"(activation='identity' for BN(x) + residual), e.g. BatchNormAct2d(C, activation='relu')(x, residual=r)"
+        )
+
     def _batch_norm(
-        self, x: Tensor, weight, bias, running_mean, running_var, *, training: bool, momentum: float, counter=None, mask=None
+        self, x: Tensor, weight, bias, running_mean, running_var, *, training: bool, momentum: float, counter=None, mask=None,
+        residual=None,
     ) -> Tensor:
         """The normalization itself, given the bookkeeping's decisions: `training` says whether to
         normalize with the batch's statistics; `running_mean`/`running_var` are the buffers to
         update then (None: no update) or to normalize with in eval; `counter` (num_batches_tracked,
         or None) is counted with the running statistics' update; `mask` (checked) marks a padded
-        batch's real positions, whose statistics alone count. The variants override it."""
+        batch's real positions, whose statistics alone count; `residual` (checked, given only to
+        the layers whose `_check_residual` takes it) is added before the activation. The variants
+        override it."""
         if mask is not None and training:  # a padded batch: the statistics of its real positions (masked.py)
             activation, param = self._masked_activation()
             return masked.batch_norm(
                 x, mask, running_mean, running_var, weight, bias, momentum=momentum, eps=self.eps,
-                activation=activation, activation_param=param, layer=self, counter=counter,
+                activation=activation, activation_param=param, layer=self, counter=counter, residual=residual,
             )
         # (in eval the running statistics normalize, which a mask does not change)
         return F.batch_norm(
@@ -150,12 +167,14 @@ class _BatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         )
 
 
-def as_fx_node(layer: torch.nn.Module, x: torch.fx.Proxy, mask=None) -> torch.fx.Proxy:
+def as_fx_node(layer: torch.nn.Module, x: torch.fx.Proxy, mask=None, residual=None) -> torch.fx.Proxy:
     """The call of `layer` as one node of a torch.fx graph. fx's default tracer keeps torch.nn's
     modules as calls and traces into any other, where this forward's checks would branch on the
     input's rank (a Proxy): so the layer records itself as a call, as torch's BN is recorded,
     and the graph runs this layer's forward (its training flag read at run time, as torch's)."""
     kwargs = {} if mask is None else {"mask": mask}
+    if residual is not None:
+        kwargs["residual"] = residual
     return x.tracer.create_proxy("call_module", x.tracer.path_of_module(layer), (x,), kwargs)
 
 

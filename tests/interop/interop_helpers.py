@@ -50,3 +50,31 @@ def assert_states_close(a: nn.Module, b: nn.Module, **tol) -> None:
             torch.testing.assert_close(u, v, **tol, msg=lambda m: f"{name}: {m}")
         else:
             assert torch.equal(u, v), name
+
+
+class BasicBlock(nn.Module):
+    """ResNet's basic block, relu(bn2(conv2(relu(bn1(conv1(x))))) + x), with the library's fused
+    layers (the second one in its residual form) or torch's layers and ops in the same places."""
+
+    def __init__(self, library: bool, channels: int = 3, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.library = library
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        if library:
+            self.bn1, self.bn2 = batchnorm.BatchNormAct2d(channels), batchnorm.BatchNormAct2d(channels)
+        else:
+            self.bn1, self.bn2 = nn.BatchNorm2d(channels), nn.BatchNorm2d(channels)
+        g = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for bn in (self.bn1, self.bn2):
+                bn.weight.copy_(torch.rand(channels, generator=g) + 0.5)
+                bn.bias.copy_(torch.rand(channels, generator=g) - 0.5)
+                bn.running_mean.copy_(torch.rand(channels, generator=g) - 0.5)
+                bn.running_var.copy_(torch.rand(channels, generator=g) + 0.5)
+
+    def forward(self, x):
+        if self.library:
+            return self.bn2(self.conv2(self.bn1(self.conv1(x))), residual=x)
+        return torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))) + x)

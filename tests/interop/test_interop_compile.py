@@ -153,3 +153,33 @@ def test_small_tensors_in_compiled_code_keep_the_guard_and_match_eager():
     assert torch.equal(compiled_layer.running_mean[1], torch.tensor(0.0))  # channel 1 kept
     assert torch.equal(compiled_layer.running_var[1], torch.tensor(1.0))
     assert_states_close(compiled_layer, eager)
+
+
+@pytest.mark.parametrize(
+    "backend, size, force",
+    [("aot_eager", "small", None), ("aot_eager", "kernels", None), ("aot_eager", "small", "cpu"), ("inductor", "small", None)],
+)
+def test_residual_block_compiles_fullgraph_as_torchs_block(backend, size, force, monkeypatch):
+    """BatchNormAct's residual form (ResNet's basic block) under torch.compile(fullgraph=True):
+    outputs, gradients and running statistics of torch's block. The graph holds torch's batch
+    norm, add and relu (the operator with the kernels forced)."""
+    from batchnorm import kernels
+    from interop_helpers import BasicBlock
+
+    monkeypatch.setattr(kernels, "FORCE", force)
+    ours, theirs = BasicBlock(library=True), BasicBlock(library=False)
+    theirs.load_state_dict(ours.state_dict())
+    compiled = torch.compile(ours, fullgraph=True, backend=backend)
+    x = torch.randn(SIZES[size], generator=torch.Generator().manual_seed(1))
+    y, grads = train_steps(compiled, x)
+    y_torch, grads_torch = train_steps(theirs, x)
+    torch.testing.assert_close(y, y_torch, **TOL)
+    for g, g_torch in zip(grads, grads_torch):
+        torch.testing.assert_close(g, g_torch, rtol=1e-3, atol=1e-3)
+    assert_states_close(ours, theirs, **TOL)
+    ours.eval(), theirs.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), theirs(x), **TOL)
+    targets = graph_targets(ours.train(), x)
+    assert any("batchnorm." in t for t in targets) == (force == "cpu"), targets
+    assert any("add" in t for t in targets) and any("relu" in t for t in targets), targets

@@ -122,3 +122,32 @@ def test_jit_script_refuses_variants_in_training_clearly():
     with pytest.raises(RuntimeError, match="GhostBatchNorm2d in training mode has no equivalent"):
         torch.jit.script(layer)
     torch.testing.assert_close(torch.jit.script(layer.eval())(torch.randn(4, 4, 2, 2)).shape, torch.Size([4, 4, 2, 2]))
+
+
+@pytest.mark.parametrize("size", sorted(SIZES))
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_exported_residual_block_reproduces_torchs_block(training, size):
+    """BatchNormAct's residual form in torch.export: the graph holds the operator, then aten's add
+    and relu; outputs and buffer updates of torch's block."""
+    from interop_helpers import BasicBlock
+
+    ours, theirs = BasicBlock(library=True).train(training), BasicBlock(library=False).train(training)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(SIZES[size], generator=torch.Generator().manual_seed(1))
+    program = torch.export.export(ours, (x,))
+    op = "batchnorm.forward_train.default" if training else "batchnorm.forward_eval.default"
+    assert library_ops(program.graph) == {op}
+    exported = program.module()
+    for step in range(2):  # the second call shows the first call's buffer updates were kept
+        batch = x * (1 + step)
+        torch.testing.assert_close(exported(batch), theirs(batch), **TOL)
+    assert_states_close(exported, theirs, **TOL)
+
+
+def test_jit_script_compiles_the_residual_form():
+    from interop_helpers import BasicBlock
+
+    ours, theirs = BasicBlock(library=True).eval(), BasicBlock(library=False).eval()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(SIZES["small"])
+    torch.testing.assert_close(torch.jit.script(ours)(x), theirs(x), **TOL)

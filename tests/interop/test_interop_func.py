@@ -15,12 +15,33 @@ import batchnorm
 
 SHAPES = {"small": (8, 4, 5, 5), "kernels": (16, 4, 96, 96)}
 TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def _residual_of(x):
+    return x.flip(0) * 0.5  # depends on x: its gradient reaches x through the residual too
+
+
+class ResidualAct(batchnorm.BatchNormAct2d):
+    """BatchNormAct2d in its residual form, the residual computed from the input."""
+
+    def forward(self, x):
+        return super().forward(x, residual=_residual_of(x))
+
+
+class TorchResidualAct(nn.Sequential):
+    """torch's BN, + the same residual, then relu."""
+
+    def forward(self, x):
+        return torch.relu(self[0](x) + _residual_of(x))
+
+
 KINDS = {
     "bn": (lambda: batchnorm.BatchNorm2d(4), lambda: nn.BatchNorm2d(4)),
     "bn_act": (
         lambda: batchnorm.BatchNormAct2d(4, activation="elu", activation_param=0.7),
         lambda: nn.Sequential(nn.BatchNorm2d(4), nn.ELU(0.7)),
     ),
+    "bn_act_residual": (lambda: ResidualAct(4, activation="relu"), lambda: TorchResidualAct(nn.BatchNorm2d(4))),
 }
 
 

@@ -48,6 +48,8 @@ __all__ = [
     "forward_train_act",
     "forward_eval_act",
     "backward_train_act",
+    "backward_reduce_residual_act",
+    "backward_train_residual_act",
 ]
 
 PLANAR, ROWS, ROWS_CHANNELS_LAST = "planar", "rows", "rows_channels_last"
@@ -244,21 +246,27 @@ def normalize_act(
     activation: str = "identity",
     param: float = 0.0,
     out: Tensor | None = None,
+    residual: Tensor | None = None,
 ) -> Tensor:
-    """y = act((x - mean) * invstd * weight + bias); written into `out` (may be x) when given."""
+    """y = act((x - mean) * invstd * weight + bias [+ residual]); written into `out` (may be x) when given."""
     layout = layout_of(x)
     passes, math, _ = _kernels(layout)
     xv = _view(x, layout)
     constants = math.normalize_constants(xv, _f64(mean, x, 0.0), _f64(invstd, x, 1.0), _f64(weight, x, 1.0), _f64(bias, x, 0.0))
-    return _normalize_pass(x, layout, passes, xv, constants, activation, param, out)
+    return _normalize_pass(x, layout, passes, xv, constants, activation, param, out, residual)
 
 
-def _normalize_pass(x, layout, passes, xv, constants, activation, param, out):
-    """The elementwise pass y = act((x - off - off_lo) * scale + shift) with the math's constants:
-    into `out` (may be x) when given, else into a fresh output laid out as torch lays out BN's."""
+def _normalize_pass(x, layout, passes, xv, constants, activation, param, out, residual=None):
+    """The elementwise pass y = act((x - off - off_lo) * scale + shift [+ residual]) with the math's
+    constants: into `out` (may be x) when given, else into a fresh output laid out as torch lays
+    out BN's. A residual in another memory layout than x is copied into x's first."""
     y = _empty(x, layout) if out is None else out
     with _numba.LAUNCH_LOCK:
-        passes.forward(xv, _view(y, layout), *constants, CODES[activation], _consts(x, param))
+        if residual is None:
+            passes.forward(xv, _view(y, layout), *constants, CODES[activation], _consts(x, param))
+        else:
+            rv = _view(_as_layout(residual, layout), layout)
+            passes.forward_residual(xv, rv, _view(y, layout), *constants, CODES[activation], _consts(x, param))
     return y
 
 
@@ -277,6 +285,7 @@ def forward_eval_act(
     activation: str = "identity",
     param: float = 0.0,
     out: Tensor | None = None,
+    residual: Tensor | None = None,
 ) -> Tensor:
     """normalize_act with invstd = 1 / sqrt(var + eps): an eval forward with the running statistics;
     written into `out` (may be x) when given. The vectors go to the per-channel math as they are
@@ -288,7 +297,7 @@ def forward_eval_act(
     w = _ones(c, dtype) if weight is None else _numpy(weight)
     b = _zeros(c, dtype) if bias is None else _numpy(bias)
     constants = math.eval_constants(xv, _numpy(mean), _numpy(var), w, b, float(eps))
-    return _normalize_pass(x, layout, passes, xv, constants, activation, param, out)
+    return _normalize_pass(x, layout, passes, xv, constants, activation, param, out, residual)
 
 
 def forward_eval(x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
@@ -314,15 +323,18 @@ def forward_train_act(
     activation: str = "identity",
     param: float = 0.0,
     out: Tensor | None = None,
+    residual: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """A training forward: batch_stats, invstd = 1 / sqrt(var + eps), then normalize_act with them
-    -> (y, mean, var, invstd); y written into `out` (may be x) when given. Two passes over x and
-    one call of per-channel math between them (or one blocked kernel, see `blocked_pays`)."""
+    (and the residual, if given, added before the activation) -> (y, mean, var, invstd); y
+    written into `out` (may be x) when given. Two passes over x and one call of per-channel math
+    between them; with a residual the second pass reads it too. Without a residual, one
+    cache-blocked kernel where it pays (`blocked_pays`)."""
     layout = layout_of(x)
     passes, math, threads = _kernels(layout)
     xv = _view(x, layout)
     mean, var, invstd = _channels(x, 3)
-    if blocked_pays(x, layout, backward=False):
+    if residual is None and blocked_pays(x, layout, backward=False):
         y = _empty(x, layout) if out is None else out
         with _numba.LAUNCH_LOCK:
             _blocked.forward_train(xv, _view(y, layout), _f64(weight, x, 1.0), _f64(bias, x, 0.0), float(eps), CODES[activation], _consts(x, param), mean, var, invstd)
@@ -330,7 +342,7 @@ def forward_train_act(
     with _numba.LAUNCH_LOCK:
         partials = passes.partial_stats(xv, threads)
     constants = math.train_constants(xv, *partials, _f64(weight, x, 1.0), _f64(bias, x, 0.0), float(eps), mean, var, invstd)
-    y = _normalize_pass(x, layout, passes, xv, constants, activation, param, out)
+    y = _normalize_pass(x, layout, passes, xv, constants, activation, param, out, residual)
     return y, _out(mean), _out(var), _out(invstd)
 
 
@@ -372,6 +384,20 @@ class _Backward:
                 self.t, self.dy, self.t if dx is None else _view(dx, self.layout), *self.vectors, *self.act, self.from_output, need_dx, *sums
             )
         return (dx, *(_in_dtype(v, self.saved) for v in sums))
+
+    def reduce_residual(self, residual: Tensor, g: Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """The residual form's reduction: writes g = dy * act'(z + residual) into `g` (laid out as
+        the saved x) and returns sum_g, sum_g_xhat (C,) float64. z is computed with the forward's
+        constants (`normalize_constants`), so act' takes the branch the forward took."""
+        off, off_lo, scale, shift = self.math.normalize_constants(self.t, *self.vectors)
+        rv = _view(_as_layout(residual, self.layout), self.layout)
+        with _numba.LAUNCH_LOCK:
+            partials = self.passes.partial_sums_residual(
+                self.t, rv, self.dy, _view(g, self.layout), off, off_lo, scale, shift, *self.act, self.threads
+            )
+        sum_g, sum_g_xhat = _channels(self.saved, 2)
+        self.math.finish_sums(*partials, self.t, *self.vectors, False, sum_g, sum_g_xhat)
+        return sum_g, sum_g_xhat
 
     def elemt(self, constants) -> Tensor:
         """dx from the dx pass's constants (see numba_channels.elemt_constants)."""
@@ -458,3 +484,56 @@ def backward_elemt(dy, x, mean, invstd, weight, mean_dy, mean_dy_xhat) -> Tensor
 def backward_train(dy, x, mean, invstd, weight, need_dx=True):
     """backward_reduce, then (if need_dx) backward_elemt -> (dx or None, sum_dy, sum_dy_xhat)."""
     return backward_train_act(dy, x, mean, invstd, weight, None, "identity", 0.0, False, need_dx)
+
+
+# ------------------------------------------------------------------ residual form: y = act(z + r)
+# Bytes moved, in tensor passes of x's size (read or write), with a residual r and an activation:
+#   forward   2 + 2   statistics read x; the elementwise pass reads x and r, writes y
+#   backward  4 + 3   the reduction reads x, dy, r and writes g = dy * act'(z + r) (the residual's
+#                     gradient, which must exist as a tensor anyway); the dx pass reads x and g
+# (torch's BN, add and in-place activation: 3 + 3 + 2 forward; the activation's backward 3, the
+# add's none, BN's 2 + 3.) act'(z + r) is taken from x and r, not from the
+# output y: saving y instead reads as many bytes (x, dy and y instead of x, dy and r), r is kept
+# alive by the block anyway (its own input), and silu's act' cannot be had from y at all. With
+# the identity activation g = dy: backward is plain BN's, which reads neither r nor writes g.
+def backward_reduce_residual_act(
+    dy: Tensor,
+    saved: Tensor,
+    residual: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    activation: str,
+    param: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """g = dy * act'(z + residual) (laid out like saved), sum_g = sum(g), sum_g_xhat = sum(g * xhat)."""
+    b = _Backward(dy, saved, mean, invstd, weight, bias, activation, param, False)
+    g = _empty(saved, b.layout)
+    sum_g, sum_g_xhat = b.reduce_residual(residual, g)
+    return g, _in_dtype(sum_g, saved), _in_dtype(sum_g_xhat, saved)
+
+
+def backward_train_residual_act(
+    dy: Tensor,
+    saved: Tensor,
+    residual: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    activation: str,
+    param: float,
+    need_dx: bool = True,
+) -> tuple[Tensor | None, Tensor, Tensor, Tensor]:
+    """The training backward of act(BN(x) + residual) -> (dx or None, sum_g, sum_g_xhat, g), g =
+    dy * act'(z + residual) being the residual's gradient: the reduction writes g, and the dx pass
+    is plain BN's with dy = g (two passes, see above)."""
+    b = _Backward(dy, saved, mean, invstd, weight, bias, activation, param, False)
+    g = _empty(saved, b.layout)
+    sum_g, sum_g_xhat = b.reduce_residual(residual, g)
+    dx = None
+    if need_dx:
+        b.dy, b.act = _view(g, b.layout), (CODES["identity"], b.act[1])
+        dx = b.elemt(b.math.train_elemt_constants(b.t, *b.vectors, False, sum_g, sum_g_xhat))
+    return dx, _in_dtype(sum_g, saved), _in_dtype(sum_g_xhat, saved), g

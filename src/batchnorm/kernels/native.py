@@ -141,7 +141,13 @@ def batch_norm_act(
     eps: float,
     activation: str,
     param: float,
+    residual: Tensor | None = None,
 ) -> Tensor | None:
-    """act(batch_norm(...)) in torch ops, or None as `batch_norm` returns it."""
+    """act(batch_norm(...) [+ residual]) in torch ops, or None as `batch_norm` returns it. The add
+    runs in place on BN's fresh output too (autograd's add needs neither operand)."""
     y = batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
-    return None if y is None else _ACTIVATIONS[activation](y, param)
+    if y is None:
+        return None
+    if residual is not None:
+        y = y.add_(residual)
+    return _ACTIVATIONS[activation](y, param)

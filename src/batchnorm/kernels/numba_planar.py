@@ -164,3 +164,55 @@ def backward_elemt(t3, dy3, dx3, off, off_lo, scale, shift, code, consts, from_o
                 t = t3[n, c, i]
                 g = dy3[n, c, i] * act.grad((t - o - ol) * s + b, code, p, one)
                 dx3[n, c, i] = kg * g + ku * (t - o - ol) + k0
+
+
+# ------------------------------------------------------------------ residual form: y = act(z + r)
+# BN's output z plus a residual r of x's shape, before the activation (ResNet's second BN of a
+# block). The forward's elementwise pass reads r as well; the backward's reduction writes
+# g = dy * act'(z + r), which is the residual's gradient, and the dx pass then reads g as an
+# identity activation's dy (see cpu.backward_train_residual_act for the pass count).
+@njit(**ELEMENTWISE_FLAGS)
+def forward_residual(x3, r3, y3, off, off_lo, scale, shift, code, consts):
+    """y = act((x - off) * scale + shift + r), per channel."""
+    N, C, L = x3.shape
+    p = consts[0]
+    one = consts[1]
+    for q in prange(N * C):
+        n = q // C
+        c = q - n * C
+        o = off[c]
+        ol = off_lo[c]
+        s = scale[c]
+        b = shift[c]
+        for i in range(L):
+            y3[n, c, i] = act.forward((x3[n, c, i] - o - ol) * s + b + r3[n, c, i], code, p, one)
+
+
+@njit(**REDUCE_FLAGS)
+def partial_sums_residual(t3, r3, dy3, g3, off, off_lo, scale, shift, code, consts, threads):
+    """g = dy * act'((x - off) * scale + shift + r) written into g3 (z computed as the forward
+    computed it, so act' takes the forward's branch), and per-plane sum(g), sum(g * (x - off)),
+    float64: (N, C, L) -> (N, C), (N, C)."""
+    N, C, L = t3.shape
+    psum = np.empty((N, C), np.float64)
+    pdot = np.empty((N, C), np.float64)
+    p = consts[0]
+    one = consts[1]
+    for q in prange(N * C):
+        n = q // C
+        c = q - n * C
+        o = off[c]
+        ol = off_lo[c]
+        s = scale[c]
+        b = shift[c]
+        sg = 0.0
+        sgu = 0.0
+        for i in range(L):
+            t = t3[n, c, i]
+            g = dy3[n, c, i] * act.grad((t - o - ol) * s + b + r3[n, c, i], code, p, one)
+            g3[n, c, i] = g
+            sg += g
+            sgu += g * (t - o)
+        psum[n, c] = sg
+        pdot[n, c] = sgu
+    return psum, pdot

@@ -307,3 +307,65 @@ def backward_elemt(t2, dy2, dx2, off, off_lo, scale, shift, code, consts, from_o
             _elemt_row(t2, dy2, dx2, r, off, off_lo, scale, shift, act.LEAKY_RELU, p, one, floor, False, k_g, k_u, k_0)
         else:
             _elemt_row(t2, dy2, dx2, r, off, off_lo, scale, shift, code, p, one, floor, False, k_g, k_u, k_0)
+
+
+# ------------------------------------------------------------------ residual form: y = act(z + r)
+# The same two kernels as numba_planar's residual form, over rows (see there and
+# cpu.backward_train_residual_act); the common activations as constants per loop, as above.
+@njit(inline="always")
+def _forward_residual_row(x2, r2, y2, r, off, off_lo, scale, shift, code, p, one):
+    for c in range(x2.shape[1]):
+        y2[r, c] = act.forward((x2[r, c] - off[c] - off_lo[c]) * scale[c] + shift[c] + r2[r, c], code, p, one)
+
+
+@njit(**ELEMENTWISE_FLAGS)
+def forward_residual(x2, r2, y2, off, off_lo, scale, shift, code, consts):
+    """y = act((x - off) * scale + shift + r), per channel."""
+    R, C = x2.shape
+    p = consts[0]
+    one = consts[1]
+    for r in prange(R):
+        if code == act.IDENTITY:
+            _forward_residual_row(x2, r2, y2, r, off, off_lo, scale, shift, act.IDENTITY, p, one)
+        elif code == act.RELU:
+            _forward_residual_row(x2, r2, y2, r, off, off_lo, scale, shift, act.RELU, p, one)
+        else:
+            _forward_residual_row(x2, r2, y2, r, off, off_lo, scale, shift, code, p, one)
+
+
+@njit(inline="always")
+def _reduce_residual_rows(t2, r2, dy2, g2, r0, r1, off, off_lo, scale, shift, code, p, one, sg, sgu):
+    C = t2.shape[1]
+    for r in range(r0, r1):
+        for c in range(C):
+            t = t2[r, c]
+            g = dy2[r, c] * act.grad((t - off[c] - off_lo[c]) * scale[c] + shift[c] + r2[r, c], code, p, one)
+            g2[r, c] = g
+            sg[c] += g
+            sgu[c] += g * (t - off[c])
+
+
+@njit(**REDUCE_FLAGS)
+def partial_sums_residual(t2, r2, dy2, g2, off, off_lo, scale, shift, code, consts, threads):
+    """g = dy * act'((x - off) * scale + shift + r) written into g2, and per-chunk sum(g),
+    sum(g * (x - off)), float64: (R, C) -> (nchunk, C), (nchunk, C)."""
+    R, C = t2.shape
+    nchunk = _nchunk(R, threads)
+    psum = np.empty((nchunk, C), np.float64)
+    pdot = np.empty((nchunk, C), np.float64)
+    p = consts[0]
+    one = consts[1]
+    step = (R + nchunk - 1) // nchunk
+    for k in prange(nchunk):
+        r0 = min(R, k * step)
+        r1 = min(R, r0 + step)
+        sg = np.zeros(C, np.float64)
+        sgu = np.zeros(C, np.float64)
+        if code == act.RELU:
+            _reduce_residual_rows(t2, r2, dy2, g2, r0, r1, off, off_lo, scale, shift, act.RELU, p, one, sg, sgu)
+        else:
+            _reduce_residual_rows(t2, r2, dy2, g2, r0, r1, off, off_lo, scale, shift, code, p, one, sg, sgu)
+        for c in range(C):
+            psum[k, c] = sg[c]
+            pdot[k, c] = sgu[c]
+    return psum, pdot

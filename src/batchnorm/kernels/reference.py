@@ -26,6 +26,16 @@ and the steps composed of them, which a fast implementation may run as one call:
                        param, from_output, need_dx)                       -> dx or None, sum_g, sum_g_xhat
     forward_eval_act(x, mean, var, weight, bias, eps, activation, param, out=None) -> y (running statistics)
 
+The residual form, y = act(z + residual) with a residual of x's shape added before the
+activation: the forwards take `residual=` (normalize_act, forward_train_act, forward_eval_act),
+and its backward is g = dy * act'(z + residual), which is also the residual's gradient, then
+plain BN's backward with dy = g:
+
+    backward_reduce_residual_act(dy, x, residual, mean, invstd, weight, bias,
+                                 activation, param)            -> g, sum_g, sum_g_xhat
+    backward_train_residual_act(dy, x, residual, mean, invstd, weight, bias,
+                                activation, param, need_dx)    -> dx or None, sum_g, sum_g_xhat, g
+
 Plain BN's names are these with the identity activation: normalize(x, mean, invstd, weight,
 bias), backward_reduce(dy, x, mean, invstd), backward_elemt(dy, x, mean, invstd, weight, mean_dy,
 mean_dy_xhat), forward_train(x, weight, bias, eps), backward_train(dy, x, mean, invstd, weight,
@@ -73,6 +83,8 @@ __all__ = [
     "forward_train_act",
     "backward_train_act",
     "forward_eval_act",
+    "backward_reduce_residual_act",
+    "backward_train_residual_act",
     "normalize",
     "backward_reduce",
     "backward_elemt",
@@ -231,27 +243,35 @@ def _xhat_and_grad(dy, saved, mean, invstd, weight, bias, activation, param, fro
     return xhat, dy.to(dtype) * dact
 
 
-def normalize_act(x, mean, invstd, weight, bias, activation="identity", param=0.0, out=None):
-    """y = act((x - mean) * invstd * weight + bias) per channel; `mean=None` means zero.
+def normalize_act(x, mean, invstd, weight, bias, activation="identity", param=0.0, out=None, residual=None):
+    """y = act((x - mean) * invstd * weight + bias [+ residual]) per channel; `mean=None` means zero.
 
     (N, C, *) -> like x, in x's dtype and in the memory format torch would give
     (`output_memory_format`), or written into `out` when given. Computed in `compute_dtype(x)`.
     """
-    dtype = compute_dtype(x)
-    xc = x.to(dtype) if mean is None else centered(x, mean)
-    scale = invstd if weight is None else invstd * weight  # (C,)
-    z = xc * channel_view(scale.to(dtype), x)
-    if bias is not None:
-        z = z + channel_view(bias.to(dtype), x)
+    z = _affine(x, mean, invstd, weight, bias)
+    if residual is not None:
+        z = z + residual.to(z.dtype)
     y = activate(z, activation, param).to(x.dtype)
     if out is not None:
         return out.copy_(y)
     return y.contiguous(memory_format=output_memory_format(x))
 
 
-def forward_eval_act(x, mean, var, weight, bias, eps, activation="identity", param=0.0, out=None):
+def _affine(x, mean, invstd, weight, bias):
+    """z = (x - mean) * (invstd * weight) + bias in `compute_dtype(x)`; `mean=None` means zero."""
+    dtype = compute_dtype(x)
+    xc = x.to(dtype) if mean is None else centered(x, mean)
+    scale = invstd if weight is None else invstd * weight  # (C,)
+    z = xc * channel_view(scale.to(dtype), x)
+    if bias is not None:
+        z = z + channel_view(bias.to(dtype), x)
+    return z
+
+
+def forward_eval_act(x, mean, var, weight, bias, eps, activation="identity", param=0.0, out=None, residual=None):
     """An eval forward: normalize_act with given (running) statistics and `eval_invstd`."""
-    return normalize_act(x, mean, eval_invstd(var, x, eps), weight, bias, activation, param, out)
+    return normalize_act(x, mean, eval_invstd(var, x, eps), weight, bias, activation, param, out, residual)
 
 
 def backward_reduce_act(dy, saved, mean, invstd, weight=None, bias=None, activation="identity", param=0.0, from_output=False):
@@ -276,12 +296,12 @@ def backward_elemt_act(dy, saved, mean, invstd, weight, bias, activation, param,
     return dx.to(saved.dtype).contiguous(memory_format=output_memory_format(saved))
 
 
-def forward_train_act(x, weight, bias, eps, activation="identity", param=0.0, out=None):
+def forward_train_act(x, weight, bias, eps, activation="identity", param=0.0, out=None, residual=None):
     """A training forward: batch_stats, invstd = 1 / sqrt(var + eps), normalize_act with them
     -> y, mean, var, invstd ((C,) in `stats_dtype(x)`); y written into `out` (may be x) when given."""
     mean, var = batch_stats(x)
     invstd = torch.rsqrt(var + eps)
-    return normalize_act(x, mean, invstd, weight, bias, activation, param, out), mean, var, invstd
+    return normalize_act(x, mean, invstd, weight, bias, activation, param, out, residual), mean, var, invstd
 
 
 def backward_train_act(dy, saved, mean, invstd, weight, bias, activation, param, from_output, need_dx=True):
@@ -294,6 +314,32 @@ def backward_train_act(dy, saved, mean, invstd, weight, bias, activation, param,
         n = per_channel_count(saved)
         dx = backward_elemt_act(dy, *args, sum_g / n, sum_g_xhat / n)
     return dx, sum_g, sum_g_xhat
+
+
+def backward_reduce_residual_act(dy, saved, residual, mean, invstd, weight, bias, activation, param):
+    """The residual form's reduction: g = dy * act'(z + residual) (the residual's gradient, in
+    saved's dtype and torch's output memory format), sum_g, sum_g_xhat ((C,) in
+    `compute_dtype(saved)`, accumulated in float64). z as the forward computes it (`_affine`), so
+    act' takes the forward's branch."""
+    dtype = compute_dtype(saved)
+    z = _affine(saved, mean, invstd, weight, bias)
+    g = dy.to(dtype) * activation_grad(z + residual.to(dtype), activation, param)
+    xhat = centered(saved, mean) * channel_view(invstd.to(dtype), saved)
+    dims = reduce_dims(saved)
+    sum_g = g.sum(dims, dtype=torch.float64).to(dtype)  # (N, C, *) -> (C,)
+    sum_g_xhat = (g * xhat).sum(dims, dtype=torch.float64).to(dtype)  # (N, C, *) -> (C,)
+    return g.to(saved.dtype).contiguous(memory_format=output_memory_format(saved)), sum_g, sum_g_xhat
+
+
+def backward_train_residual_act(dy, saved, residual, mean, invstd, weight, bias, activation, param, need_dx=True):
+    """The training backward of act(BN(x) + residual): `backward_reduce_residual_act`, then (if
+    need_dx) plain BN's dx with dy = g -> (dx or None, sum_g, sum_g_xhat, g)."""
+    g, sum_g, sum_g_xhat = backward_reduce_residual_act(dy, saved, residual, mean, invstd, weight, bias, activation, param)
+    dx = None
+    if need_dx:
+        n = per_channel_count(saved)
+        dx = backward_elemt_act(g, saved, mean, invstd, weight, bias, "identity", 0.0, False, sum_g / n, sum_g_xhat / n)
+    return dx, sum_g, sum_g_xhat, g
 
 
 # ------------------------------------------------------------- plain BN: the identity activation
