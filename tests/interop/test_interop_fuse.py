@@ -632,3 +632,14 @@ def test_efficientnet_b0_with_stochastic_depth_is_refused_and_its_blocks_fuse():
     block = next(m for m in model.modules() if type(m).__name__ == "MBConv" and m.stochastic_depth.p > 0)
     inner, report = batchnorm.fuse(block.block)  # the block's own nn.Sequential reads no flag
     assert [e.fused for e in report] == [True, True, False]
+
+
+def test_a_residual_that_broadcasts_is_refused_when_the_fused_model_runs():
+    """fuse sees no shapes: a residual add is fused whatever the other operand's shape, and the fused
+    layer refuses one that is not BN's (it adds without broadcasting) with a clear error, never a
+    wrong result."""
+    model = Residual(lambda a, b: a + b.mean((2, 3), keepdim=True))  # (N, C, 1, 1) broadcast over H, W
+    fused, report = batchnorm.fuse(model)
+    assert report["bn"].residual
+    with pytest.raises(RuntimeError, match=r"residual of the input's shape \(4, 6, 5, 5\).*without broadcasting"):
+        fused(torch.randn(4, 6, 5, 5))

@@ -400,6 +400,23 @@ def _copy_missing(model: nn.Module, fused: nn.Module) -> None:
         have = set(fused.state_dict(keep_vars=True))
 
 
+def _match_order(model: nn.Module, fused: nn.Module) -> None:
+    """Order the submodules, parameters and buffers of `fused`'s containers (GraphModule builds
+    them in graph order, and a residual call moves to its add) as `model`'s, so that the two
+    state_dicts list their keys in the same order."""
+    if model is fused:
+        return
+    for registry in ("_modules", "_parameters", "_buffers"):
+        ours, theirs = getattr(fused, registry), getattr(model, registry)
+        ordered = {name: ours[name] for name in theirs if name in ours}
+        ordered.update((name, value) for name, value in ours.items() if name not in ordered)
+        ours.clear()
+        ours.update(ordered)
+    for name, child in model._modules.items():
+        if child is not None and fused._modules.get(name) is not None:
+            _match_order(child, fused._modules[name])
+
+
 def fuse(model: nn.Module) -> tuple[torch.fx.GraphModule, FuseReport]:
     """Fuse every BN layer followed by an activation, or by a residual add (and an optional
     activation), into one `BatchNormAct1d/2d/3d` layer of the library.
@@ -413,7 +430,8 @@ def fuse(model: nn.Module) -> tuple[torch.fx.GraphModule, FuseReport]:
     A match is fused only when it is safe: the BN is an exact class fuse knows, called once with
     only its input, without hooks, and its output (then the add's) goes to that one node. When
     both operands of an add are BN outputs, the BN computed first takes the other as its residual.
-    A residual is fused whatever its shape; the fused layer checks at run time that it has BN's.
+    A residual is fused whatever its shape (fuse sees none); the fused layer refuses, when it runs,
+    one that is not of BN's shape, dtype and device (an add that broadcasts), before updating anything.
 
     Raises UntraceableModelError when torch.fx cannot trace `model` (data-dependent control flow),
     or when its forward reads a module's training flag in Python (the graph would keep one mode's
@@ -460,6 +478,7 @@ def fuse(model: nn.Module) -> tuple[torch.fx.GraphModule, FuseReport]:
     for name, layer in fused_layers.items():
         _set_submodule(fused, name, layer)
     _copy_missing(model, fused)
+    _match_order(model, fused)
     report = FuseReport()
     for name, bn in model.named_modules():
         if not isinstance(bn, _BN):
