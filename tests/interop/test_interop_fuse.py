@@ -276,7 +276,7 @@ ADDS = {
     "torch.add_reversed": lambda a, b: torch.add(b, a),
     "Tensor.add": lambda a, b: a.add(b),
     "Tensor.add_": lambda a, b: a.add_(b),
-    "iadd_into_skip": _iadd_into_skip,  # the skip's conv output, used by the add alone
+    "iadd_into_skip": _iadd_into_skip,  # the skip's conv output (fx records a + b for +=)
 }
 
 
@@ -643,3 +643,16 @@ def test_a_residual_that_broadcasts_is_refused_when_the_fused_model_runs():
     assert report["bn"].residual
     with pytest.raises(RuntimeError, match=r"residual of the input's shape \(4, 6, 5, 5\).*without broadcasting"):
         fused(torch.randn(4, 6, 5, 5))
+
+
+def test_an_add_in_place_into_the_forward_input_is_left():
+    """`skip(x).add_(bn(...))` writes into the caller's tensor (nn.Identity returns it): fusing would
+    stop that write, so an add in place into the other operand is left."""
+    model = Residual(lambda a, b: b.add_(a))
+    fused, report = batchnorm.fuse(model)
+    assert not report["bn"].fused
+    assert report["bn"].reason == "its output is added in place into 'skip', whose memory other tensors may share"
+    x = torch.randn(4, 6, 5, 5)
+    expected = copy.deepcopy(model)(x.clone())
+    torch.testing.assert_close(fused(x), expected)
+    torch.testing.assert_close(x, expected)  # the input was written, as by the model

@@ -311,9 +311,8 @@ def _other_operand(add: torch.fx.Node, bn_node: torch.fx.Node) -> torch.fx.Node:
         raise _NotFusable(f"its output goes to an add with the constant {other!r}, not a residual tensor")
     if other.op == "get_attr":
         raise _NotFusable(f"its output goes to an add with the attribute {other.target!r}, which broadcasts over the batch")
-    in_place = add.target in (operator.iadd, "add_")
-    if in_place and b is bn_node and (len(other.users) != 1 or other.op == "placeholder"):
-        raise _NotFusable(f"its output is added in place into {_node_name(other)!r}, which is used elsewhere")
+    if add.target in (operator.iadd, "add_") and b is bn_node:  # writes into the other tensor, which may alias
+        raise _NotFusable(f"its output is added in place into {_node_name(other)!r}, whose memory other tensors may share")
     return other
 
 
