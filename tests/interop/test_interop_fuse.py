@@ -656,3 +656,16 @@ def test_an_add_in_place_into_the_forward_input_is_left():
     expected = copy.deepcopy(model)(x.clone())
     torch.testing.assert_close(fused(x), expected)
     torch.testing.assert_close(x, expected)  # the input was written, as by the model
+
+
+def test_fusing_a_fused_model_again_changes_nothing():
+    model = resnet18_style(library=True, width=4)
+    fused, first = batchnorm.fuse(model)
+    again, second = batchnorm.fuse(fused)
+    assert len(second.fused) == 0 and len(second) == len(first) == 20
+    reasons = {e.name: e.reason for e in second}
+    assert reasons["layer1.0.bn1"] == "already a BatchNormAct2d with activation 'relu'"
+    assert reasons["layer2.0.downsample.1"] == "its output is the residual of the fused layer 'layer2.0.bn2'"
+    assert_shares_state(again, model)
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(again(x), copy.deepcopy(fused)(x))

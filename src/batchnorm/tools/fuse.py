@@ -331,6 +331,8 @@ class _Match:
 
 def _match(bn_node: torch.fx.Node, root: nn.Module) -> _Match:
     """What follows `bn_node` that can be fused with it, or _NotFusable with the reason."""
+    if "residual" in bn_node.kwargs:
+        raise _NotFusable("already called with a residual")
     if len(bn_node.args) != 1 or bn_node.kwargs:
         raise _NotFusable("its call has more arguments than the input (a mask?)")
     if not bn_node.users:
