@@ -329,13 +329,14 @@ def test_resnet18_in_float32_with_torchs_default_tolerances():
     train_and_compare(model, torch.randn(4, 3, 32, 32), steps=2, tol={})
 
 
-def test_mobilenet_v2_inverted_residual(path):
+@LIBRARIES
+def test_mobilenet_v2_inverted_residual(library, path):
     """InvertedResidual (benchmarks/models.py, after torchvision's): expand and depthwise BN +
     ReLU6 (fused once the library has relu6), the projection BN + the residual add `x + ...`."""
     from models import InvertedResidual
 
     torch.manual_seed(0)
-    model = randomize(InvertedResidual(nn.BatchNorm2d, 4, 4, stride=1, expand=3)).double()
+    model = randomize(InvertedResidual(BN[library, 2], 4, 4, stride=1, expand=3)).double()
     fused, report = train_and_compare(model, torch.randn(4, 4, 6, 6, dtype=torch.float64))
     relu6 = "relu6" in activations.CODES
     assert [(e.name, e.fused) for e in report] == [("conv.0.1", relu6), ("conv.1.1", relu6), ("conv.3", True)]
@@ -360,11 +361,13 @@ def test_mobilenet_v2_pattern_count():
     torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)
 
 
-def test_resnet50_bottleneck(path):
+@LIBRARIES
+def test_resnet50_bottleneck(library):
+    """(The Numba path is left to the smaller models: forced on 53 layers it takes ~20 s here.)"""
     from models import resnet50
 
     torch.manual_seed(0)
-    model = resnet50(nn.BatchNorm2d, num_classes=10, width=2).double()  # (randomized BN weights blow up 16 blocks)
+    model = resnet50(BN[library, 2], num_classes=10, width=2).double()  # (randomized BN weights blow up 16 blocks)
     blocks = [m for m in model.modules() if type(m).__name__ == "Bottleneck"]
     downsamples = [m for m in blocks if m.downsample is not None]
     fused, report = train_and_compare(model, torch.randn(2, 3, 32, 32, dtype=torch.float64), steps=1, tol=DEEP_TOL)
@@ -376,11 +379,12 @@ def test_resnet50_bottleneck(path):
     assert len(report.left) == len(downsamples)
 
 
-def test_efficientnet_b0_mbconv(path):
+@LIBRARIES
+def test_efficientnet_b0_mbconv(library, path):
     from models import efficientnet_b0
 
     torch.manual_seed(0)
-    model = efficientnet_b0(nn.BatchNorm2d, num_classes=10, width_mult=0.25, stochastic_depth_prob=0.0)
+    model = efficientnet_b0(BN[library, 2], num_classes=10, width_mult=0.25, stochastic_depth_prob=0.0)
     blocks = [m for m in model.modules() if type(m).__name__ == "MBConv"]
     residual = [m for m in blocks if m.use_res_connect]
     fused, report = batchnorm.fuse(model)
