@@ -288,8 +288,9 @@ def test_inplace_mode_refuses_a_residual_before_writing():
         lambda: batchnorm.BatchNorm2d(3),
         lambda: batchnorm.GhostBatchNorm2d(3, virtual_batch_size=2),
         lambda: batchnorm.BatchRenorm2d(3),
+        lambda: batchnorm.SyncBatchNorm(3),
     ],
-    ids=["BatchNorm2d", "GhostBatchNorm2d", "BatchRenorm2d"],
+    ids=["BatchNorm2d", "GhostBatchNorm2d", "BatchRenorm2d", "SyncBatchNorm"],
 )
 def test_layers_without_an_activation_refuse_a_residual(make):
     layer = make()
