@@ -151,3 +151,18 @@ def test_jit_script_compiles_the_residual_form():
     theirs.load_state_dict(ours.state_dict())
     x = torch.randn(SIZES["small"])
     torch.testing.assert_close(torch.jit.script(ours)(x), theirs(x), **TOL)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_jit_trace_records_the_residual_form(training):
+    from interop_helpers import BasicBlock
+
+    ours, theirs = BasicBlock(library=True).train(training), BasicBlock(library=False).train(training)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(SIZES["small"], generator=torch.Generator().manual_seed(1))
+    traced = torch.jit.trace(copy.deepcopy(ours), x, check_trace=False)  # runs the block once on x
+    theirs(x)
+    graph = str(traced.inlined_graph)
+    assert "batchnorm::forward_" in graph and "aten::add" in graph
+    torch.testing.assert_close(traced(2 * x), theirs(2 * x), **TOL)  # a new input: not a constant graph
+    assert_states_close(traced, theirs, **TOL)
