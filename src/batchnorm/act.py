@@ -3,13 +3,19 @@
 Their function is `batchnorm.functional.batch_norm_act` (also importable from here):
 
     batch_norm_act(x, running_mean, running_var, weight, bias, *, training, momentum, eps,
-                   activation, activation_param, inplace) -> y = act(batch_norm(x))
+                   activation, activation_param, inplace, residual=None) -> y = act(batch_norm(x) [+ residual])
 
 The layers subclass BatchNorm1d/2d/3d (so `isinstance(m, torch.nn.BatchNorm2d)` holds and the
 state_dict is a BN state_dict: a BN checkpoint loads into a BatchNormAct and back) and add the
 activation: "identity", "relu", "leaky_relu" (activation_param = slope, default 0.01), "elu"
 (activation_param = alpha, default 1.0), "silu". On the CPU fast path BN and the activation run
 in one kernel forward and one backward (`autograd.py` has the math; plain BN is the identity).
+
+The residual form, `layer(x, residual=r)` (`forward(x, mask=None, *, residual=None)`), adds r
+(x's shape, dtype and device, any memory layout) before the activation: y = act(BN(x) + r),
+ResNet's `relu(bn2(conv2(out)) + identity)` and, with the identity activation, MobileNet's add,
+fused forward and backward, r getting its gradient. With a mask the residual is added at every
+position; with inplace=True it is refused (the mode would need r kept to recover BN's output).
 
 inplace=True is the memory-saving mode of In-Place Activated BatchNorm (Rota Bulo et al., 2018):
 the output is written over the input and backward keeps only the output. It needs an invertible

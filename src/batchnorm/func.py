@@ -146,7 +146,7 @@ def functional_call(
     entry is the tensor given. The model and the tensors of `state` are not written.
 
     BN layers run through `batch_norm` above: torch.nn.BatchNorm1d/2d/3d, the library's
-    BatchNorm1d/2d/3d and BatchNormAct1d/2d/3d (activation applied after), and in eval mode the
+    BatchNorm1d/2d/3d and BatchNormAct1d/2d/3d (activation applied after, a `residual=` added before it), and in eval mode the
     variants (Ghost, Renorm, Sync, torch.nn.SyncBatchNorm), which normalize as BN there; in
     training those variants are refused, and BatchNormAct with inplace=True always is (it
     overwrites its input). A BN subclass with a forward of its own is refused in training and runs
@@ -241,8 +241,13 @@ class _Layer:
         `batch_norm`, the new statistics recorded in `updates` (read back if the layer runs again)."""
         m, layer = self.module, self
 
-        def forward(x: Tensor) -> Tensor:
+        def forward(x: Tensor, *, residual: Tensor | None = None) -> Tensor:
             m._check_input_dim(x)
+            if residual is not None:  # BatchNormAct's residual form; the other layers refuse it as they do
+                if layer.kind == "act":
+                    m._check_residual(x, residual)
+                else:
+                    _BatchNorm._check_residual(m, x, residual)
             current = {k: updates.get(layer.name(k), getattr(m, k)) for k in _MEMBERS}
             counter = current["num_batches_tracked"]
             training = layer._batch_statistics()
@@ -264,7 +269,7 @@ class _Layer:
                 for k in layer.aliases("num_batches_tracked"):
                     updates[k] = counter + 1
             if layer.kind == "act":
-                y = reference.activate(y, m.activation, m.activation_param)
+                y = reference.activate(y if residual is None else y + residual, m.activation, m.activation_param)
             return y
 
         forward._batchnorm_func_route = True

@@ -8,7 +8,7 @@ x but the channel dim 1, True where a value is real:
 
     check_mask(x, mask)                           -> None (raises on a wrong shape, dtype, device)
     masked_batch_stats(x, mask)                   -> mean, var (C,), count ()   over real positions
-    masked_normalize(x, mean, var, w, b, eps, activation, param) -> y          every position
+    masked_normalize(x, mean, var, w, b, eps, activation, param, residual) -> y  every position (+ residual)
     batch_norm(x, mask, running_mean, running_var, w, b, *, momentum, eps, ...) -> y  (a training step)
 
 Semantics (docs/tools.md, "Masked batch norm"):

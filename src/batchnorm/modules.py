@@ -138,9 +138,10 @@ class _BatchNorm(torch.nn.modules.batchnorm._BatchNorm):
 
     def _check_residual(self, x: Tensor, residual: object) -> None:
         """Only BatchNormAct takes a residual (it overrides this): its hook gets `residual=`."""
+        act = f"BatchNormAct{max(x.dim() - 2, 1) if x.dim() <= 5 else 2}d"
         raise TypeError(
-            f"{type(self).__name__} does not take a residual: act(BN(x) + residual) is BatchNormAct{self._ranks[-1] - 2}d's "
-            f"(activation='identity' for BN(x) + residual), e.g. BatchNormAct2d(C, activation='relu')(x, residual=r)"
+            f"{type(self).__name__} does not take a residual: act(BN(x) + residual) is {act}'s "
+            f"(activation='identity' for BN(x) + residual), e.g. {act}(C, activation='relu')(x, residual=r)"
         )
 
     def _batch_norm(

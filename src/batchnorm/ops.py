@@ -20,7 +20,9 @@ momentum=None, since Inductor fuses torch's own batch norm into faster whole-mod
 `functional.compiled_as_torch`). Eager calls keep the autograd
 Functions of `autograd.py` and torch's kernel for small tensors, whose fixed
 costs are measured and lower (docs/performance.md); the numbers are the same kernels' either way.
-The running-statistics update needs no operator: in traced code it runs as plain torch ops
+BatchNormAct's residual form needs no operator either: traced code runs the operator for BN,
+then aten's add and activation (`functional.traced_batch_norm`), which any backend knows. The
+running-statistics update needs no operator: in traced code it runs as plain torch ops
 (`functional._next_running_stats`), its NaN/Inf guard included, as tensor math.
 """
 from __future__ import annotations

@@ -151,3 +151,42 @@ def test_jit_script_compiles_the_residual_form():
     theirs.load_state_dict(ours.state_dict())
     x = torch.randn(SIZES["small"])
     torch.testing.assert_close(torch.jit.script(ours)(x), theirs(x), **TOL)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_jit_trace_records_the_residual_form(training):
+    from interop_helpers import BasicBlock
+
+    ours, theirs = BasicBlock(library=True).train(training), BasicBlock(library=False).train(training)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(SIZES["small"], generator=torch.Generator().manual_seed(1))
+    traced = torch.jit.trace(copy.deepcopy(ours), x, check_trace=False)  # runs the block once on x
+    theirs(x)
+    graph = str(traced.inlined_graph)
+    assert "batchnorm::forward_" in graph and "aten::add" in graph
+    torch.testing.assert_close(traced(2 * x), theirs(2 * x), **TOL)  # a new input: not a constant graph
+    assert_states_close(traced, theirs, **TOL)
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo_exporter", "legacy_exporter"])
+def test_onnx_export_of_the_residual_form_runs_in_onnxruntime(dynamo):
+    """The residual form in ONNX: standard ops (BatchNormalization or its folding, Add, Relu), the
+    numbers of torch's block in onnxruntime."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from interop_helpers import BasicBlock
+
+    ours, theirs = BasicBlock(library=True).eval(), BasicBlock(library=False).eval()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(SIZES["small"])
+    if dynamo:
+        proto = torch.onnx.export(ours, (x,), dynamo=True, verbose=False).model_proto
+    else:
+        buffer = io.BytesIO()
+        torch.onnx.export(ours, (x,), buffer, dynamo=False)
+        proto = onnx.load_from_string(buffer.getvalue())
+    assert {n.domain for n in proto.graph.node} <= {"", "ai.onnx"}
+    assert "Add" in [n.op_type for n in proto.graph.node]
+    session = ort.InferenceSession(proto.SerializeToString())
+    y = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(y, theirs(x).detach().numpy(), rtol=1e-4, atol=1e-4)

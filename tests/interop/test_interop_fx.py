@@ -58,3 +58,18 @@ def test_traced_model_trains_as_the_model(size):
     for (name, p), q in zip(traced.named_parameters(), eager.parameters()):
         torch.testing.assert_close(p.grad, q.grad, msg=name)
     assert_states_close(traced, eager)
+
+
+def test_symbolic_trace_records_the_residual_as_a_keyword():
+    """BatchNormAct's residual form is one call_module node with residual= among its kwargs."""
+    from interop_helpers import BasicBlock
+
+    model = BasicBlock(library=True)
+    traced, eager = torch.fx.symbolic_trace(copy.deepcopy(model)), copy.deepcopy(model)
+    (node,) = [n for n in traced.graph.nodes if n.op == "call_module" and n.target == "bn2"]
+    assert set(node.kwargs) == {"residual"} and node.kwargs["residual"].op == "placeholder"
+    x = torch.randn(SIZES["small"])
+    for m in (traced, eager):
+        m(x).square().sum().backward()
+    torch.testing.assert_close(traced(x), eager(x))
+    assert_states_close(traced, eager)

@@ -637,3 +637,40 @@ def test_a_bn_subclass_with_its_own_forward_is_refused_in_training_and_runs_as_i
     out, new_state = bnf.functional_call(model, state, (x,))
     torch.testing.assert_close(out, model(x), **TOL)  # its own forward ran: the relu is there
     assert out.min() >= 0 and all(new_state[k] is v for k, v in state.items())
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_functional_call_of_the_residual_form_matches_torchs_block(training):
+    """BatchNormAct's residual form through batchnorm.func: torch's basic block's output and new
+    statistics, nothing written, under grad as well."""
+    from interop_helpers import BasicBlock
+
+    ours, theirs = BasicBlock(library=True).train(training), BasicBlock(library=False).train(training)
+    theirs.load_state_dict(ours.state_dict())
+    state = {k: v.clone() for k, v in ours.state_dict().items()}
+    x = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(2))
+    out, new_state = bnf.functional_call(ours, state, (x,))
+    torch.testing.assert_close(out, theirs(x))
+    for name, v in theirs.state_dict().items():
+        torch.testing.assert_close(new_state[name], v)
+    assert all(torch.equal(v, ours.state_dict()[k]) for k, v in state.items())  # nothing written
+    dx = grad(lambda x: bnf.functional_call(ours, state, (x,))[0].sin().sum())(x)
+    x2 = x.clone().requires_grad_()
+    theirs.load_state_dict(state)
+    theirs(x2).sin().sum().backward()
+    torch.testing.assert_close(dx, x2.grad)
+
+
+def test_functional_call_refuses_a_residual_where_the_layer_does():
+    x = torch.randn(4, 3, 5, 5)
+
+    class Call(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = batchnorm.BatchNorm2d(3)
+
+        def forward(self, x):
+            return self.bn(x, residual=x)
+
+    with pytest.raises(TypeError, match="BatchNorm2d does not take a residual"):
+        bnf.functional_call(Call(), Call().state_dict(), (x,))

@@ -109,8 +109,14 @@ def assert_matches_torch(ours, theirs, x, r, dy, act):
         torch.testing.assert_close(getattr(ours, name), getattr(theirs, name), **tol)
 
 
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("act", sorted(ACTS))
+# every activation in training; in eval (whose backward is another pass) the two kinds of g:
+# dy itself (identity) and dy * act'(z + r) (relu)
+MODES = [
+    pytest.param(act, True, id=f"{act}-train") for act in sorted(ACTS)
+] + [pytest.param(act, False, id=f"{act}-eval") for act in ("identity", "relu")]
+
+
+@pytest.mark.parametrize("act, training", MODES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape, fmt, residual_fmt", LAYOUTS)
 def test_kernels_match_torch(shape, fmt, residual_fmt, dtype, act, training):
@@ -282,8 +288,9 @@ def test_inplace_mode_refuses_a_residual_before_writing():
         lambda: batchnorm.BatchNorm2d(3),
         lambda: batchnorm.GhostBatchNorm2d(3, virtual_batch_size=2),
         lambda: batchnorm.BatchRenorm2d(3),
+        lambda: batchnorm.SyncBatchNorm(3),
     ],
-    ids=["BatchNorm2d", "GhostBatchNorm2d", "BatchRenorm2d"],
+    ids=["BatchNorm2d", "GhostBatchNorm2d", "BatchRenorm2d", "SyncBatchNorm"],
 )
 def test_layers_without_an_activation_refuse_a_residual(make):
     layer = make()

@@ -492,10 +492,12 @@ def backward_train(dy, x, mean, invstd, weight, need_dx=True):
 #   backward  4 + 3   the reduction reads x, dy, r and writes g = dy * act'(z + r) (the residual's
 #                     gradient, which must exist as a tensor anyway); the dx pass reads x and g
 # (torch's BN, add and in-place activation: 3 + 3 + 2 forward; the activation's backward 3, the
-# add's none, BN's 2 + 3.) act'(z + r) is taken from x and r, not from the
-# output y: saving y instead reads as many bytes (x, dy and y instead of x, dy and r), r is kept
-# alive by the block anyway (its own input), and silu's act' cannot be had from y at all. With
-# the identity activation g = dy: backward is plain BN's, which reads neither r nor writes g.
+# add's none, BN's 2 + 3.) act'(z + r) is taken from x and r, not from the output y: saving y
+# instead reads as many bytes (x, dy and y instead of x, dy and r), is exact only for activations
+# whose act' can be had from y (relu, leaky_relu, elu; not silu), and saves memory only where
+# nothing else keeps r (a basic block's identity is its input, which its first conv keeps for
+# backward anyway). With the identity activation g = dy: backward is plain BN's, which reads
+# neither r nor writes g, and r is not kept.
 def backward_reduce_residual_act(
     dy: Tensor,
     saved: Tensor,
