@@ -20,8 +20,15 @@ TORCH_ACT = {
     "leaky_relu": lambda z, p: F.leaky_relu(z, p),
     "elu": lambda z, p: F.elu(z, p),
     "silu": lambda z, p: F.silu(z),
+    "relu6": lambda z, p: F.relu6(z),
+    "hardswish": lambda z, p: F.hardswish(z),
+    "gelu": lambda z, p: F.gelu(z),
+    "sigmoid": lambda z, p: torch.sigmoid(z),
+    "tanh": lambda z, p: torch.tanh(z),
 }
-ACTIVATIONS = [("identity", None), ("relu", None), ("leaky_relu", 0.2), ("elu", 0.5), ("silu", None)]
+ACTIVATIONS = [("identity", None), ("relu", None), ("leaky_relu", 0.2), ("elu", 0.5), ("silu", None)] + [
+    (name, None) for name in ("relu6", "hardswish", "gelu", "sigmoid", "tanh")
+]
 CLASSES = {
     2: (batchnorm.BatchNormAct1d, torch.nn.BatchNorm1d),
     3: (batchnorm.BatchNormAct1d, torch.nn.BatchNorm1d),
@@ -131,14 +138,19 @@ def test_repr_names_the_activation():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"activation": "gelu"}, "activation must be one of"),
+        ({"activation": "mish"}, "activation must be one of"),
+        ({"activation": "gelu", "activation_param": 0.5}, "activation_param applies to"),
         ({"activation": "relu", "activation_param": 0.3}, "activation_param applies to"),
         ({"activation": "relu", "inplace": True}, "leaky_relu"),
         ({"activation": "silu", "inplace": True}, "invertible"),
+        ({"activation": "relu6", "inplace": True}, "'relu6' is not invertible"),
+        ({"activation": "hardswish", "inplace": True}, "'hardswish' is not invertible"),
+        ({"activation": "gelu", "inplace": True}, "'gelu' is not invertible"),
         ({"activation": "leaky_relu", "activation_param": 0.0, "inplace": True}, "activation_param > 0"),
         ({"activation": "elu", "activation_param": -1.0, "inplace": True}, "activation_param > 0"),
     ],
-    ids=["unknown", "param_on_relu", "relu_inplace", "silu_inplace", "slope0_inplace", "negative_alpha_inplace"],
+    ids=["unknown", "param_on_gelu", "param_on_relu", "relu_inplace", "silu_inplace", "relu6_inplace", "hardswish_inplace",
+         "gelu_inplace", "slope0_inplace", "negative_alpha_inplace"],
 )
 def test_construction_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -155,10 +167,14 @@ GRADCHECK_CASES = [
     ("kernels-leaky_relu-NCHW", "force_kernels", "leaky_relu", 0.2, None),
     ("kernels-silu-NHWC", "force_kernels", "silu", 0.0, CL),
     ("kernels-elu-NHWC", "force_kernels", "elu", 0.5, CL),
+    ("kernels-gelu-NCHW", "force_kernels", "gelu", 0.0, None),
+    ("kernels-tanh-NHWC", "force_kernels", "tanh", 0.0, CL),
     ("reference-relu-NCHW", "force_reference", "relu", 0.0, None),
     ("reference-leaky_relu-NHWC", "force_reference", "leaky_relu", 0.2, CL),
     ("reference-elu-NCHW", "force_reference", "elu", 0.5, None),
     ("reference-silu-NCHW", "force_reference", "silu", 0.0, None),
+    ("reference-gelu-NHWC", "force_reference", "gelu", 0.0, CL),
+    ("reference-sigmoid-NCHW", "force_reference", "sigmoid", 0.0, None),
 ]
 
 
