@@ -249,3 +249,44 @@ def test_no_gradient_for_y_gives_none_as_torch(path, activation, training, reque
     assert dweight_torch is None and dbias_torch is None
     assert dweight is None and dbias is None
     torch.testing.assert_close(dx, dx_torch)
+
+
+# Activations with kinks, and the z where they sit: relu/leaky_relu/elu at 0, relu6 at 0 and 6,
+# hardswish at -3 and 3. Channel c gets bias KINKS[c], so z = bias exactly where xhat = 0.
+KINKED = [(a, p) for a, p in ACTIVATIONS if a in ("relu", "leaky_relu", "elu", "relu6", "hardswish")]
+KINKS = [0.0, -3.0, 3.0, 6.0]
+
+
+@pytest.fixture
+def torch_kernel(monkeypatch):
+    from batchnorm import kernels
+
+    monkeypatch.setattr(kernels, "FORCE", "torch")
+
+
+@pytest.mark.parametrize("path", ["force_kernels", "force_reference", "torch_kernel"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("activation, param", KINKED, ids=[a for a, _ in KINKED])
+@pytest.mark.parametrize("shape, fmt", [pytest.param((10, 4), None, id="NC"), pytest.param((6, 4, 3, 5), None, id="NCHW"),
+                                        pytest.param((6, 4, 3, 5), CL, id="NHWC")])  # fmt: skip
+def test_gradients_at_the_kinks_match_torch(shape, fmt, activation, param, dtype, training, path, request):
+    """z exactly on a kink (0, -3, 3, 6): the derivative there is torch's (relu6'(0) = relu6'(6) = 0,
+    hardswish'(-3) = 0, hardswish'(3) = 1), in the weight and bias gradients, and in eval in dx.
+
+    Eval: where x = the running mean (0), xhat = 0 and z = bias exactly. Training: torch's batch
+    mean is not exactly 0 even for integers (its float32 update is Welford's), so the weight is 0
+    and z = bias everywhere; dx is then 0, and weight and bias gradients carry act'(bias)."""
+    request.getfixturevalue(path)
+    x = torch.randint(-3, 4, shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+    x[0] = 0
+    x = x.contiguous(memory_format=fmt) if fmt is not None else x
+    ours, theirs = make_pair(len(shape), 4, activation, param, dtype=dtype)
+    with torch.no_grad():
+        ours.weight.copy_(torch.zeros(4) if training else torch.tensor([1.5, 0.5, 2.0, 1.0]))
+        ours.bias.copy_(torch.tensor(KINKS))
+        ours.running_var.fill_(0.5)
+    theirs.load_state_dict(ours.state_dict())
+    ours.train(training), theirs.train(training)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    compare(ours, theirs, x, activation, param, steps=1, tol=tol)
