@@ -70,8 +70,11 @@ def test_every_activation_compiles_fullgraph_as_eager(size, force, monkeypatch):
     y, grads = train_steps(compiled, x)
     y_eager, grads_eager = train_steps(eager, x)
     torch.testing.assert_close(y, y_eager, **TOL)
+    # float32 rounding through ten BN layers, torch's in the graph and the kernels' in eager: relative
+    # to the largest gradient, as in test_fullgraph_compile_trains_and_evaluates_as_eager
+    scale = max(float(g.abs().max()) for g in grads_eager)
     for g, g_eager in zip(grads, grads_eager):
-        torch.testing.assert_close(g, g_eager, rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(g, g_eager, rtol=1e-3, atol=1e-4 + 1e-3 * scale)
     assert_states_close(model, eager, **TOL)
     model.eval(), eager.eval()
     with torch.no_grad():
