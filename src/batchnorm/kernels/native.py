@@ -121,7 +121,7 @@ def _finite_sum(view: memoryview) -> bool:
 
 # Most run in place on BN's fresh output; autograd's formulas for these use the result, or (silu)
 # save what they need, so gradients are those of BN followed by the activation. hardswish and gelu
-# run out of place: their backward needs the input, which an in-place form would overwrite.
+# run out of place: torch's backward formulas for them take the input, not the result.
 _ACTIVATIONS = {
     "identity": lambda y, _param: y,
     "relu": lambda y, _param: torch.relu_(y),
