@@ -143,6 +143,18 @@ def test_cached_kernels_are_dropped_when_numba_act_changes(tmp_path):
     assert not any(p.exists() for p in kernels) and (tmp_path / "numba_act.sha256").read_text() == stamp
 
 
+def test_every_module_inlining_numba_act_is_dropped_with_it():
+    """A kernel module that imports numba_act inlines it: it must be on the list of modules whose
+    cached kernels a new numba_act.py drops, or its cache would keep the old activations."""
+    from pathlib import Path
+
+    from batchnorm.kernels import _numba
+
+    directory = Path(_numba.__file__).parent
+    inlining = {p.stem for p in directory.glob("numba_*.py") if "import numba_act" in p.read_text()}
+    assert inlining and inlining <= set(_numba._INLINING_MODULES)
+
+
 def _record_kernel_calls(monkeypatch):
     """Every call into the Numba kernels' namespace (`cpu`), by function name."""
     calls = []

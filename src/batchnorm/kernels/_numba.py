@@ -106,7 +106,7 @@ def load() -> ModuleType:
 
 
 # the modules whose kernels inline numba_act's functions
-_INLINING_MODULES = ("numba_planar", "numba_channels", "numba_rows")
+_INLINING_MODULES = ("numba_planar", "numba_channels", "numba_rows", "numba_blocked")
 _STAMP_NAME = "numba_act.sha256"
 
 
