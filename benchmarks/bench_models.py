@@ -29,8 +29,8 @@ before the classifier (0.2, as torchvision) stays, its work does not depend on t
 `--width` scales the models' channels (ResNets: first stage `64 * width`; the others torchvision's
 `width_mult`), for a quick smoke run; `--competitors` leaves some out (e.g. the compiled ones:
 compiling a full model's training step with Inductor takes minutes on 2 cores); `--backend` is
-torch.compile's (the tests' smoke run takes "aot_eager", which traces the same graphs without
-Inductor's code generation, in seconds, and times nothing meaningful).
+torch.compile's (the tests' smoke run takes "eager": Dynamo captures the graphs and nothing
+compiles them, which takes seconds and times nothing meaningful).
 
 Profile (`--profile`, or `--profile-only` to skip the timing): torch.profiler records
 `--profile-steps` training steps (after two warm-up steps) of torch eager and ours eager per model,
@@ -105,7 +105,8 @@ RANGE = "bench_models: "  # prefix of the record_function ranges the profile's h
 
 
 def ours(model: nn.Module) -> nn.Module:
-    """The library's version of `model` (a deep copy: same weights, the library's layers)."""
+    """The library's version of `model` (a deep copy: same weights, the library's layers). The one
+    place that says what "ours" is: every competitor and the profile build it here."""
     return batchnorm.convert(copy.deepcopy(model))
 
 
