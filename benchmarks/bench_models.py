@@ -65,6 +65,9 @@ ancestor that has one, so the aten ops an op or module runs inside belong to it:
                       ranges); the library's torch.library operators (`batchnorm::...`, traced code
                       only) would count as batch norm by name.
 
+A BN layer that does more than BN counts whole as batch norm: when `ours` fuses activations and
+residual adds into the library's BatchNormAct layers (batchnorm.fuse), their work moves from
+"activations" / "residual adds" to "batch norm" in the ours column, as it moves into its kernels.
 The profile table gives, per model and group, ms per step and the share of the step's profiled
 time for both competitors. The profiler and the hooks add overhead per op, so read the shares, not
 the absolute times, and compare them with the timing table. Nothing in the library is changed to
