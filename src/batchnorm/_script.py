@@ -50,6 +50,16 @@ def _forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         return F.elu(z, self.activation_param)
     if self.activation == "silu":
         return F.silu(z)
+    if self.activation == "relu6":
+        return F.relu6(z)
+    if self.activation == "hardswish":
+        return F.hardswish(z)
+    if self.activation == "gelu":
+        return F.gelu(z)
+    if self.activation == "sigmoid":
+        return torch.sigmoid(z)
+    if self.activation == "tanh":
+        return torch.tanh(z)
     return z
 
 

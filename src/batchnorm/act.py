@@ -8,8 +8,11 @@ Their function is `batchnorm.functional.batch_norm_act` (also importable from he
 The layers subclass BatchNorm1d/2d/3d (so `isinstance(m, torch.nn.BatchNorm2d)` holds and the
 state_dict is a BN state_dict: a BN checkpoint loads into a BatchNormAct and back) and add the
 activation: "identity", "relu", "leaky_relu" (activation_param = slope, default 0.01), "elu"
-(activation_param = alpha, default 1.0), "silu". On the CPU fast path BN and the activation run
-in one kernel forward and one backward (`autograd.py` has the math; plain BN is the identity).
+(activation_param = alpha, default 1.0), "silu", "relu6", "hardswish", "gelu" (the exact erf
+form, torch's approximate='none'), "sigmoid", "tanh": each computes what torch's function of that
+name does, gradients included (`kernels/activations.py`). On the CPU fast path BN and the
+activation run in one kernel forward and one backward (`autograd.py` has the math; plain BN is
+the identity).
 
 The residual form, `layer(x, residual=r)` (`forward(x, mask=None, *, residual=None)`), adds r
 (x's shape, dtype and device, any memory layout) before the activation: y = act(BN(x) + r),
@@ -19,7 +22,8 @@ position; with inplace=True it is refused (the mode would need r kept to recover
 
 inplace=True is the memory-saving mode of In-Place Activated BatchNorm (Rota Bulo et al., 2018):
 the output is written over the input and backward keeps only the output. It needs an invertible
-activation (identity, leaky_relu, elu); relu raises and suggests leaky_relu. Channels whose
+activation (identity, leaky_relu, elu, sigmoid, tanh); relu raises and suggests leaky_relu, and
+silu, relu6, hardswish and gelu raise. Channels whose
 |weight| is below 1e-3 are computed with weight +-1e-3 in this mode (`autograd.INPLACE_MIN_WEIGHT`).
 """
 from __future__ import annotations

@@ -33,7 +33,7 @@ y is written over x and only y (plus the (C,) vectors) is kept. Backward recover
 
     z = act^-1(y),    xhat = (z - bias) / weight,    act'(z) from y
 
-which needs an invertible activation (identity; leaky_relu, elu with a positive parameter) and
+which needs an invertible activation (identity, sigmoid, tanh; leaky_relu, elu with a positive parameter) and
 a weight away from zero. The weight guard: in this mode the layer uses
 
     weight_used = sign(weight) * max(|weight|, INPLACE_MIN_WEIGHT)       (sign(0) = +1)

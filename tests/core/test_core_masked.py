@@ -25,7 +25,8 @@ ACT = {1: batchnorm.BatchNormAct1d, 2: batchnorm.BatchNormAct2d, 3: batchnorm.Ba
 TORCH = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 D_OF_RANK = {2: 1, 3: 1, 4: 2, 5: 3}
 ACTIVATIONS = {"identity": lambda z: z, "relu": TF.relu, "leaky_relu": lambda z: TF.leaky_relu(z, 0.01),
-               "elu": TF.elu, "silu": TF.silu}  # fmt: skip
+               "elu": TF.elu, "silu": TF.silu, "relu6": TF.relu6, "hardswish": TF.hardswish, "gelu": TF.gelu,
+               "sigmoid": torch.sigmoid, "tanh": torch.tanh}  # fmt: skip
 
 
 def random_mask(shape: tuple[int, ...], seed: int, p: float = 0.6) -> torch.Tensor:
@@ -105,7 +106,7 @@ def test_masked_batchnorm_at_a_size_that_takes_the_kernels_unmasked(dtype):
     _check_against_reference(batchnorm.BatchNorm1d, (32, 64, 1024), dtype)
 
 
-@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "elu", "silu", "identity"])
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))
 @pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[2]])
 def test_masked_batchnorm_act_is_the_activation_after_the_masked_batchnorm(shape, activation):
     _check_against_reference(ACT[D_OF_RANK[len(shape)]], shape, torch.float64, activation)
@@ -161,7 +162,7 @@ def test_an_all_true_mask_is_the_unmasked_layer_and_torch(shape, momentum):
             torch.testing.assert_close(ours.state_dict()[key], value, rtol=1e-12, atol=1e-12, msg=lambda m, key=key: f"{key}: {m}")
 
 
-@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "elu", "silu"])
+@pytest.mark.parametrize("activation", [a for a in ACTIVATIONS if a != "identity"])
 def test_an_all_true_mask_on_batchnorm_act_is_torch_bn_then_the_activation(activation):
     ref = randomize_(nn.BatchNorm2d(3, dtype=torch.float64))
     ours = batchnorm.BatchNormAct2d(3, activation=activation, dtype=torch.float64)

@@ -294,6 +294,11 @@ ACTIVATIONS = {
     "leaky_relu": (0.2, lambda z: TF.leaky_relu(z, 0.2)),
     "elu": (0.7, lambda z: TF.elu(z, 0.7)),
     "silu": (None, TF.silu),
+    "relu6": (None, TF.relu6),
+    "hardswish": (None, TF.hardswish),
+    "gelu": (None, TF.gelu),
+    "sigmoid": (None, torch.sigmoid),
+    "tanh": (None, torch.tanh),
 }
 
 

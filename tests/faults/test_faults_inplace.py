@@ -107,8 +107,10 @@ def test_input_sharing_memory_with_a_parameter_is_refused(path):
     assert torch.equal(storage, before)
 
 
+@pytest.mark.parametrize("activation, param", [("leaky_relu", 0.1), ("sigmoid", None), ("tanh", None)],
+                         ids=["leaky_relu", "sigmoid", "tanh"])  # fmt: skip
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_channel_slice_of_a_conv_output(training, path):
+def test_channel_slice_of_a_conv_output(training, activation, param, path):
     """torch's in-place activations handle a slice of a non-leaf (its base's history is rebased):
     so does the in-place layer. Output, the untouched channels, and every gradient equal those
     of the same model with inplace=False."""
@@ -117,7 +119,7 @@ def test_channel_slice_of_a_conv_output(training, path):
     image = torch.randn(4, 3, 6, 6, dtype=torch.float64, requires_grad=True)
     results = []
     for inplace in (False, True):
-        m = batchnorm.BatchNormAct2d(C, activation="leaky_relu", activation_param=0.1, inplace=inplace).double()
+        m = batchnorm.BatchNormAct2d(C, activation=activation, activation_param=param, inplace=inplace).double()
         m.train(training)
         out = conv(image)
         rest = out[:, C:].detach().clone()

@@ -34,6 +34,23 @@ def conv_bn_model(library: bool, seed: int = 0) -> nn.Module:
     )
 
 
+# every activation BatchNormAct takes, and the torch.nn module computing it
+TORCH_ACTIVATION = {
+    "identity": nn.Identity, "relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.01), "elu": nn.ELU, "silu": nn.SiLU,
+    "relu6": nn.ReLU6, "hardswish": nn.Hardswish, "gelu": nn.GELU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh,
+}  # fmt: skip
+
+
+def activation_chain(library: bool, seed: int = 0) -> nn.Module:
+    """conv, then one BN + activation layer per activation of BatchNormAct (TORCH_ACTIVATION), in a
+    row: BatchNormAct2d(16, activation=name), or torch's BatchNorm2d followed by its module."""
+    torch.manual_seed(seed)
+    layers = [nn.Conv2d(3, 16, 3, padding=1, bias=False)]
+    for name, module in TORCH_ACTIVATION.items():
+        layers += [batchnorm.BatchNormAct2d(16, activation=name)] if library else [nn.BatchNorm2d(16), module()]
+    return nn.Sequential(*layers)
+
+
 def resnet18_style(library: bool, width: int = 8) -> nn.Module:
     """ResNet-18 (benchmarks/models.py, after torchvision's: 20 BN layers) at a small width."""
     torch.manual_seed(0)

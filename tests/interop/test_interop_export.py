@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import batchnorm
-from interop_helpers import SIZES, assert_states_close, conv_bn_model
+from interop_helpers import SIZES, activation_chain, assert_states_close, conv_bn_model
 
 TOL = dict(rtol=1e-4, atol=1e-4)
 
@@ -61,6 +61,54 @@ def test_run_decompositions_leaves_only_aten_ops(training):
     program = torch.export.export(model, (x,)).run_decompositions(batchnorm.ops.decompositions())
     assert not library_ops(program.graph)
     torch.testing.assert_close(program.module()(x), eager(x), **TOL)
+
+
+@pytest.mark.parametrize("size", sorted(SIZES))
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_every_activation_exports_decomposes_and_scripts(training, size):
+    """One BatchNormAct2d per activation in a row: torch.export's program, its decomposition into
+    aten ops and torch.jit.script's twin each compute what the eager model does, buffers included,
+    and the eager model what torch's BatchNorm2d followed by the activation modules does."""
+    model = randomized(activation_chain(library=True)).train(training)
+    x = torch.randn(SIZES[size], generator=torch.Generator().manual_seed(1))
+    oracle = activation_chain(library=False).train(training)
+    oracle.load_state_dict(_torch_chain_state(model))
+    torch.testing.assert_close(copy.deepcopy(model)(x), oracle(x), **TOL)
+    program = torch.export.export(copy.deepcopy(model), (x,))
+    decomposed = torch.export.export(copy.deepcopy(model), (x,)).run_decompositions(batchnorm.ops.decompositions())
+    assert not library_ops(decomposed.graph)
+    for run in (program.module(), decomposed.module(), torch.jit.script(copy.deepcopy(model))):
+        eager = copy.deepcopy(model)
+        torch.testing.assert_close(run(x), eager(x), **TOL)
+        assert_states_close(run, eager, **TOL)
+
+
+def _torch_chain_state(model: nn.Module) -> dict:
+    """activation_chain(library=True)'s state under activation_chain(library=False)'s names: layer i
+    of the library's chain (i >= 1) is layer 2i - 1 of torch's (each BN is followed by its activation)."""
+    state = {}
+    for key, value in model.state_dict().items():
+        index, rest = key.split(".", 1)
+        state[f"{2 * int(index) - 1 if int(index) else 0}.{rest}"] = value
+    return state
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo_exporter", "legacy_exporter"])
+def test_every_activation_exports_to_onnx_and_runs_in_onnxruntime(dynamo):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    model = randomized(activation_chain(library=True)).eval()
+    x = torch.randn(SIZES["kernels"])
+    if dynamo:
+        proto = torch.onnx.export(model, (x,), dynamo=True, verbose=False).model_proto
+    else:
+        buffer = io.BytesIO()
+        torch.onnx.export(model, (x,), buffer, dynamo=False)
+        proto = onnx.load_from_string(buffer.getvalue())
+    assert {n.domain for n in proto.graph.node} <= {"", "ai.onnx"}
+    session = ort.InferenceSession(proto.SerializeToString())
+    y = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(y, model(x).detach().numpy(), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo_exporter", "legacy_exporter"])

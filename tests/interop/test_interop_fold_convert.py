@@ -27,6 +27,12 @@ ACTIVATIONS = {
     "leaky_relu": ({"activation": "leaky_relu", "activation_param": 0.2}, nn.LeakyReLU(0.2)),
     "elu": ({"activation": "elu", "activation_param": 0.7}, nn.ELU(0.7)),
     "silu": ({"activation": "silu"}, nn.SiLU()),
+    "relu6": ({"activation": "relu6"}, nn.ReLU6()),
+    "hardswish": ({"activation": "hardswish"}, nn.Hardswish()),
+    "gelu": ({"activation": "gelu"}, nn.GELU()),
+    "sigmoid": ({"activation": "sigmoid"}, nn.Sigmoid()),
+    "tanh": ({"activation": "tanh"}, nn.Tanh()),
+    "tanh_inplace": ({"activation": "tanh", "inplace": True}, nn.Tanh()),  # torch's Tanh has no in-place form
     "leaky_relu_inplace": ({"activation": "leaky_relu", "activation_param": 0.05, "inplace": True}, nn.LeakyReLU(0.05, inplace=True)),
 }
 BN_ACT = {1: batchnorm.BatchNormAct1d, 2: batchnorm.BatchNormAct2d, 3: batchnorm.BatchNormAct3d}
@@ -101,10 +107,11 @@ def test_fold_keeps_the_library_activation(act, d, path):
     [
         (nn.ReLU, {}, None),  # timm's default: ReLU(inplace=True)
         (nn.SiLU, {}, None),
-        (nn.GELU, {}, None),  # not one of the library's activations: fold keeps it all the same
+        (nn.GELU, {"approximate": "tanh"}, None),  # not one of the library's activations: fold keeps it all the same
+        (nn.Hardswish, {}, None),
         (nn.LeakyReLU, {"negative_slope": 0.3}, nn.Dropout),  # with a drop layer (identity in eval)
     ],
-    ids=["relu_inplace", "silu", "gelu", "leaky_relu_with_dropout"],
+    ids=["relu_inplace", "silu", "gelu_tanh", "hardswish", "leaky_relu_with_dropout"],
 )
 def test_fold_keeps_a_timm_style_activation(act_layer, act_kwargs, drop_layer, path):
     torch.manual_seed(1)
@@ -288,9 +295,14 @@ def test_convert_to_torch_keeps_the_training_flag_and_the_optimizer():
         (nn.LeakyReLU, {"negative_slope": 0.1}, ("leaky_relu", 0.1)),
         (nn.ELU, {"alpha": 0.5}, ("elu", 0.5)),
         (nn.SiLU, {}, ("silu", 0.0)),
+        (nn.ReLU6, {}, ("relu6", 0.0)),  # inplace=True, timm's default
+        (nn.Hardswish, {}, ("hardswish", 0.0)),  # inplace=True, timm's default
+        (nn.GELU, {}, ("gelu", 0.0)),
+        (nn.Sigmoid, {}, ("sigmoid", 0.0)),
+        (nn.Tanh, {}, ("tanh", 0.0)),
         (None, {}, ("identity", 0.0)),  # apply_act=False
     ],
-    ids=["relu_inplace", "leaky_relu", "elu", "silu", "no_act"],
+    ids=["relu_inplace", "leaky_relu", "elu", "silu", "relu6_inplace", "hardswish_inplace", "gelu", "sigmoid", "tanh", "no_act"],
 )
 def test_convert_turns_timm_style_layers_into_bn_act(act_layer, act_kwargs, spec, path, recwarn):
     torch.manual_seed(4)
@@ -309,14 +321,14 @@ def test_convert_turns_timm_style_layers_into_bn_act(act_layer, act_kwargs, spec
 
 def test_convert_warns_about_the_timm_style_layers_it_leaves():
     model = nn.Sequential(
-        TimmStyleBatchNormAct2d(4, act_layer=nn.GELU),
+        TimmStyleBatchNormAct2d(4, act_layer=nn.GELU, act_kwargs={"approximate": "tanh"}),
         TimmStyleBatchNormAct2d(4, drop_layer=nn.Dropout),
         TimmStyleBatchNormAct2d(4),
     )
     with pytest.warns(UserWarning, match=r"convert\(to='batchnorm'\) left 2 BatchNorm layer\(s\)") as caught:
         batchnorm.convert(model)
     message = str(caught[0].message)
-    assert "'0' (TimmStyleBatchNormAct2d): its activation GELU is not one BatchNormAct supports" in message
+    assert "'0' (TimmStyleBatchNormAct2d): its activation GELU(approximate='tanh') is not one BatchNormAct supports" in message
     assert "'1' (TimmStyleBatchNormAct2d): its drop layer Dropout has no place in BatchNormAct" in message
     assert [type(m) for m in model] == [TimmStyleBatchNormAct2d] * 2 + [batchnorm.BatchNormAct2d]
 

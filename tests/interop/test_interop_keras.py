@@ -166,6 +166,11 @@ def test_not_trainable_is_frozen_and_back():
     ("leaky_relu", 0.2, lambda: keras.layers.LeakyReLU(negative_slope=0.2)),
     ("elu", 0.7, lambda: keras.layers.ELU(alpha=0.7)),
     ("silu", None, lambda: keras.layers.Activation("silu")),
+    ("relu6", None, lambda: keras.layers.ReLU(max_value=6.0)),
+    ("hardswish", None, lambda: keras.layers.Activation("hard_silu")),
+    ("gelu", None, lambda: keras.layers.Activation(lambda x: keras.activations.gelu(x, approximate=False))),
+    ("sigmoid", None, lambda: keras.layers.Activation("sigmoid")),
+    ("tanh", None, lambda: keras.layers.Activation("tanh")),
 ])
 def test_bn_act_both_ways(activation, param, keras_act):
     layer = _random_keras_layer((None, 4, 3, 3), axis=1)

@@ -33,7 +33,7 @@ class TimmStyleBatchNormAct2d(nn.BatchNorm2d):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self.drop = drop_layer() if drop_layer is not None else nn.Identity()
         kwargs = dict(act_kwargs or {})
-        if act_layer in (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.SiLU):  # the torch activations taking inplace
+        if act_layer in (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.SiLU, nn.ReLU6, nn.Hardswish):  # the torch activations taking inplace
             kwargs.setdefault("inplace", inplace)
         self.act = act_layer(**kwargs) if apply_act else nn.Identity()
 

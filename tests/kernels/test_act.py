@@ -20,8 +20,15 @@ TORCH_ACT = {
     "leaky_relu": lambda z, p: F.leaky_relu(z, p),
     "elu": lambda z, p: F.elu(z, p),
     "silu": lambda z, p: F.silu(z),
+    "relu6": lambda z, p: F.relu6(z),
+    "hardswish": lambda z, p: F.hardswish(z),
+    "gelu": lambda z, p: F.gelu(z),
+    "sigmoid": lambda z, p: torch.sigmoid(z),
+    "tanh": lambda z, p: torch.tanh(z),
 }
-ACTIVATIONS = [("identity", None), ("relu", None), ("leaky_relu", 0.2), ("elu", 0.5), ("silu", None)]
+ACTIVATIONS = [("identity", None), ("relu", None), ("leaky_relu", 0.2), ("elu", 0.5), ("silu", None)] + [
+    (name, None) for name in ("relu6", "hardswish", "gelu", "sigmoid", "tanh")
+]
 CLASSES = {
     2: (batchnorm.BatchNormAct1d, torch.nn.BatchNorm1d),
     3: (batchnorm.BatchNormAct1d, torch.nn.BatchNorm1d),
@@ -131,14 +138,19 @@ def test_repr_names_the_activation():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"activation": "gelu"}, "activation must be one of"),
+        ({"activation": "mish"}, "activation must be one of"),
+        ({"activation": "gelu", "activation_param": 0.5}, "activation_param applies to"),
         ({"activation": "relu", "activation_param": 0.3}, "activation_param applies to"),
         ({"activation": "relu", "inplace": True}, "leaky_relu"),
         ({"activation": "silu", "inplace": True}, "invertible"),
+        ({"activation": "relu6", "inplace": True}, "'relu6' is not invertible"),
+        ({"activation": "hardswish", "inplace": True}, "'hardswish' is not invertible"),
+        ({"activation": "gelu", "inplace": True}, "'gelu' is not invertible"),
         ({"activation": "leaky_relu", "activation_param": 0.0, "inplace": True}, "activation_param > 0"),
         ({"activation": "elu", "activation_param": -1.0, "inplace": True}, "activation_param > 0"),
     ],
-    ids=["unknown", "param_on_relu", "relu_inplace", "silu_inplace", "slope0_inplace", "negative_alpha_inplace"],
+    ids=["unknown", "param_on_gelu", "param_on_relu", "relu_inplace", "silu_inplace", "relu6_inplace", "hardswish_inplace",
+         "gelu_inplace", "slope0_inplace", "negative_alpha_inplace"],
 )
 def test_construction_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -155,10 +167,14 @@ GRADCHECK_CASES = [
     ("kernels-leaky_relu-NCHW", "force_kernels", "leaky_relu", 0.2, None),
     ("kernels-silu-NHWC", "force_kernels", "silu", 0.0, CL),
     ("kernels-elu-NHWC", "force_kernels", "elu", 0.5, CL),
+    ("kernels-gelu-NCHW", "force_kernels", "gelu", 0.0, None),
+    ("kernels-tanh-NHWC", "force_kernels", "tanh", 0.0, CL),
     ("reference-relu-NCHW", "force_reference", "relu", 0.0, None),
     ("reference-leaky_relu-NHWC", "force_reference", "leaky_relu", 0.2, CL),
     ("reference-elu-NCHW", "force_reference", "elu", 0.5, None),
     ("reference-silu-NCHW", "force_reference", "silu", 0.0, None),
+    ("reference-gelu-NHWC", "force_reference", "gelu", 0.0, CL),
+    ("reference-sigmoid-NCHW", "force_reference", "sigmoid", 0.0, None),
 ]
 
 
@@ -233,3 +249,44 @@ def test_no_gradient_for_y_gives_none_as_torch(path, activation, training, reque
     assert dweight_torch is None and dbias_torch is None
     assert dweight is None and dbias is None
     torch.testing.assert_close(dx, dx_torch)
+
+
+# Activations with kinks, and the z where they sit: relu/leaky_relu/elu at 0, relu6 at 0 and 6,
+# hardswish at -3 and 3. Channel c gets bias KINKS[c], so z = bias exactly where xhat = 0.
+KINKED = [(a, p) for a, p in ACTIVATIONS if a in ("relu", "leaky_relu", "elu", "relu6", "hardswish")]
+KINKS = [0.0, -3.0, 3.0, 6.0]
+
+
+@pytest.fixture
+def torch_kernel(monkeypatch):
+    from batchnorm import kernels
+
+    monkeypatch.setattr(kernels, "FORCE", "torch")
+
+
+@pytest.mark.parametrize("path", ["force_kernels", "force_reference", "torch_kernel"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("activation, param", KINKED, ids=[a for a, _ in KINKED])
+@pytest.mark.parametrize("shape, fmt", [pytest.param((10, 4), None, id="NC"), pytest.param((6, 4, 3, 5), None, id="NCHW"),
+                                        pytest.param((6, 4, 3, 5), CL, id="NHWC")])  # fmt: skip
+def test_gradients_at_the_kinks_match_torch(shape, fmt, activation, param, dtype, training, path, request):
+    """z exactly on a kink (0, -3, 3, 6): the derivative there is torch's (relu6'(0) = relu6'(6) = 0,
+    hardswish'(-3) = 0, hardswish'(3) = 1), in the weight and bias gradients, and in eval in dx.
+
+    Eval: where x = the running mean (0), xhat = 0 and z = bias exactly. Training: torch's batch
+    mean is not exactly 0 even for integers (its float32 update is Welford's), so the weight is 0
+    and z = bias everywhere; dx is then 0, and weight and bias gradients carry act'(bias)."""
+    request.getfixturevalue(path)
+    x = torch.randint(-3, 4, shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+    x[0] = 0
+    x = x.contiguous(memory_format=fmt) if fmt is not None else x
+    ours, theirs = make_pair(len(shape), 4, activation, param, dtype=dtype)
+    with torch.no_grad():
+        ours.weight.copy_(torch.zeros(4) if training else torch.tensor([1.5, 0.5, 2.0, 1.0]))
+        ours.bias.copy_(torch.tensor(KINKS))
+        ours.running_var.fill_(0.5)
+    theirs.load_state_dict(ours.state_dict())
+    ours.train(training), theirs.train(training)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    compare(ours, theirs, x, activation, param, steps=1, tol=tol)

@@ -117,6 +117,44 @@ def test_read_only_package_cache_falls_back(tmp_path):
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
 
 
+def test_cached_kernels_are_dropped_when_numba_act_changes(tmp_path):
+    """Numba keys a cached kernel on its own file only; the kernels inline numba_act.py, so a cache
+    stamped with another numba_act.py loses its kernels (and only those), then gets this one's stamp."""
+    from batchnorm.kernels import _numba
+
+    sub = tmp_path / "kernels_dir"  # NUMBA_CACHE_DIR holds a subdirectory per source directory
+    sub.mkdir()
+    kernels = [sub / "numba_planar.forward-82.py311.nbi", sub / "numba_rows.forward-156.py311.1.nbc",
+               sub / "numba_channels.finish_sums-162.py311.nbi"]  # fmt: skip
+    others = [sub / "other_module.f-1.py311.nbi", tmp_path / "numba_act.forward-1.py311.nbi"]
+    for path in kernels + others:
+        path.write_bytes(b"x")
+    (tmp_path / "numba_act.sha256").write_text("the hash of another numba_act.py")
+    _numba.drop_kernels_of_another_numba_act(tmp_path)
+    assert [p.exists() for p in kernels] == [False] * 3 and all(p.exists() for p in others)
+    stamp = (tmp_path / "numba_act.sha256").read_text()
+    assert len(stamp) == 64 and stamp != "the hash of another numba_act.py"
+    for path in kernels:  # compiled again against this numba_act.py: kept from now on
+        path.write_bytes(b"x")
+    _numba.drop_kernels_of_another_numba_act(tmp_path)
+    assert all(p.exists() for p in kernels)
+    (tmp_path / "numba_act.sha256").unlink()  # a cache from before the stamp: dropped as well
+    _numba.drop_kernels_of_another_numba_act(tmp_path)
+    assert not any(p.exists() for p in kernels) and (tmp_path / "numba_act.sha256").read_text() == stamp
+
+
+def test_every_module_inlining_numba_act_is_dropped_with_it():
+    """A kernel module that imports numba_act inlines it: it must be on the list of modules whose
+    cached kernels a new numba_act.py drops, or its cache would keep the old activations."""
+    from pathlib import Path
+
+    from batchnorm.kernels import _numba
+
+    directory = Path(_numba.__file__).parent
+    inlining = {p.stem for p in directory.glob("numba_*.py") if "import numba_act" in p.read_text()}
+    assert inlining and inlining <= set(_numba._INLINING_MODULES)
+
+
 def _record_kernel_calls(monkeypatch):
     """Every call into the Numba kernels' namespace (`cpu`), by function name."""
     calls = []

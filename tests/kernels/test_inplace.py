@@ -14,7 +14,7 @@ from batchnorm.autograd import INPLACE_MIN_WEIGHT
 from batchnorm.tools import saved_bytes
 from kernel_helpers import CL, randn
 
-INVERTIBLE = [("identity", None), ("leaky_relu", 0.1), ("elu", 1.0)]
+INVERTIBLE = [("identity", None), ("leaky_relu", 0.1), ("elu", 1.0), ("sigmoid", None), ("tanh", None)]
 PATHS = ["force_kernels", "force_reference"]
 
 

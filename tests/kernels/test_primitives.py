@@ -13,8 +13,10 @@ from batchnorm.kernels import buffers, cpu, reference
 from batchnorm.autograd import guarded_weight
 from kernel_helpers import DTYPES, LAYOUT_PARAMS, TRAIN_LAYOUT_PARAMS, assert_close, randn
 
-ACTIVATIONS = [("identity", 0.0), ("relu", 0.0), ("leaky_relu", 0.1), ("elu", 0.7), ("silu", 0.0)]
-INVERTIBLE = [("identity", 0.0), ("leaky_relu", 0.1), ("elu", 0.7)]
+ACTIVATIONS = [("identity", 0.0), ("relu", 0.0), ("leaky_relu", 0.1), ("elu", 0.7), ("silu", 0.0)] + [
+    (name, 0.0) for name in ("relu6", "hardswish", "gelu", "sigmoid", "tanh")
+]
+INVERTIBLE = [("identity", 0.0), ("leaky_relu", 0.1), ("elu", 0.7), ("sigmoid", 0.0), ("tanh", 0.0)]
 
 
 def make_case(shape, fmt, dtype, seed=0):
@@ -171,16 +173,29 @@ def test_fused_activation_from_output(shape, fmt, dtype, activation, param):
     assert_close(dx, reference.backward_elemt_act(dy, y, *args, True, want[0] / n, want[1] / n), dtype)
 
 
-def test_elu_inverse_stays_finite_when_saturated():
-    """Far below the mean elu's output rounds to -alpha; the inverse clamps instead of -inf."""
-    x = torch.zeros(4, 2, 8)
-    x[0, :, 0] = -40.0  # z = -40 * invstd: e^z underflows in float32
-    mean = torch.zeros(2)
-    invstd = torch.ones(2)
-    y = cpu.normalize_act(x, mean, invstd, None, None, "elu", 1.0)
-    sums = cpu.backward_reduce_act(torch.ones_like(x), y, mean, invstd, None, None, "elu", 1.0, True)
-    dx = cpu.backward_elemt_act(torch.ones_like(x), y, mean, invstd, None, None, "elu", 1.0, True, sums[0] / 32, sums[1] / 32)
-    assert all(torch.isfinite(s).all() for s in sums) and torch.isfinite(dx).all()
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation, param", [("elu", 1.0), ("sigmoid", 0.0), ("tanh", 0.0)], ids=["elu", "sigmoid", "tanh"])
+def test_inverse_stays_finite_when_saturated(activation, param, dtype):
+    """Far from the mean elu's output rounds to -alpha, sigmoid's to 0 or 1, tanh's to -1 or 1;
+    the inverse clamps instead of giving +-inf (and NaN gradients), on the kernels and the reference,
+    and the unsaturated elements keep the gradient the from-input computation gives."""
+    x = torch.zeros(4, 2, 8, dtype=dtype)
+    x[0, :, 0] = -1000.0  # z = -1000: e^z underflows in either dtype
+    x[1, :, 0] = 1000.0
+    x[2:] = torch.randn(2, 2, 8, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    mean = torch.zeros(2, dtype=torch.float64)
+    invstd = torch.ones(2, dtype=torch.float64)
+    dy = torch.ones_like(x)
+    args = (mean, invstd, None, None, activation, param)
+    for impl in (cpu, reference):
+        y = impl.normalize_act(x, *args)
+        sums = impl.backward_reduce_act(dy, y, *args, True)
+        dx = impl.backward_elemt_act(dy, y, *args, True, sums[0] / 32, sums[1] / 32)
+        assert all(torch.isfinite(s).all() for s in sums) and torch.isfinite(dx).all()
+        # the first saturated element's g = dy * act'(z) is what torch's formula in y gives (0 for
+        # sigmoid and tanh at their limits), so sum(g) matches the from-input computation
+        exact = impl.backward_reduce_act(dy, x, *args, False)
+        torch.testing.assert_close(sums[0].double(), exact[0].double(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

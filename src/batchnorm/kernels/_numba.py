@@ -27,6 +27,12 @@ starts Numba's threads itself and puts back what the start changed (the calling 
 thread count and the runtime's max active levels), checked against `torch.get_num_threads()`.
 The kernels then give Numba torch's thread count at every call (`cpu._kernels`).
 
+Numba keys each cached kernel on its own source file only (its modification time and size), but
+the kernels inline the activations of `numba_act.py`: after a change there alone (an edit, a git
+checkout or merge that leaves the kernel files as they were) the cache would keep serving kernels
+compiled with the old activations. `load()` therefore stamps the cache directory with a hash of
+numba_act.py and drops the cached kernels when the stamp differs (`drop_kernels_of_another_numba_act`).
+
 Parallel writers (pytest-xdist workers, several training processes) are safe: Numba writes each
 cache file to a temporary name and renames it into place, so a reader sees either the old or the
 new file, and the worst case of a race is one extra compilation.
@@ -34,13 +40,14 @@ new file, and the worst case of a race is one extra compilation.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
 import tempfile
 import threading
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["load", "usable", "cache_dir", "REDUCE_FLAGS", "ELEMENTWISE_FLAGS", "LAUNCH_LOCK"]
+__all__ = ["load", "usable", "cache_dir", "drop_kernels_of_another_numba_act", "REDUCE_FLAGS", "ELEMENTWISE_FLAGS", "LAUNCH_LOCK"]
 
 # One parallel kernel at a time per process (see the threading layer above).
 LAUNCH_LOCK = threading.Lock()
@@ -89,12 +96,41 @@ def load() -> ModuleType:
             if not _writable(fallback):
                 fallback = Path(tempfile.gettempdir()) / f"batchnorm-numba-{os.getuid()}"
             os.environ["NUMBA_CACHE_DIR"] = str(fallback)
+        drop_kernels_of_another_numba_act(cache_dir())
         import numba
 
         _start_threads_keeping_openmp_settings(numba)
         _numba = numba
         _LOAD_PID = os.getpid()
     return _numba
+
+
+# the modules whose kernels inline numba_act's functions
+_INLINING_MODULES = ("numba_planar", "numba_channels", "numba_rows", "numba_blocked")
+_STAMP_NAME = "numba_act.sha256"
+
+
+def drop_kernels_of_another_numba_act(directory: Path) -> None:
+    """Delete the cached kernels under `directory` unless its stamp is the hash of this numba_act.py,
+    then write the stamp (see the module docstring). A cache that cannot be read or written is left
+    as it is: Numba then compiles in memory, as it does for any unwritable cache."""
+    stamp = hashlib.sha256((Path(__file__).resolve().parent / "numba_act.py").read_bytes()).hexdigest()
+    marker = directory / _STAMP_NAME
+    try:
+        if marker.read_text() == stamp:
+            return
+    except OSError:
+        pass  # no stamp yet: a cache from before the stamp, or an empty one
+    try:
+        for module in _INLINING_MODULES:
+            for path in directory.rglob(f"{module}.*.nb[ic]"):  # index (.nbi) and code (.nbc) files
+                path.unlink(missing_ok=True)
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=directory, prefix=".stamp-", delete=False) as f:
+            f.write(stamp)
+        os.replace(f.name, marker)  # readers see the old stamp or the new one, never half of one
+    except OSError:
+        pass
 
 
 def _start_threads_keeping_openmp_settings(numba: ModuleType) -> None:

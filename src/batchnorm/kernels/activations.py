@@ -5,22 +5,30 @@
     leaky_relu   y = z if z > 0 else slope * z          activation_param = slope (default 0.01)
     elu          y = z if z > 0 else alpha * (e^z - 1)  activation_param = alpha (default 1.0)
     silu         y = z * sigmoid(z)
+    relu6        y = min(max(z, 0), 6)                  torch's ReLU6, hardtanh(z, 0, 6)
+    hardswish    y = z * min(max(z + 3, 0), 6) / 6      torch's Hardswish (MobileNetV3)
+    gelu         y = z * Phi(z) = z/2 (1 + erf(z/sqrt 2))  torch's GELU(approximate='none')
+    sigmoid      y = 1 / (1 + e^-z)
+    tanh         y = tanh(z)
 
-z is BN's output, z = xhat * weight + bias. Derivatives at z = 0 follow torch (relu'(0) = 0,
-leaky_relu'(0) = slope, elu'(0) = alpha), so gradients match torch's BN followed by the activation.
+z is BN's output, z = xhat * weight + bias. Derivatives where the activation has a kink follow
+torch (relu'(0) = 0, leaky_relu'(0) = slope, elu'(0) = alpha, relu6'(0) = relu6'(6) = 0,
+hardswish'(-3) = 0, hardswish'(3) = 1), so gradients match torch's BN followed by the activation.
 
 The memory-saving (in-place) mode recomputes z from y, so it needs an invertible activation:
-identity, leaky_relu with slope > 0, elu with alpha > 0.
+identity, leaky_relu with slope > 0, elu with alpha > 0, sigmoid, tanh. (relu, relu6, hardswish,
+gelu and silu are not one-to-one.)
 """
 from __future__ import annotations
 
 import math
 
-__all__ = ["CODES", "DEFAULT_PARAM", "INVERTIBLE", "check_activation"]
+__all__ = ["NAMES", "CODES", "DEFAULT_PARAM", "INVERTIBLE", "check_activation"]
 
-CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "elu": 3, "silu": 4}
-DEFAULT_PARAM = {"identity": 0.0, "relu": 0.0, "leaky_relu": 0.01, "elu": 1.0, "silu": 0.0}
-INVERTIBLE = ("identity", "leaky_relu", "elu")
+NAMES = ("identity", "relu", "leaky_relu", "elu", "silu", "relu6", "hardswish", "gelu", "sigmoid", "tanh")
+CODES = {name: code for code, name in enumerate(NAMES)}  # numba_act's IDENTITY, RELU, ...
+DEFAULT_PARAM = {name: 0.0 for name in NAMES} | {"leaky_relu": 0.01, "elu": 1.0}
+INVERTIBLE = ("identity", "leaky_relu", "elu", "sigmoid", "tanh")
 
 
 def check_activation(activation: str, param: float | None, inplace: bool) -> float:

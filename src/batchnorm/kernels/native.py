@@ -119,14 +119,20 @@ def _finite_sum(view: memoryview) -> bool:
     return bool(np.isfinite(np.frombuffer(view, dtype=view.format).sum(dtype=np.float64)))
 
 
-# Each runs in place on BN's fresh output; autograd's formulas for these use the result, or (silu)
-# save what they need, so gradients are those of BN followed by the activation.
+# Most run in place on BN's fresh output; autograd's formulas for these use the result, or (silu)
+# save what they need, so gradients are those of BN followed by the activation. hardswish and gelu
+# run out of place: torch's backward formulas for them take the input, not the result.
 _ACTIVATIONS = {
     "identity": lambda y, _param: y,
     "relu": lambda y, _param: torch.relu_(y),
     "leaky_relu": lambda y, slope: F.leaky_relu(y, slope, inplace=True),
     "elu": lambda y, alpha: F.elu(y, alpha, inplace=True),
     "silu": lambda y, _param: F.silu(y, inplace=True),
+    "relu6": lambda y, _param: F.relu6(y, inplace=True),
+    "hardswish": lambda y, _param: F.hardswish(y),
+    "gelu": lambda y, _param: F.gelu(y),
+    "sigmoid": lambda y, _param: torch.sigmoid_(y),
+    "tanh": lambda y, _param: torch.tanh_(y),
 }
 
 

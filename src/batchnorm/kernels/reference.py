@@ -61,6 +61,8 @@ Numerics, decided once here:
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -196,11 +198,23 @@ def activate(z: Tensor, activation: str, param: float) -> Tensor:
         return F.elu(z, param)
     if activation == "silu":
         return F.silu(z)
+    if activation == "relu6":
+        return F.relu6(z)
+    if activation == "hardswish":
+        return F.hardswish(z)
+    if activation == "gelu":
+        return F.gelu(z)
+    if activation == "sigmoid":
+        return torch.sigmoid(z)
+    if activation == "tanh":
+        return torch.tanh(z)
     return z
 
 
 def activation_grad(z: Tensor, activation: str, param: float) -> Tensor:
-    """act'(z), with torch's choice at z = 0 (the left derivative for relu, leaky_relu and elu)."""
+    """act'(z), with torch's choice at the kinks: the left derivative at z = 0 for relu, leaky_relu
+    and elu; 0 at both ends of relu6 (z = 0, 6), as torch's hardtanh backward; for hardswish 0 at
+    z = -3 and 1 at z = 3, as torch's hardswish backward (see numba_act)."""
     one = torch.ones_like(z)
     if activation == "relu":
         return (z > 0).to(z.dtype)
@@ -211,11 +225,23 @@ def activation_grad(z: Tensor, activation: str, param: float) -> Tensor:
     if activation == "silu":
         s = torch.sigmoid(z)
         return s * (1 + z * (1 - s))
+    if activation == "relu6":
+        return torch.where((z <= 0) | (z >= 6), 0 * one, one)
+    if activation == "hardswish":
+        return torch.where(z <= -3, 0 * one, torch.where(z < 3, z / 3 + 0.5, one))
+    if activation == "gelu":  # Phi(z) + z * phi(z)
+        return 0.5 * (1 + torch.erf(z * math.sqrt(0.5))) + z * torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+    if activation == "sigmoid":
+        s = torch.sigmoid(z)
+        return s * (1 - s)
+    if activation == "tanh":
+        return 1 - torch.tanh(z) ** 2
     return one
 
 
 def _inverse(y: Tensor, activation: str, param: float) -> tuple[Tensor, Tensor]:
-    """(z, act'(z)) recovered from y = act(z) for identity, leaky_relu and elu (see numba_act)."""
+    """(z, act'(z)) recovered from y = act(z) for identity, leaky_relu, elu, sigmoid and tanh, with
+    numba_act.inverse's clamps where the activation saturates."""
     one = torch.ones_like(y)
     if activation == "leaky_relu":
         return torch.where(y > 0, y, y / param), torch.where(y > 0, one, one * param)
@@ -223,6 +249,12 @@ def _inverse(y: Tensor, activation: str, param: float) -> tuple[Tensor, Tensor]:
         floor = -1.0 + torch.finfo(y.dtype).eps  # elu saturates at -alpha: keep z finite
         z = torch.where(y > 0, y, torch.log1p(torch.clamp(y / param, min=floor)))
         return z, torch.where(y > 0, one, y + param)
+    below_one = 1.0 - torch.finfo(y.dtype).eps / 2  # the largest number below 1
+    if activation == "sigmoid":
+        s = y.clamp(torch.finfo(y.dtype).tiny, below_one)
+        return torch.log(s) - torch.log1p(-s), y * (1 - y)
+    if activation == "tanh":
+        return torch.atanh(y.clamp(-below_one, below_one)), 1 - y * y
     return y, one
 
 

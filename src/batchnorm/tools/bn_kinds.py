@@ -82,8 +82,9 @@ def torch_activation(layer: nn.Module) -> nn.Module:
     """The torch.nn module computing a library BatchNormAct layer's activation.
 
     In place exactly when the layer is (`inplace=True`, the memory-saving mode, which only takes
-    identity, leaky_relu and elu): the torch module then overwrites BN's fresh output, never the
-    layer's input, which is always safe (torch's BN keeps its input, not its output, for backward).
+    identity, leaky_relu, elu, sigmoid and tanh) and the torch module has an in-place form
+    (nn.Sigmoid and nn.Tanh have none): the torch module then overwrites BN's fresh output, never
+    the layer's input, which is always safe (torch's BN keeps its input, not its output, for backward).
     """
     name, param, inplace = layer.activation, layer.activation_param, layer.inplace
     if name == "identity":
@@ -96,19 +97,41 @@ def torch_activation(layer: nn.Module) -> nn.Module:
         return nn.ELU(param, inplace=inplace)
     if name == "silu":
         return nn.SiLU(inplace=inplace)
+    if name == "relu6":
+        return nn.ReLU6(inplace=inplace)
+    if name == "hardswish":
+        return nn.Hardswish(inplace=inplace)
+    if name == "gelu":
+        return nn.GELU()  # approximate='none', the erf form the library computes
+    if name == "sigmoid":
+        return nn.Sigmoid()
+    if name == "tanh":
+        return nn.Tanh()
     raise ValueError(f"{type(layer).__name__} has activation {name!r}, which has no torch.nn module here")
+
+
+# torch.nn activation classes without a parameter -> the library's name for them
+_PLAIN_ACTIVATIONS = {
+    nn.Identity: "identity",
+    nn.ReLU: "relu",
+    nn.SiLU: "silu",
+    nn.ReLU6: "relu6",
+    nn.Hardswish: "hardswish",
+    nn.Sigmoid: "sigmoid",
+    nn.Tanh: "tanh",
+}
 
 
 def library_activation(module: nn.Module) -> tuple[str, float | None] | None:
     """(activation, activation_param) of BatchNormAct for a torch activation module, or None when the
-    library has no such activation. Exact classes only: a subclass may compute something else."""
+    library has no such activation. Exact classes only: a subclass may compute something else
+    (nn.ReLU6 is a subclass of nn.Hardtanh; a Hardtanh with other bounds is not relu6). nn.GELU
+    only with approximate='none': the tanh approximation differs from the erf form by up to ~5e-4."""
     kind = type(module)
-    if kind is nn.Identity:
-        return "identity", None
-    if kind is nn.ReLU:
-        return "relu", None
-    if kind is nn.SiLU:
-        return "silu", None
+    if kind in _PLAIN_ACTIVATIONS:
+        return _PLAIN_ACTIVATIONS[kind], None
+    if kind is nn.GELU and module.approximate == "none":
+        return "gelu", None
     if kind is nn.LeakyReLU:
         return "leaky_relu", float(module.negative_slope)
     if kind is nn.ELU:

@@ -102,7 +102,7 @@ def _timm_to_batchnorm(module: nn.Module) -> tuple[nn.Module | None, str | None]
     if d is None:
         return None, "a SyncBatchNorm with an activation: its input rank is unknown (convert it with to='sync')"
     if activation is None:
-        return None, f"its activation {type(act).__name__} is not one BatchNormAct supports ({', '.join(CODES)})"
+        return None, f"its activation {act!r} is not one BatchNormAct supports ({', '.join(CODES)})"
     if drop is not None and type(drop) is not nn.Identity:
         return None, f"its drop layer {type(drop).__name__} has no place in BatchNormAct"
     name, param = activation

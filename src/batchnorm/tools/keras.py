@@ -102,8 +102,8 @@ def _numpy(variable) -> np.ndarray:
 def from_keras(layer, *, activation: str | None = None, activation_param: float | None = None) -> nn.Module:
     """A new `BatchNorm1d/2d/3d` computing what the built Keras 3 `BatchNormalization` `layer` does.
 
-    With `activation` (a name `BatchNormAct*d` takes: "relu", "leaky_relu", "elu", "silu",
-    "identity"), a `BatchNormAct1d/2d/3d` instead: for a Keras BN followed by that activation.
+    With `activation` (a name `BatchNormAct*d` takes: "relu", "leaky_relu", "elu", "silu", "relu6",
+    "hardswish", "gelu", "sigmoid", "tanh", "identity"), a `BatchNormAct1d/2d/3d` instead: for a Keras BN followed by that activation.
 
     The class follows the rank of the input the layer was built for: (N, C) and (N, C, L) give
     BatchNorm1d, 4D BatchNorm2d, 5D BatchNorm3d. The module wants channels on dim 1: for a
@@ -164,6 +164,16 @@ def _keras_activation(keras, name: str, param: float | None):
         return keras.layers.ELU(alpha=1.0 if param is None else param)
     if name == "silu":
         return keras.layers.Activation("silu")
+    if name == "relu6":
+        return keras.layers.Activation("relu6")
+    if name == "hardswish":
+        return keras.layers.Activation("hard_swish")  # x * relu6(x + 3) / 6, as torch's
+    if name == "gelu":
+        return keras.layers.Activation(lambda x: keras.activations.gelu(x, approximate=False))
+    if name == "sigmoid":
+        return keras.layers.Activation("sigmoid")
+    if name == "tanh":
+        return keras.layers.Activation("tanh")
     raise ValueError(f"activation {name!r} has no Keras layer here")
 
 
