@@ -14,7 +14,7 @@ batch of `--batch` x 3 x `--size` x `--size` float32 images is timed four ways i
     torch eager      the model with torch's nn.BatchNorm2d
     torch compiled   the same under torch.compile (Inductor)
     ours eager       `ours(model)`: a copy of the same model, the same initial weights, the
-                     library's layers (today `batchnorm.convert`)
+                     library's layers (`batchnorm.convert`, then `batchnorm.fuse`)
     ours compiled    that copy under torch.compile
 
 The competitors are interleaved round by round (every round times each of them for about
@@ -108,9 +108,12 @@ RANGE = "bench_models: "  # prefix of the record_function ranges the profile's h
 
 
 def ours(model: nn.Module) -> nn.Module:
-    """The library's version of `model` (a deep copy: same weights, the library's layers). The one
-    place that says what "ours" is: every competitor and the profile build it here."""
-    return batchnorm.convert(copy.deepcopy(model))
+    """The library's version of `model` (a deep copy: same weights): every BN converted to the
+    library's layer, then `batchnorm.fuse` (each BN followed by its activation, and by a residual
+    add, runs as one fused layer). The one place that says what "ours" is: every competitor and
+    the profile build it here."""
+    fused, _report = batchnorm.fuse(batchnorm.convert(copy.deepcopy(model)))
+    return fused
 
 
 def build(name: str, width: float):

@@ -33,7 +33,7 @@ from .autograd import BatchNormEval, BatchNormTrain
 from .inplace import check_inplace
 from . import kernels
 from .kernels import implementation, native, reference, use_torch
-from .kernels.activations import check_activation
+from .kernels.activations import COMPUTE_BOUND, check_activation
 
 __all__ = [
     "batch_stats",
@@ -354,6 +354,11 @@ def _run(x, running_mean, running_var, weight, bias, training, momentum, eps, ac
         if inplace:
             return _inplace_traced(x, running_mean, running_var, weight, bias, training, momentum, eps, activation, param, who, counter)
         return traced_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, activation, param, counter, residual)
+    if not inplace and activation in COMPUTE_BOUND:
+        # exp / erf / tanh: BN (and the residual) in the kernels, then torch's vectorized
+        # activation, which outruns the fused kernels' scalar libm calls (activations.COMPUTE_BOUND)
+        z = _run(x, running_mean, running_var, weight, bias, training, momentum, eps, "identity", 0.0, False, who, counter, residual)
+        return reference.activate(z, activation, param)
     if not inplace and use_torch(x, training, fused=activation != "identity" or residual is not None):
         # a tensor too small for the kernels' fixed costs: torch's own kernel (batchnorm.kernels.native)
         y = native_counted(

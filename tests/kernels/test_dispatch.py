@@ -204,3 +204,28 @@ def test_small_tensors_never_take_the_parallel_kernels(monkeypatch, variant, cla
     with torch.no_grad():
         batchnorm.functional.batch_stats(large) if layer is None else layer.eval()(large)
     assert calls, f"{variant} on {tuple(large.shape)} never reached the kernels"
+
+
+@pytest.mark.parametrize("activation", ["relu", "relu6", "hardswish", "silu", "gelu", "elu", "sigmoid", "tanh"])
+def test_compute_bound_activations_run_after_the_kernels(activation, monkeypatch):
+    """The kernels fuse the cheap activations; exp / erf / tanh (activations.COMPUTE_BOUND) run as
+    torch's vectorized functions after the kernels' BN, forward and backward, and the layer still
+    matches torch's BN followed by the activation."""
+    from batchnorm.kernels import reference
+    from batchnorm.kernels.activations import COMPUTE_BOUND
+
+    monkeypatch.setattr(kernels, "FORCE", "cpu")
+    seen = []
+    original = cpu.forward_train_act
+    monkeypatch.setattr(cpu, "forward_train_act", lambda x, w, b, eps, act="identity", *a, **k: seen.append(act) or original(x, w, b, eps, act, *a, **k))
+    x = randn((4, 6, 9, 11)).requires_grad_()
+    layer = batchnorm.BatchNormAct2d(6, activation=activation)
+    y = layer(x)
+    assert seen == ["identity" if activation in COMPUTE_BOUND else activation]
+    x_ref = x.detach().clone().requires_grad_()
+    want = reference.activate(torch.nn.BatchNorm2d(6)(x_ref), activation, layer.activation_param)
+    dy = randn(x.shape, seed=2)
+    y.backward(dy)
+    want.backward(dy)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-5)

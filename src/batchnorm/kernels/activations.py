@@ -23,9 +23,17 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["NAMES", "CODES", "DEFAULT_PARAM", "INVERTIBLE", "check_activation"]
+__all__ = ["NAMES", "CODES", "DEFAULT_PARAM", "INVERTIBLE", "COMPUTE_BOUND", "check_activation"]
 
 NAMES = ("identity", "relu", "leaky_relu", "elu", "silu", "relu6", "hardswish", "gelu", "sigmoid", "tanh")
+# Activations whose exp / erf / tanh cost more time than their memory traffic. Numba calls libm's
+# scalar exp once per element, where torch's activation kernels are vectorized, so fusing these
+# into the BN kernels made the layer slower, not faster (BN + SiLU training step of
+# (32, 64, 56, 56), 2 threads: torch's layers 20 ms, the fused kernels 53 ms; gelu 25 against
+# 131, timed in development). On the kernel path the layers run BN (with the residual) in the
+# kernels and these activations with torch's own functions after it (`functional._run`); the
+# fused kernels still serve them in the memory-saving mode, whose point is memory, not speed.
+COMPUTE_BOUND = ("elu", "silu", "gelu", "sigmoid", "tanh")
 CODES = {name: code for code, name in enumerate(NAMES)}  # numba_act's IDENTITY, RELU, ...
 DEFAULT_PARAM = {name: 0.0 for name in NAMES} | {"leaky_relu": 0.01, "elu": 1.0}
 INVERTIBLE = ("identity", "leaky_relu", "elu", "sigmoid", "tanh")

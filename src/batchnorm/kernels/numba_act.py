@@ -1,9 +1,13 @@
 """The fused activations as scalar Numba functions, inlined into every kernel loop.
 
-Codes are `activations.CODES`. The code is a runtime argument, not a compile-time constant: the
-branch is loop-invariant, LLVM hoists it out of the loop (measured: identity/relu/leaky_relu
-normalize loops run at copy speed), and one compiled kernel serves every activation, which keeps
-the cold-cache compile time down. `p` is the activation parameter and `one` is 1, both in the
+Codes are `activations.CODES`. The code is a runtime argument of the kernels, and the kernels'
+loops are compiled twice over: once per cheap activation with the code a compile-time constant,
+where the activation is a compare and a select and the loop must run at memory speed, and once
+with the code as a variable, for the activations whose exp / erf / tanh cost more than the
+memory traffic (`specialized` below). The loops once relied on LLVM hoisting the loop-invariant
+branch on the code out of the loop; that held with five activations and stopped holding with
+ten (BN + ReLU training forward of (32, 64, 56, 56), one thread: 1.6 ms with the constant code,
+46 ms with the variable one, timed in development). `p` is the activation parameter and `one` is 1, both in the
 tensor's dtype so float32 loops never widen to float64; other constants are `like(value, one)`,
 a constant of one's type (a bare Python float is a float64 to Numba and would widen the loop).
 
@@ -25,6 +29,37 @@ IDENTITY, RELU, LEAKY_RELU, ELU, SILU, RELU6, HARDSWISH, GELU, SIGMOID, TANH = r
 
 _SQRT1_2 = 0.7071067811865476  # 1 / sqrt(2), torch's M_SQRT1_2
 _GELU_BETA = 0.3989422804014327  # 1 / sqrt(2 pi) = M_2_SQRTPI * M_SQRT1_2 * 0.5, torch's kBeta
+
+
+@njit(inline="always")
+def specialized(loop, code, args):
+    """`loop(code, args)` with `code` a compile-time constant for the activations whose loops run
+    at memory speed (identity, relu, leaky_relu, relu6, hardswish), so the compiler folds the
+    activation's branches away and vectorizes; the others run `loop` with the variable code.
+    `loop` is an inline="always" function taking (code, args), `args` a tuple of its arguments."""
+    if code == IDENTITY:
+        return loop(IDENTITY, args)
+    if code == RELU:
+        return loop(RELU, args)
+    if code == LEAKY_RELU:
+        return loop(LEAKY_RELU, args)
+    if code == RELU6:
+        return loop(RELU6, args)
+    if code == HARDSWISH:
+        return loop(HARDSWISH, args)
+    return loop(code, args)
+
+
+@njit(inline="always")
+def specialized_invertible(loop, code, args):
+    """`specialized` for the loops of the memory-saving mode, which only the invertible activations
+    reach: the cheap ones among them (identity, leaky_relu) constant, the others variable. Fewer
+    copies of a loop, less cold-cache compile time."""
+    if code == IDENTITY:
+        return loop(IDENTITY, args)
+    if code == LEAKY_RELU:
+        return loop(LEAKY_RELU, args)
+    return loop(code, args)
 
 
 def like(value, one):

@@ -25,16 +25,17 @@ differ from the streaming ones in the last bit of a float64 sum, from the order 
 vectorized loop adds. Both modes of the backward are here: from the input x, and the
 memory-saving mode from the output y (`from_output`, see `numba_planar`).
 
-Structure, and why: the elementwise loops are written out in the parallel loop's body, where the
-compiler vectorizes them with the activation branch hoisted (the same loops moved into a separate
-compiled function measured 6-10x slower: scalar code with a mispredicted branch per element); the
-plane reductions are separate functions with the reductions' fast-math flags, so their float64
-sums vectorize while the elementwise loops keep `(x - off) - off_lo` unfolded.
+Structure: the plane loops are `numba_planar`'s, through `act.specialized` (the activation's code
+a compile-time constant for the cheap activations). The elementwise ones are inlined into the
+parallel loop's body, with the elementwise flags; the plane reductions run in separate functions
+with the reductions' fast-math flags, so their float64 sums vectorize while the elementwise loops
+keep `(x - off) - off_lo` unfolded.
 """
 import numpy as np
 from numba import njit, prange
 
 from . import numba_act as act
+from . import numba_planar as planar
 from ._numba import ELEMENTWISE_FLAGS, REDUCE_FLAGS
 
 # The plane reductions: the reduce kernels' flags without `parallel` (they run inside the channel
@@ -71,31 +72,13 @@ def _plane_stats(x3, n, c):
 
 @njit(**PLANE_REDUCE)
 def _plane_sums(t3, dy3, n, c, o, s, b, code, consts, from_output):
-    """One plane's sum(g) and sum(g * (u - off)), as `numba_planar.partial_sums` computes them."""
-    L = t3.shape[2]
+    """One plane's sum(g) and sum(g * (u - off)): `numba_planar`'s plane loops."""
     p = consts[0]
     one = consts[1]
     floor = consts[2]
-    sg = 0.0
-    sgu = 0.0
     if from_output:
-        for i in range(L):
-            t = t3[n, c, i]
-            g = dy3[n, c, i] * act.grad_from_y(t, code, p, one)
-            sg += g
-            sgu += g * (act.inverse(t, code, p, one, floor) - o)
-    elif code == act.IDENTITY:
-        for i in range(L):
-            g = dy3[n, c, i]
-            sg += g
-            sgu += g * (t3[n, c, i] - o)
-    else:
-        for i in range(L):
-            t = t3[n, c, i]
-            g = dy3[n, c, i] * act.grad((t - o) * s + b, code, p, one)
-            sg += g
-            sgu += g * (t - o)
-    return sg, sgu
+        return act.specialized_invertible(planar._sums_plane_from_output, code, (t3, dy3, n, c, o, p, one, floor))
+    return act.specialized(planar._sums_plane, code, (t3, dy3, n, c, o, s, b, p, one))
 
 
 @njit(**CHANNEL_MATH)
@@ -179,8 +162,7 @@ def forward_train(x3, y3, w, b, eps, code, consts, mean, var, invstd):
         s = tmp[2]
         sh = tmp[3]
         for n in range(N):  # the slab from L2
-            for i in range(L):
-                y3[n, c, i] = act.forward((x3[n, c, i] - o - ol) * s + sh, code, p, one)
+            act.specialized(planar._forward_plane, code, (x3, y3, n, c, o, ol, s, sh, p, one))
 
 
 @njit(**ELEMENTWISE_FLAGS)
@@ -212,15 +194,6 @@ def backward_train(t3, dy3, dx3, mean, invstd, w, b, code, consts, from_output, 
         k0 = tmp[6]
         for n in range(N):  # the slabs from L2
             if from_output:
-                for i in range(L):
-                    t = t3[n, c, i]
-                    g = dy3[n, c, i] * act.grad_from_y(t, code, p, one)
-                    dx3[n, c, i] = kg * g + ku * (act.inverse(t, code, p, one, floor) - o - ol) + k0
-            elif code == act.IDENTITY:
-                for i in range(L):
-                    dx3[n, c, i] = kg * dy3[n, c, i] + ku * (t3[n, c, i] - o - ol) + k0
+                act.specialized_invertible(planar._dx_plane_from_output, code, (t3, dy3, dx3, n, c, o, ol, p, one, floor, kg, ku, k0))
             else:
-                for i in range(L):
-                    t = t3[n, c, i]
-                    g = dy3[n, c, i] * act.grad((t - o - ol) * s + sh, code, p, one)
-                    dx3[n, c, i] = kg * g + ku * (t - o - ol) + k0
+                act.specialized(planar._dx_plane, code, (t3, dy3, dx3, n, c, o, ol, s, sh, p, one, kg, ku, k0))

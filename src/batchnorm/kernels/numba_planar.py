@@ -78,6 +78,59 @@ def partial_stats(x3, threads):
     return pmean, pm2, np.full(N, float(L))
 
 
+# The per-plane loops, each run through `act.specialized`: compiled with the activation's code a
+# constant for the cheap activations (so the loop vectorizes), and once with the code a variable.
+@njit(inline="always")
+def _forward_plane(code, args):
+    x3, y3, n, c, o, ol, s, b, p, one = args
+    for i in range(x3.shape[2]):
+        y3[n, c, i] = act.forward((x3[n, c, i] - o - ol) * s + b, code, p, one)
+
+
+@njit(inline="always")
+def _sums_plane(code, args):
+    t3, dy3, n, c, o, s, b, p, one = args
+    sg = 0.0
+    sgu = 0.0
+    for i in range(t3.shape[2]):
+        t = t3[n, c, i]
+        g = dy3[n, c, i] * act.grad((t - o) * s + b, code, p, one)  # dy * 1 for the identity: dy
+        sg += g
+        sgu += g * (t - o)
+    return sg, sgu
+
+
+@njit(inline="always")
+def _sums_plane_from_output(code, args):
+    t3, dy3, n, c, o, p, one, floor = args
+    sg = 0.0
+    sgu = 0.0
+    for i in range(t3.shape[2]):
+        t = t3[n, c, i]
+        g = dy3[n, c, i] * act.grad_from_y(t, code, p, one)
+        sg += g
+        sgu += g * (act.inverse(t, code, p, one, floor) - o)
+    return sg, sgu
+
+
+@njit(inline="always")
+def _dx_plane(code, args):
+    t3, dy3, dx3, n, c, o, ol, s, b, p, one, kg, ku, k0 = args
+    for i in range(t3.shape[2]):
+        t = t3[n, c, i]
+        g = dy3[n, c, i] * act.grad((t - o - ol) * s + b, code, p, one)
+        dx3[n, c, i] = kg * g + ku * (t - o - ol) + k0
+
+
+@njit(inline="always")
+def _dx_plane_from_output(code, args):
+    t3, dy3, dx3, n, c, o, ol, p, one, floor, kg, ku, k0 = args
+    for i in range(t3.shape[2]):
+        t = t3[n, c, i]
+        g = dy3[n, c, i] * act.grad_from_y(t, code, p, one)
+        dx3[n, c, i] = kg * g + ku * (act.inverse(t, code, p, one, floor) - o - ol) + k0
+
+
 @njit(**ELEMENTWISE_FLAGS)
 def forward(x3, y3, off, off_lo, scale, shift, code, consts):
     """y = act((x - off) * scale + shift), per channel. y3 may be x3 (in-place)."""
@@ -87,12 +140,7 @@ def forward(x3, y3, off, off_lo, scale, shift, code, consts):
     for q in prange(N * C):
         n = q // C
         c = q - n * C
-        o = off[c]
-        ol = off_lo[c]
-        s = scale[c]
-        b = shift[c]
-        for i in range(L):
-            y3[n, c, i] = act.forward((x3[n, c, i] - o - ol) * s + b, code, p, one)
+        act.specialized(_forward_plane, code, (x3, y3, n, c, off[c], off_lo[c], scale[c], shift[c], p, one))
 
 
 @njit(**REDUCE_FLAGS)
@@ -107,30 +155,10 @@ def partial_sums(t3, dy3, off, scale, shift, code, consts, from_output, threads)
     for q in prange(N * C):
         n = q // C
         c = q - n * C
-        o = off[c]
-        s = scale[c]
-        b = shift[c]
-        sg = 0.0
-        sgu = 0.0
         if from_output:
-            for i in range(L):
-                t = t3[n, c, i]
-                g = dy3[n, c, i] * act.grad_from_y(t, code, p, one)
-                sg += g
-                sgu += g * (act.inverse(t, code, p, one, floor) - o)
-        elif code == act.IDENTITY:
-            for i in range(L):
-                g = dy3[n, c, i]
-                sg += g
-                sgu += g * (t3[n, c, i] - o)
+            psum[n, c], pdot[n, c] = act.specialized_invertible(_sums_plane_from_output, code, (t3, dy3, n, c, off[c], p, one, floor))
         else:
-            for i in range(L):
-                t = t3[n, c, i]
-                g = dy3[n, c, i] * act.grad((t - o) * s + b, code, p, one)
-                sg += g
-                sgu += g * (t - o)
-        psum[n, c] = sg
-        pdot[n, c] = sgu
+            psum[n, c], pdot[n, c] = act.specialized(_sums_plane, code, (t3, dy3, n, c, off[c], scale[c], shift[c], p, one))
     return psum, pdot
 
 
@@ -144,26 +172,11 @@ def backward_elemt(t3, dy3, dx3, off, off_lo, scale, shift, code, consts, from_o
     for q in prange(N * C):
         n = q // C
         c = q - n * C
-        o = off[c]
-        ol = off_lo[c]
-        s = scale[c]
-        b = shift[c]
-        kg = k_g[c]
-        ku = k_u[c]
-        k0 = k_0[c]
         if from_output:
-            for i in range(L):
-                t = t3[n, c, i]
-                g = dy3[n, c, i] * act.grad_from_y(t, code, p, one)
-                dx3[n, c, i] = kg * g + ku * (act.inverse(t, code, p, one, floor) - o - ol) + k0
-        elif code == act.IDENTITY:
-            for i in range(L):
-                dx3[n, c, i] = kg * dy3[n, c, i] + ku * (t3[n, c, i] - o - ol) + k0
+            args = (t3, dy3, dx3, n, c, off[c], off_lo[c], p, one, floor, k_g[c], k_u[c], k_0[c])
+            act.specialized_invertible(_dx_plane_from_output, code, args)
         else:
-            for i in range(L):
-                t = t3[n, c, i]
-                g = dy3[n, c, i] * act.grad((t - o - ol) * s + b, code, p, one)
-                dx3[n, c, i] = kg * g + ku * (t - o - ol) + k0
+            act.specialized(_dx_plane, code, (t3, dy3, dx3, n, c, off[c], off_lo[c], scale[c], shift[c], p, one, k_g[c], k_u[c], k_0[c]))
 
 
 # ------------------------------------------------------------------ residual form: y = act(z + r)
@@ -171,6 +184,27 @@ def backward_elemt(t3, dy3, dx3, off, off_lo, scale, shift, code, consts, from_o
 # block). The forward's elementwise pass reads r as well; the backward's reduction writes
 # g = dy * act'(z + r), which is the residual's gradient, and the dx pass then reads g as an
 # identity activation's dy (see cpu.backward_train_residual_act for the pass count).
+@njit(inline="always")
+def _forward_residual_plane(code, args):
+    x3, r3, y3, n, c, o, ol, s, b, p, one = args
+    for i in range(x3.shape[2]):
+        y3[n, c, i] = act.forward((x3[n, c, i] - o - ol) * s + b + r3[n, c, i], code, p, one)
+
+
+@njit(inline="always")
+def _sums_residual_plane(code, args):
+    t3, r3, dy3, g3, n, c, o, ol, s, b, p, one = args
+    sg = 0.0
+    sgu = 0.0
+    for i in range(t3.shape[2]):
+        t = t3[n, c, i]
+        g = dy3[n, c, i] * act.grad((t - o - ol) * s + b + r3[n, c, i], code, p, one)
+        g3[n, c, i] = g
+        sg += g
+        sgu += g * (t - o)
+    return sg, sgu
+
+
 @njit(**ELEMENTWISE_FLAGS)
 def forward_residual(x3, r3, y3, off, off_lo, scale, shift, code, consts):
     """y = act((x - off) * scale + shift + r), per channel."""
@@ -180,12 +214,7 @@ def forward_residual(x3, r3, y3, off, off_lo, scale, shift, code, consts):
     for q in prange(N * C):
         n = q // C
         c = q - n * C
-        o = off[c]
-        ol = off_lo[c]
-        s = scale[c]
-        b = shift[c]
-        for i in range(L):
-            y3[n, c, i] = act.forward((x3[n, c, i] - o - ol) * s + b + r3[n, c, i], code, p, one)
+        act.specialized(_forward_residual_plane, code, (x3, r3, y3, n, c, off[c], off_lo[c], scale[c], shift[c], p, one))
 
 
 @njit(**REDUCE_FLAGS)
@@ -201,18 +230,6 @@ def partial_sums_residual(t3, r3, dy3, g3, off, off_lo, scale, shift, code, cons
     for q in prange(N * C):
         n = q // C
         c = q - n * C
-        o = off[c]
-        ol = off_lo[c]
-        s = scale[c]
-        b = shift[c]
-        sg = 0.0
-        sgu = 0.0
-        for i in range(L):
-            t = t3[n, c, i]
-            g = dy3[n, c, i] * act.grad((t - o - ol) * s + b + r3[n, c, i], code, p, one)
-            g3[n, c, i] = g
-            sg += g
-            sgu += g * (t - o)
-        psum[n, c] = sg
-        pdot[n, c] = sgu
+        args = (t3, r3, dy3, g3, n, c, off[c], off_lo[c], scale[c], shift[c], p, one)
+        psum[n, c], pdot[n, c] = act.specialized(_sums_residual_plane, code, args)
     return psum, pdot
