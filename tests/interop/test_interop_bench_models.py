@@ -119,8 +119,9 @@ def test_table_checks_can_fail():
 
 def test_profile_groups_hold_what_their_names_say():
     """A profiled step of a tiny EfficientNet-B0 (squeeze-excitation, SiLU, residual adds) and a
-    ResNet-18, with torch's layers and the library's: every event named for batch norm, a
-    convolution, the optimizer, a residual add's backward is in that group."""
+    ResNet-18, with torch's layers and the library's (fused): every event named for batch norm, a
+    convolution, the optimizer, a residual add's backward is in that group (an activation in a
+    fused BN layer is batch norm's)."""
     bench = load_script()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny ops: two threads would only wait for each other on a loaded machine
@@ -152,7 +153,10 @@ def check_groups(bench) -> None:
             for event_name, found in where.items():
                 for word, group in expected.items():
                     if word in event_name:
-                        assert found == {group}, (name, event_name, found)
+                        # ours is fused: an activation run by a fused BN layer (torch's silu after the
+                        # kernels' BN, activations.COMPUTE_BOUND) counts whole as batch norm
+                        allowed = {group, "batch norm"} if model is mine and group == "activations" else {group}
+                        assert found and found <= allowed, (name, event_name, found)
             assert groups["batch norm"], name
             assert groups["residual adds"], name
             # the hooks are gone after profiling
