@@ -52,11 +52,11 @@ def step(x, dy, w, b):
 
 def forced(fn, blocked: bool):
     def run():
-        cpu.BLOCKED = blocked
+        before, cpu.BLOCKED = cpu.BLOCKED, blocked
         try:
             fn()
         finally:
-            cpu.BLOCKED = None
+            cpu.BLOCKED = before
 
     return run
 

@@ -63,6 +63,7 @@ def test_rule_follows_slab_size_channels_and_layout(monkeypatch):
     for the rows layouts; BLOCKED forces it either way."""
     cpu._kernels()
     threads = cpu._threads.numba
+    monkeypatch.setattr(cpu, "BLOCKED", None)  # the rule (off by default: see cpu.BLOCKED)
     monkeypatch.setattr(cpu, "L2_BYTES", 1 << 20)
     monkeypatch.setattr(cpu, "BLOCKED_L2_FRACTION", 0.5)
     monkeypatch.setattr(cpu, "BLOCKED_MIN_BYTES", 0)
@@ -84,6 +85,12 @@ def test_rule_follows_slab_size_channels_and_layout(monkeypatch):
     assert not cpu.blocked_pays(fits, cpu.PLANAR, backward=False)
 
 
+def test_blocked_kernels_are_off_by_default():
+    """They did not pay on the machine they were measured on (cpu.BLOCKED's comment)."""
+    x = torch.empty(16, 64, 56, 56)
+    assert cpu.BLOCKED is False and not cpu.blocked_pays(x, cpu.PLANAR, backward=False)
+
+
 def test_l2_size_is_read_or_defaulted():
     assert cpu.L2_BYTES >= 64 << 10 and cpu.L2_BYTES == cpu._l2_bytes()
 
@@ -96,6 +103,7 @@ def test_layer_taking_the_blocked_kernels_matches_torch(activation, monkeypatch)
     calls = []
     real = cpu._blocked.forward_train
     monkeypatch.setattr(cpu._blocked, "forward_train", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(cpu, "BLOCKED", None)
     monkeypatch.setattr(cpu, "BLOCKED_MIN_BYTES", 0)
     c = 8 * cpu._threads.numba
     x = randn((8, c, 24, 24), loc=1.0, scale=2.0)

@@ -92,14 +92,18 @@ def layout_of(x: Tensor) -> str | None:
     return None
 
 
-# Cache blocking (`numba_blocked`): None chooses by `blocked_pays`' rule, True / False force it on
-# or off wherever the layout allows (tests, benchmarks).
-BLOCKED: bool | None = None
-# The rule's limits, measured by benchmarks/blocked_kernels.py on the 2-core development machine
-# (docs/performance.md): a channel's slab (x's in the forward, x's and dy's in the backward) must
-# fit in this fraction of one core's L2, and the tensor must be at least BLOCKED_MIN_BYTES (below
-# it, the whole tensor stays in the last-level cache between the streaming kernels' passes), with
-# at least BLOCKED_MIN_CHANNELS_PER_THREAD channels per thread (threads run over channels).
+# Cache blocking (`numba_blocked`): False (the default) never, True wherever the layout allows
+# (tests, benchmarks), None by `blocked_pays`' rule. Off by default because it did not pay where it
+# was measured: on the 2-core development machine (1 MiB L2 per core, 32 MiB L3) the blocked step
+# ran at 0.64-1.01x the streaming one on 9 of 11 planar shapes, the three benchmark shapes
+# included, and faster only on two whose slabs do not even fit in L2 (benchmarks/blocked_kernels.py,
+# docs/performance.md "Passes per training step"): the streaming kernels' second passes are
+# served partly by the L3 already, and a channel's slab is N strided pieces that the hardware
+# prefetches worse than one sequential stream. The rule is the theory, for machines where the
+# measurement says otherwise: a channel's slab (x's in the forward, x's and dy's in the backward)
+# fits in BLOCKED_L2_FRACTION of one core's L2, the tensor is at least BLOCKED_MIN_BYTES, and
+# there are BLOCKED_MIN_CHANNELS_PER_THREAD channels per thread (threads run over channels).
+BLOCKED: bool | None = False
 BLOCKED_L2_FRACTION = 0.5
 BLOCKED_MIN_BYTES = 0
 BLOCKED_MIN_CHANNELS_PER_THREAD = 4
