@@ -95,8 +95,8 @@ def layout_of(x: Tensor) -> str | None:
 # Cache blocking (`numba_blocked`): False (the default) never, True wherever the layout allows
 # (tests, benchmarks), None by `blocked_pays`' rule. Off by default because it did not pay where it
 # was measured: on the 2-core development machine (1 MiB L2 per core, 32 MiB L3) the blocked step
-# ran at 0.64-1.01x the streaming one on 9 of 11 planar shapes, the three benchmark shapes
-# included, and faster only on two whose slabs do not even fit in L2 (benchmarks/blocked_kernels.py,
+# ran at 0.64-0.97x the streaming one on 9 of 11 planar shapes, the three benchmark shapes
+# included, and at 1.01x and 1.26x on two whose slabs do not even fit in L2 (blocked_kernels.py,
 # docs/performance.md "Passes per training step"): the streaming kernels' second passes are
 # served partly by the L3 already, and a channel's slab is N strided pieces that the hardware
 # prefetches worse than one sequential stream. The rule is the theory, for machines where the
