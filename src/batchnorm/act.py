@@ -11,8 +11,10 @@ activation: "identity", "relu", "leaky_relu" (activation_param = slope, default 
 (activation_param = alpha, default 1.0), "silu", "relu6", "hardswish", "gelu" (the exact erf
 form, torch's approximate='none'), "sigmoid", "tanh": each computes what torch's function of that
 name does, gradients included (`kernels/activations.py`). On the CPU fast path BN and the
-activation run in one kernel forward and one backward (`autograd.py` has the math; plain BN is
-the identity).
+cheap activations (identity, relu, leaky_relu, relu6, hardswish) run in one kernel forward and
+one backward (`autograd.py` has the math; plain BN is the identity); the exp / erf / tanh ones
+(`activations.COMPUTE_BOUND`) run as torch's vectorized functions after the kernels' BN, except
+in the memory-saving mode.
 
 The residual form, `layer(x, residual=r)` (`forward(x, mask=None, *, residual=None)`), adds r
 (x's shape, dtype and device, any memory layout) before the activation: y = act(BN(x) + r),

@@ -13,15 +13,18 @@ cache, and the second pass over it (normalize, or dx) reads the cache instead of
     forward   read x (stats; memory), read x (L2), write y                    2 memory passes
     backward  read x, dy (sums; memory), read x, dy (L2), write dx            3 memory passes
 
-That pays when a channel's slab (x's; x's and dy's for the backward) fits in L2 with room to
-spare, when the tensor does not fit in the last-level cache anyway, and when there are enough
-channels to keep every thread busy: `cpu.blocked_pays` holds the rule and its measured
-thresholds.
+In theory that pays when a channel's slab (x's; x's and dy's for the backward) fits in L2 with
+room to spare, the tensor does not fit in the last-level cache anyway, and there are enough
+channels to keep every thread busy (`cpu.blocked_pays`). Measured on the development machine it
+did not: 0.64-0.97x the streaming step on 9 of 11 shapes (its 32 MiB L3 already serves part of the
+streaming kernels' second passes, and a slab's N strided pieces prefetch worse than one
+sequential run), so the drivers use these kernels only when `cpu.BLOCKED` says so
+(docs/performance.md, "Passes per training step").
 
 The numbers are the streaming kernels': the same per-plane float64 partials (the plane loops of
 `numba_planar`, called per plane), merged in the same order by the same formulas as
 `numba_channels` (written per channel below, without fast-math, as there). The reductions may
-differ from the streaming ones in the last bit of a float64 sum, from the order in which the
+differ from the streaming ones in the last bits of a float64 sum, from the order in which the
 vectorized loop adds. Both modes of the backward are here: from the input x, and the
 memory-saving mode from the output y (`from_output`, see `numba_planar`).
 
