@@ -407,3 +407,58 @@ def test_empty_cache_returns_memory_and_resets_the_mark():
     _step([2 * MIB])
     _step([3 * MIB])  # the mark is 3 MiB now, not the 12 MiB before empty_cache: the 2 MiB buffer goes
     assert buffers.cached_bytes() == (0, 3 * MIB)
+
+
+def _counting_new_buffers(monkeypatch) -> list:
+    """Record the size of every buffer the cache maps from now on."""
+    made, new_buffer = [], buffers._new_buffer
+
+    def counted(nbytes):
+        made.append(nbytes)
+        return new_buffer(nbytes)
+
+    monkeypatch.setattr(buffers, "_new_buffer", counted)
+    return made
+
+
+def _forward_then_backward_step():
+    """A ResNet-like step in miniature: two 2 MiB outputs in use at once (the forward's), released,
+    then one 4 MiB output (the backward's). The mark is 4 MiB, but exact-size reuse needs 8 MiB of
+    buffers: under the mark alone, each phase evicted the other's buffers, every step."""
+    _step([2 * MIB, 2 * MIB])
+    _step([4 * MIB])
+
+
+def test_a_loop_that_needs_more_sizes_than_its_mark_stops_evicting(monkeypatch):
+    made = _counting_new_buffers(monkeypatch)
+    for _ in range(2):  # the first step maps its buffers, the second learns the sizes come back
+        _forward_then_backward_step()
+    made.clear()
+    for step in range(5):
+        _forward_then_backward_step()
+        assert made == [], f"step {step}: mapped {made} again"
+    assert buffers.cached_bytes() == (0, 8 * MIB)  # what the step needs, at most twice the mark
+
+
+def test_the_allowance_never_lets_the_cache_own_more_than_twice_the_mark():
+    """Sizes that keep coming back, more of them than the mark holds: the cache grows past the
+    mark (it earns an allowance) but never owns more than twice it."""
+    sizes = [(2 + k) * MIB for k in range(6)]  # 2..7 MiB, one in use at a time: a 7 MiB mark
+    owned = []
+    for _ in range(4):
+        for size in sizes:
+            _step([size])
+            owned.append(sum(buffers.cached_bytes()))
+    assert max(owned) > 7 * MIB  # the allowance was earned
+    assert max(owned) <= 2 * 7 * MIB, owned
+
+
+def test_empty_cache_forgets_the_allowance(monkeypatch):
+    for _ in range(3):
+        _forward_then_backward_step()
+    assert sum(buffers.cached_bytes()) == 8 * MIB
+    buffers.empty_cache()
+    made = _counting_new_buffers(monkeypatch)
+    _forward_then_backward_step()  # a fresh start: the mark alone, so the 4 MiB request evicts
+    assert made == [2 * MIB, 2 * MIB, 4 * MIB]
+    assert buffers.cached_bytes() == (0, 4 * MIB)
