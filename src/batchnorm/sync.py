@@ -303,6 +303,11 @@ class SyncBatchNorm(_BatchNorm):
     def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group=None) -> torch.nn.Module:
         """torch's spelling of `batchnorm.convert(module, to="sync", process_group=...)`: returns
         this class (torch's classmethod would build a torch.nn.SyncBatchNorm). Mutates `module`."""
-        from .tools.convert import convert
+        return _convert_to_sync(module, process_group)
 
-        return convert(module, to="sync", process_group=process_group)
+
+def _convert_to_sync(module: torch.nn.Module, process_group) -> torch.nn.Module:
+    """Replaced by batchnorm.tools.convert when it loads, which `import batchnorm` always does
+    before anything here can be called: the layers never import the tools built on them, so the
+    package's imports have no cycle."""
+    raise RuntimeError("batchnorm.tools.convert did not load: SyncBatchNorm.convert_sync_batchnorm needs it")

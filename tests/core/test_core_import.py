@@ -40,3 +40,50 @@ def test_import_adds_no_heavy_dependency():
     for name in ("numba", "matplotlib", "sklearn"):
         assert name not in report["baseline"] and name not in report["added"]
     assert "numba" in report["numba_added"]  # the check does see a heavy import
+
+
+def _imported_modules(path: Path, package: str) -> set[str]:
+    """Every module a source file imports, at any depth (function bodies too), absolute names."""
+    import ast
+
+    here = package.split(".")
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = here[: len(here) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_the_layers_never_import_the_tools_built_on_them():
+    """Layers and kernels sit below batchnorm.tools: no module outside tools/ and the lab imports
+    it, not even inside a function (sync.py's convert_sync_batchnorm once did: an import cycle).
+    The package's __init__, which re-exports the tools, is the one exception."""
+    root = SRC / "batchnorm"
+    offenders = []
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(SRC).with_suffix("").parts
+        if parts[1:2] in (("tools",), ("lab",)) or path.name == "__init__.py" and len(parts) == 2:
+            continue
+        package = ".".join(parts[:-1])  # a module's package; an __init__'s own package
+        if any(name == "batchnorm.tools" or name.startswith("batchnorm.tools.") for name in _imported_modules(path, package)):
+            offenders.append(str(path.relative_to(SRC)))
+    assert not offenders, f"modules below the tools that import them: {offenders}"
+    assert len(list(root.rglob("*.py"))) > 20  # the scan saw the package
+
+
+def test_convert_sync_batchnorm_is_the_library_conversion():
+    """The hook sync.py leaves for the tools is filled: torch's classmethod spelling converts."""
+    from torch import nn
+
+    import batchnorm
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), batchnorm.BatchNormAct2d(4, activation="relu"))
+    synced = batchnorm.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert type(synced[1]) is batchnorm.SyncBatchNorm
+    assert type(synced[2]) is nn.Sequential and type(synced[2][0]) is batchnorm.SyncBatchNorm
+    assert isinstance(synced[2][1], nn.ReLU)

@@ -38,6 +38,7 @@ from ..kernels.activations import CODES, check_activation
 from ..modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from ..modules import _BatchNorm as _LibraryBatchNorm
 from ..renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
+from .. import sync
 from ..sync import SyncBatchNorm
 from .bn_kinds import BN_ACT, kind_of, library_activation, rank_of, timm_parts, torch_activation
 
@@ -230,3 +231,10 @@ def convert(model: nn.Module, to: str = "batchnorm", process_group=None, dims: i
         listed = "; ".join(f"{name!r} ({type(m).__name__}): {why}" for name, (m, why) in left.items())
         warnings.warn(f"convert(to={to!r}) left {len(left)} BatchNorm layer(s) as they are: {listed}", UserWarning, stacklevel=2)
     return model
+
+
+def _convert_to_sync(module: nn.Module, process_group) -> nn.Module:
+    return convert(module, to="sync", process_group=process_group)
+
+
+sync._convert_to_sync = _convert_to_sync  # SyncBatchNorm.convert_sync_batchnorm (sync.py: no import of the tools)
