@@ -643,6 +643,8 @@ def track_batch(
     (`update_running_stats`) to the running statistics, if any."""
     if count == 0 or (running_mean is None and running_var is None):
         return  # an empty batch leaves the running statistics alone, as in torch
+    if _updated_by_the_kernels(running_mean, running_var, mean, var, count, momentum):
+        return  # every channel finite: the common case, in one compiled call
     # Warn before updating: under `-W error` the warning raises, and a rejected batch must leave
     # every running statistic as it was, not half-updated.
     updated, skipped = _next_running_stats(running_mean, running_var, mean, var, count, momentum)
@@ -656,6 +658,17 @@ def track_batch(
             stacklevel=_caller_outside_batchnorm(),
         )
     _store_running_stats(running_mean, running_var, updated, skipped)
+
+
+def _updated_by_the_kernels(running_mean, running_var, mean, var, count: int, momentum) -> bool:
+    """The momentum rule in the kernels' compiled per-channel math, for plain CPU float vectors
+    once the kernels are loaded: True when it wrote the buffers, which it does only when every
+    channel stays finite; otherwise nothing is written and `track_batch` goes on to the path that
+    warns (the same float64 arithmetic, bit for bit)."""
+    if isinstance(momentum, Tensor) or running_mean is None or running_var is None:
+        return False
+    arrays = _numpy_views(running_mean, running_var, mean, var)
+    return arrays is not None and kernels.cpu.update_running(*arrays, count, momentum)
 
 
 def _channels_of(skipped, mean: Tensor) -> list[int]:

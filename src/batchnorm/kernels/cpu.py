@@ -77,6 +77,16 @@ def _kernels(layout: str = PLANAR):
     return (_planar if layout == PLANAR else _rows), _channels_math, _threads.numba
 
 
+def update_running(running_mean: np.ndarray, running_var: np.ndarray, mean: np.ndarray, var: np.ndarray, count: int, momentum: float) -> bool:
+    """The momentum rule in the compiled per-channel math (`numba_channels.update_running`) on
+    NumPy views of the four vectors: True when it wrote (every channel finite); False, nothing
+    written, when a channel is not finite or the kernels were never loaded (a process that has
+    run no kernel does not load Numba for a (C,) update)."""
+    if _channels_math is None:
+        return False
+    return _channels_math.update_running(running_mean, running_var, mean, var, count, float(momentum))
+
+
 def layout_of(x: Tensor) -> str | None:
     """The kernel layout for x, or None when these kernels do not take it."""
     # is_cpu rather than device.type: this runs on every call, and builds no device object

@@ -192,3 +192,29 @@ def elemt_constants(like, mean, invstd, w, b, from_output, mean_g, mean_g_xhat):
 def train_elemt_constants(like, mean, invstd, w, b, from_output, sum_g, sum_g_xhat):
     """`elemt_constants` with the batch's own means of the sums: mean_g = sum_g / n, n = elements per channel."""
     return _elemt_constants(like, mean, invstd, w, b, from_output, sum_g, sum_g_xhat, float(like.size // w.shape[0]))
+
+
+# ------------------------------------------------------------------- running statistics
+@njit(**MATH_FLAGS)
+def update_running(running_mean, running_var, mean, var, count, momentum):
+    """The momentum rule on the running statistics, in place, when every channel stays finite:
+    running = running * (1 - momentum) + batch * momentum in float64, rounded once into the
+    buffer's dtype, with the unbiased var * count / (count - 1) (count > 1). Returns True when it
+    wrote; False, having written nothing, when any channel's batch statistics or new value is
+    not finite: the caller then takes `functional._next_running_stats`' path, which warns before
+    it writes the finite channels. Operation for operation `functional._next_in_numpy` (no
+    fastmath: a contracted multiply-add would round differently), in one compiled call where the
+    NumPy form cost ~50 us per training forward in a dozen array operations."""
+    C = mean.shape[0]
+    new_mean = np.empty_like(running_mean)
+    new_var = np.empty_like(running_var)
+    for c in range(C):
+        batch_var = np.float64(var[c])
+        unbiased = batch_var * count / (count - 1) if count > 1 else batch_var
+        new_mean[c] = np.float64(running_mean[c]) * (1.0 - momentum) + np.float64(mean[c]) * momentum
+        new_var[c] = np.float64(running_var[c]) * (1.0 - momentum) + unbiased * momentum
+        if not (np.isfinite(mean[c]) and np.isfinite(var[c]) and np.isfinite(new_mean[c]) and np.isfinite(new_var[c])):
+            return False
+    running_mean[:] = new_mean
+    running_var[:] = new_var
+    return True
