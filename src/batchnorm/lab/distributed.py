@@ -61,8 +61,11 @@ GRACE = 20.0
 # Seconds the launcher waits, when the first rank to exit only saw a peer fail (PEER_FAILED), for
 # the rank that failed on its own: that one may still be printing its traceback and tearing down
 # when its peers have already exited, and the summary should name it. A rank that hung does not
-# exit in that time, and the summary then names the rank that lost contact, as before.
-PEER_WAIT = 5.0
+# exit in that time, and the summary then names the rank that lost contact, as before. 5 s was
+# too short on a loaded 2-core machine (the test suite under xdist once saw the summary name rank
+# 0, which had only lost contact, while rank 1 was still tearing down after its own error); the
+# wait ends as soon as every rank has exited, so only a hung rank ever costs the whole of it.
+PEER_WAIT = 20.0
 
 
 class DistributedRunError(RuntimeError):
