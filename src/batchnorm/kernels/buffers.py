@@ -34,8 +34,9 @@ batch 32 at 112x112: 19 new buffers, 87 MB, mapped and faulted in every step, ag
 mark; the kernels of its small layers ran 2-6x slower in the model than alone). So a request for
 a size the cache evicted before (it keeps the sizes of the last `_GHOSTS` evictions) raises the
 bound by that size, up to the mark itself: a loop that keeps coming back to its sizes stops
-evicting after a step or two (ResNet-50 then owns 410 MB, ResNet-18 93 MB against its 82 MB mark), and the cache never owns more than
-twice the mark. `empty_cache()` resets both. The limit: 1 GiB by default,
+evicting after a step or two (ResNet-50 then owns 410 MB; ResNet-18 93 MB against its 82 MB
+mark), and the cache never owns more than twice the mark. `empty_cache()` resets both. A loop
+whose sizes never repeat earns nothing and stays under the mark. The limit: 1 GiB by default,
 `BATCHNORM_BUFFER_CACHE_MB` in the environment (MiB, read at import; 0 disables the cache) or
 `set_limit(nbytes)`. A request over either bound is served by plain `torch.empty_like`: the cache
 never makes an allocation fail. Outputs below `MIN_BYTES` (512 KiB) always come from
