@@ -134,7 +134,7 @@ def _dx_plane_from_output(code, args):
 @njit(**ELEMENTWISE_FLAGS)
 def forward(x3, y3, off, off_lo, scale, shift, code, consts):
     """y = act((x - off) * scale + shift), per channel. y3 may be x3 (in-place)."""
-    N, C, L = x3.shape
+    N, C, _ = x3.shape
     p = consts[0]
     one = consts[1]
     for q in prange(N * C):
@@ -146,7 +146,7 @@ def forward(x3, y3, off, off_lo, scale, shift, code, consts):
 @njit(**REDUCE_FLAGS)
 def partial_sums(t3, dy3, off, scale, shift, code, consts, from_output, threads):
     """Per-plane sum(g) and sum(g * (u - off)), float64: (N, C, L) -> (N, C), (N, C)."""
-    N, C, L = t3.shape
+    N, C, _ = t3.shape
     psum = np.empty((N, C), np.float64)
     pdot = np.empty((N, C), np.float64)
     p = consts[0]
@@ -165,7 +165,7 @@ def partial_sums(t3, dy3, off, scale, shift, code, consts, from_output, threads)
 @njit(**ELEMENTWISE_FLAGS)
 def backward_elemt(t3, dy3, dx3, off, off_lo, scale, shift, code, consts, from_output, k_g, k_u, k_0):
     """dx = k_g * g + k_u * (u - off) + k_0, per channel."""
-    N, C, L = t3.shape
+    N, C, _ = t3.shape
     p = consts[0]
     one = consts[1]
     floor = consts[2]
@@ -208,7 +208,7 @@ def _sums_residual_plane(code, args):
 @njit(**ELEMENTWISE_FLAGS)
 def forward_residual(x3, r3, y3, off, off_lo, scale, shift, code, consts):
     """y = act((x - off) * scale + shift + r), per channel."""
-    N, C, L = x3.shape
+    N, C, _ = x3.shape
     p = consts[0]
     one = consts[1]
     for q in prange(N * C):
@@ -222,7 +222,7 @@ def partial_sums_residual(t3, r3, dy3, g3, off, off_lo, scale, shift, code, cons
     """g = dy * act'((x - off) * scale + shift + r) written into g3 (z computed as the forward
     computed it, so act' takes the forward's branch), and per-plane sum(g), sum(g * (x - off)),
     float64: (N, C, L) -> (N, C), (N, C)."""
-    N, C, L = t3.shape
+    N, C, _ = t3.shape
     psum = np.empty((N, C), np.float64)
     pdot = np.empty((N, C), np.float64)
     p = consts[0]
