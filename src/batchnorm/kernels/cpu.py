@@ -271,7 +271,7 @@ def normalize_act(
 
 
 def _normalize_pass(x, layout, passes, xv, constants, activation, param, out, residual=None):
-    """The elementwise pass y = act((x - off - off_lo) * scale + shift [+ residual]) with the math's
+    """The elementwise pass y = act((x - off) * scale + shift [+ residual]) with the math's
     constants: into `out` (may be x) when given, else into a fresh output laid out as torch lays
     out BN's. A residual in another memory layout than x is copied into x's first."""
     y = _empty(x, layout) if out is None else out
@@ -403,11 +403,11 @@ class _Backward:
         """The residual form's reduction: writes g = dy * act'(z + residual) into `g` (laid out as
         the saved x) and returns sum_g, sum_g_xhat (C,) float64. z is computed with the forward's
         constants (`normalize_constants`), so act' takes the branch the forward took."""
-        off, off_lo, scale, shift = self.math.normalize_constants(self.t, *self.vectors)
+        off, scale, shift = self.math.normalize_constants(self.t, *self.vectors)
         rv = _view(_as_layout(residual, self.layout), self.layout)
         with _numba.LAUNCH_LOCK:
             partials = self.passes.partial_sums_residual(
-                self.t, rv, self.dy, _view(g, self.layout), off, off_lo, scale, shift, *self.act, self.threads
+                self.t, rv, self.dy, _view(g, self.layout), off, scale, shift, *self.act, self.threads
             )
         sum_g, sum_g_xhat = _channels(self.saved, 2)
         self.math.finish_sums(*partials, self.t, *self.vectors, False, sum_g, sum_g_xhat)
@@ -416,10 +416,10 @@ class _Backward:
     def elemt(self, constants) -> Tensor:
         """dx from the dx pass's constants (see numba_channels.elemt_constants)."""
         dx = _empty(self.saved, self.layout)
-        off, off_lo, scale, shift, k_g, k_u, k_0 = constants
+        off, scale, shift, k_g, k_u, k_0 = constants
         with _numba.LAUNCH_LOCK:
             self.passes.backward_elemt(
-                self.t, self.dy, _view(dx, self.layout), off, off_lo, scale, shift, *self.act, self.from_output, k_g, k_u, k_0
+                self.t, self.dy, _view(dx, self.layout), off, scale, shift, *self.act, self.from_output, k_g, k_u, k_0
             )
         return dx
 

@@ -32,7 +32,7 @@ Structure: the plane loops are `numba_planar`'s, through `act.specialized` (the 
 a compile-time constant for the cheap activations). The elementwise ones are inlined into the
 parallel loop's body, with the elementwise flags; the plane reductions run in separate functions
 with the reductions' fast-math flags, so their float64 sums vectorize while the elementwise loops
-keep `(x - off) - off_lo` unfolded.
+keep `(x - off) * scale + shift` as written (no contraction that would round differently).
 """
 import numpy as np
 from numba import njit, prange
@@ -88,7 +88,7 @@ def _plane_sums(t3, dy3, n, c, o, s, b, code, consts, from_output):
 def _stats_constants(pmean, pm2, L, w, b, eps, tmp):
     """`numba_channels.train_constants` for one channel: merge the planes' (mean, m2), each of L
     elements, into (mean, biased var, invstd) float64, and put the normalize pass's constants
-    off, off_lo, scale, shift (x's dtype) in tmp[0:4]."""
+    off, scale, shift (x's dtype, as `numba_channels._affine`) in tmp[0:3]."""
     N = pmean.shape[0]
     count = 0.0
     for n in range(N):
@@ -103,10 +103,10 @@ def _stats_constants(pmean, pm2, L, w, b, eps, tmp):
         m2 += pm2[n] + L * d * d
     var = m2 / count
     invstd = 1.0 / np.sqrt(var + eps)
+    scale64 = invstd * w
     tmp[0] = mean
-    tmp[1] = mean - np.float64(tmp[0])
-    tmp[2] = invstd * w
-    tmp[3] = b
+    tmp[1] = scale64
+    tmp[2] = b - (mean - np.float64(tmp[0])) * scale64
     return mean, var, invstd
 
 
@@ -114,35 +114,36 @@ def _stats_constants(pmean, pm2, L, w, b, eps, tmp):
 def _reduce_constants(mean, invstd, w, b, from_output, tmp):
     """`numba_channels.reduce_constants` for one channel: (off64, mul) float64, and the sums'
     off, scale, shift (x's dtype) in tmp[0:3]. xhat = (u - off64) * mul."""
+    scale64 = invstd * w
+    tmp[1] = scale64
     if from_output:
         off64, mul = b, 1.0 / w
+        tmp[0] = off64
+        tmp[2] = b
     else:
         off64, mul = mean, invstd
-    tmp[0] = off64
-    tmp[1] = invstd * w
-    tmp[2] = b
+        tmp[0] = off64
+        tmp[2] = b - (off64 - np.float64(tmp[0])) * scale64
     return off64, mul
 
 
 @njit(**CHANNEL_MATH)
 def _dx_constants(psum, pdot, off64, mul, invstd, w, b, n_total, tmp):
     """`numba_channels.finish_sums` then `train_elemt_constants` for one channel: sum_g and
-    sum_g_xhat float64, and the dx pass's off, off_lo, scale, shift, k_g, k_u, k_0 (x's dtype) in
-    tmp[0:7]."""
+    sum_g_xhat float64, and the dx pass's off, scale, shift, k_g, k_u, k_0 (x's dtype) in
+    tmp[0:6] (off, scale and shift as `_reduce_constants` left them)."""
     sum_g = 0.0
     dot = 0.0
     for n in range(psum.shape[0]):
         sum_g += psum[n]
         dot += pdot[n]
-    tmp[0] = off64
-    sum_g_xhat = (dot - (off64 - np.float64(tmp[0])) * sum_g) * mul
+    lo = off64 - np.float64(tmp[0])
+    sum_g_xhat = (dot - lo * sum_g) * mul
     k_g = invstd * w
-    tmp[1] = off64 - np.float64(tmp[0])
-    tmp[2] = k_g
-    tmp[3] = b
-    tmp[4] = k_g
-    tmp[5] = -k_g * mul * (sum_g_xhat / n_total)
-    tmp[6] = -k_g * (sum_g / n_total)
+    k_u = -k_g * mul * (sum_g_xhat / n_total)
+    tmp[3] = k_g
+    tmp[4] = k_u
+    tmp[5] = -k_g * (sum_g / n_total) - k_u * lo
     return sum_g, sum_g_xhat
 
 
@@ -158,14 +159,13 @@ def forward_train(x3, y3, w, b, eps, code, consts, mean, var, invstd):
         pm2 = np.empty(N, np.float64)
         for n in range(N):  # the slab from memory
             pmean[n], pm2[n] = _plane_stats(x3, n, c)
-        tmp = np.empty(4, x3.dtype)
+        tmp = np.empty(3, x3.dtype)
         mean[c], var[c], invstd[c] = _stats_constants(pmean, pm2, L, w[c], b[c], eps, tmp)
         o = tmp[0]
-        ol = tmp[1]
-        s = tmp[2]
-        sh = tmp[3]
+        s = tmp[1]
+        sh = tmp[2]
         for n in range(N):  # the slab from L2
-            act.specialized(planar._forward_plane, code, (x3, y3, n, c, o, ol, s, sh, p, one))
+            act.specialized(planar._forward_plane, code, (x3, y3, n, c, o, s, sh, p, one))
 
 
 @njit(**ELEMENTWISE_FLAGS)
@@ -179,7 +179,7 @@ def backward_train(t3, dy3, dx3, mean, invstd, w, b, code, consts, from_output, 
     floor = consts[2]
     n_total = float(N * L)
     for c in prange(C):
-        tmp = np.empty(7, t3.dtype)
+        tmp = np.empty(6, t3.dtype)
         off64, mul = _reduce_constants(mean[c], invstd[c], w[c], b[c], from_output, tmp)
         psum = np.empty(N, np.float64)
         pdot = np.empty(N, np.float64)
@@ -189,14 +189,13 @@ def backward_train(t3, dy3, dx3, mean, invstd, w, b, code, consts, from_output, 
         if not need_dx:
             continue
         o = tmp[0]
-        ol = tmp[1]
-        s = tmp[2]
-        sh = tmp[3]
-        kg = tmp[4]
-        ku = tmp[5]
-        k0 = tmp[6]
+        s = tmp[1]
+        sh = tmp[2]
+        kg = tmp[3]
+        ku = tmp[4]
+        k0 = tmp[5]
         for n in range(N):  # the slabs from L2
             if from_output:
-                act.specialized_invertible(planar._dx_plane_from_output, code, (t3, dy3, dx3, n, c, o, ol, p, one, floor, kg, ku, k0))
+                act.specialized_invertible(planar._dx_plane_from_output, code, (t3, dy3, dx3, n, c, o, p, one, floor, kg, ku, k0))
             else:
-                act.specialized(planar._dx_plane, code, (t3, dy3, dx3, n, c, o, ol, s, sh, p, one, kg, ku, k0))
+                act.specialized(planar._dx_plane, code, (t3, dy3, dx3, n, c, o, s, sh, p, one, kg, ku, k0))

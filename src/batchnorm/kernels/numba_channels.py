@@ -16,7 +16,7 @@ which run pass, math, pass:
 None of them calls a pass itself: a compiled function that calls a parallel kernel gets that kernel
 linked in and optimized again at its own compilation (measured: 0.9 s of cold-cache compile per such
 caller, where these take ~0.3-0.5 s). `like` is the tensor's array, read only for its dtype. The meaning
-of off/off_lo, mul, scale, shift, the k's and `from_output` is explained in `numba_planar`.
+of off, mul, scale, shift, the k's and `from_output` is explained in `numba_planar`.
 """
 import numpy as np
 from numba import njit
@@ -36,13 +36,19 @@ def _rounded(v, like):
 
 
 @njit
-def _split(v, like):
-    """A float64 vector as hi + lo in like's dtype: hi is v rounded, lo what the rounding lost."""
-    hi = _rounded(v, like)
-    lo = np.empty(v.shape[0], like.dtype)
-    for c in range(v.shape[0]):
-        lo[c] = v[c] - np.float64(hi[c])
-    return hi, lo
+def _affine(mean, scale64, b, like):
+    """(off, scale, shift) in like's dtype with (x - off) * scale + shift = (x - mean) * scale64 + b:
+    off is the float64 mean rounded, and shift = b - lo * scale64 carries what the rounding lost
+    (lo = mean - off), so the elementwise passes keep the mean's precision where |mean| >> std
+    without a second subtract per element (see `numba_planar`)."""
+    C = mean.shape[0]
+    off = _rounded(mean, like)
+    scale = np.empty(C, like.dtype)
+    shift = np.empty(C, like.dtype)
+    for c in range(C):
+        scale[c] = scale64[c]
+        shift[c] = b[c] - (mean[c] - np.float64(off[c])) * scale64[c]
+    return off, scale, shift
 
 
 @njit
@@ -92,15 +98,21 @@ def _merge(pmean, pm2, pcount, mean, var):
 def _elemt_constants(like, mean, invstd, w, b, from_output, mean_g, mean_g_xhat, n):
     off64, mul = _from_what(mean, invstd, w, b, from_output)
     C = w.shape[0]
+    scale64 = np.empty(C, np.float64)
+    for c in range(C):
+        scale64[c] = invstd[c] * w[c]
+    if from_output:  # u = act^-1(y): scale and shift are not read
+        off, scale, shift = _rounded(b, like), _rounded(scale64, like), _rounded(b, like)
+    else:  # z = (x - off) * scale + shift for act'(z), as the forward computed it
+        off, scale, shift = _affine(mean, scale64, b, like)
     k_u = np.empty(C, like.dtype)
     k_0 = np.empty(C, like.dtype)
     for c in range(C):
-        k_g = invstd[c] * w[c]
-        k_u[c] = -k_g * mul[c] * (mean_g_xhat[c] / n)
-        k_0[c] = -k_g * (mean_g[c] / n)
-    off, off_lo = _split(off64, like)
-    scale = _product(invstd, w, like)  # k_g, which is also the forward's scale: act'(z) is recomputed
-    return off, off_lo, scale, _rounded(b, like), scale, k_u, k_0
+        k_u64 = -scale64[c] * mul[c] * (mean_g_xhat[c] / n)
+        k_u[c] = k_u64
+        # k_u * (u - off64) = k_u * (u - off) - k_u * lo: the rounded offset's loss goes into k_0
+        k_0[c] = -scale64[c] * (mean_g[c] / n) - k_u64 * (off64[c] - np.float64(off[c]))
+    return off, scale, shift, scale, k_u, k_0  # k_g is the forward's scale
 
 
 # ---------------------------------------------------------------------------- forward
@@ -118,9 +130,11 @@ def merge_stats(pmean, pm2, pcount, mean, var):
 
 @njit(**MATH_FLAGS)
 def normalize_constants(like, mean, invstd, w, b):
-    """(off, off_lo, scale, shift) in like's dtype for y = act((x - off - off_lo) * scale + shift)."""
-    off, off_lo = _split(mean, like)
-    return off, off_lo, _product(invstd, w, like), _rounded(b, like)
+    """(off, scale, shift) in like's dtype for y = act((x - off) * scale + shift) (see `_affine`)."""
+    scale64 = np.empty(w.shape[0], np.float64)
+    for c in range(w.shape[0]):
+        scale64[c] = invstd[c] * w[c]
+    return _affine(mean, scale64, b, like)
 
 
 @njit(**MATH_FLAGS)
@@ -135,8 +149,7 @@ def eval_constants(like, mean, var, w, b, eps):
     for c in range(C):
         mean64[c] = mean[c]
         scale64[c] = np.float64(w[c]) / np.sqrt(np.float64(var[c]) + eps)
-    off, off_lo = _split(mean64, like)
-    return off, off_lo, _rounded(scale64, like), _rounded(b, like)
+    return _affine(mean64, scale64, b, like)
 
 
 @njit(**MATH_FLAGS)
@@ -146,17 +159,24 @@ def train_constants(like, pmean, pm2, pcount, w, b, eps, mean, var, invstd):
     _merge(pmean, pm2, pcount, mean, var)
     for c in range(mean.shape[0]):
         invstd[c] = 1.0 / np.sqrt(var[c] + eps)
-    # normalize_constants' two lines, written out: a shared helper measured ~0.25 s more cold compile
-    off, off_lo = _split(mean, like)
-    return off, off_lo, _product(invstd, w, like), _rounded(b, like)
+    scale64 = np.empty(w.shape[0], np.float64)
+    for c in range(w.shape[0]):
+        scale64[c] = invstd[c] * w[c]
+    return _affine(mean, scale64, b, like)
 
 
 # ---------------------------------------------------------------------------- backward
 @njit(**MATH_FLAGS)
 def reduce_constants(like, mean, invstd, w, b, from_output):
-    """(off, scale, shift) in like's dtype for the reduction pass: it sums g * (u - off)."""
-    off64, _ = _from_what(mean, invstd, w, b, from_output)
-    return _rounded(off64, like), _product(invstd, w, like), _rounded(b, like)
+    """(off, scale, shift) in like's dtype for the reduction pass: it sums g * (u - off), with
+    act'(z) at z = (x - off) * scale + shift as the forward computed it (from the output, z is
+    recovered from y and scale and shift are not read)."""
+    if from_output:
+        return _rounded(b, like), _product(invstd, w, like), _rounded(b, like)
+    scale64 = np.empty(w.shape[0], np.float64)
+    for c in range(w.shape[0]):
+        scale64[c] = invstd[c] * w[c]
+    return _affine(mean, scale64, b, like)
 
 
 @njit(**MATH_FLAGS)
@@ -181,7 +201,7 @@ def finish_sums(psum, pdot, like, mean, invstd, w, b, from_output, sum_g, sum_g_
 
 @njit(**MATH_FLAGS)
 def elemt_constants(like, mean, invstd, w, b, from_output, mean_g, mean_g_xhat):
-    """(off, off_lo, scale, shift, k_g, k_u, k_0) in like's dtype for the dx pass,
+    """(off, scale, shift, k_g, k_u, k_0) in like's dtype for the dx pass,
 
         dx = w * invstd * (g - mean_g - xhat * mean_g_xhat) = k_g * g + k_u * (u - off) + k_0
     """

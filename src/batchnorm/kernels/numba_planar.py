@@ -21,10 +21,11 @@ t is the input x. In both modes the per-channel vectors are chosen (`numba_chann
 and the kernels only accumulate sums of g * (u - off), g = dy * act'(z); `numba_channels` multiplies by
 `mul`. Elementwise passes compute in x's dtype with per-channel constants precomputed in float64.
 
-The float64 mean is passed as off + off_lo, both in x's dtype (off_lo is what rounding the mean
-to x's dtype lost): `(x - off) - off_lo` keeps the mean's precision where x is close to it, which
-is what matters when |mean| >> std. The reductions take only `off` and `numba_channels` subtracts
-off_lo * sum(g) in float64.
+The float64 mean is passed as `off`, rounded to x's dtype; what the rounding lost (lo) is carried
+by the per-channel constants (`numba_channels._affine`: shift = b - lo * scale, and the dx pass's
+k_0), so `x - off`, exact where x is close to the mean, keeps the mean's precision when |mean| >>
+std at one subtract per element. The reductions sum g * (u - off) and `numba_channels` subtracts
+lo * sum(g) in float64.
 """
 import numpy as np
 from numba import njit, prange
@@ -82,9 +83,9 @@ def partial_stats(x3, threads):
 # constant for the cheap activations (so the loop vectorizes), and once with the code a variable.
 @njit(inline="always")
 def _forward_plane(code, args):
-    x3, y3, n, c, o, ol, s, b, p, one = args
+    x3, y3, n, c, o, s, b, p, one = args
     for i in range(x3.shape[2]):
-        y3[n, c, i] = act.forward((x3[n, c, i] - o - ol) * s + b, code, p, one)
+        y3[n, c, i] = act.forward((x3[n, c, i] - o) * s + b, code, p, one)
 
 
 @njit(inline="always")
@@ -115,24 +116,25 @@ def _sums_plane_from_output(code, args):
 
 @njit(inline="always")
 def _dx_plane(code, args):
-    t3, dy3, dx3, n, c, o, ol, s, b, p, one, kg, ku, k0 = args
+    t3, dy3, dx3, n, c, o, s, b, p, one, kg, ku, k0 = args
     for i in range(t3.shape[2]):
         t = t3[n, c, i]
-        g = dy3[n, c, i] * act.grad((t - o - ol) * s + b, code, p, one)
-        dx3[n, c, i] = kg * g + ku * (t - o - ol) + k0
+        u = t - o
+        g = dy3[n, c, i] * act.grad(u * s + b, code, p, one)
+        dx3[n, c, i] = kg * g + ku * u + k0
 
 
 @njit(inline="always")
 def _dx_plane_from_output(code, args):
-    t3, dy3, dx3, n, c, o, ol, p, one, floor, kg, ku, k0 = args
+    t3, dy3, dx3, n, c, o, p, one, floor, kg, ku, k0 = args
     for i in range(t3.shape[2]):
         t = t3[n, c, i]
         g = dy3[n, c, i] * act.grad_from_y(t, code, p, one)
-        dx3[n, c, i] = kg * g + ku * (act.inverse(t, code, p, one, floor) - o - ol) + k0
+        dx3[n, c, i] = kg * g + ku * (act.inverse(t, code, p, one, floor) - o) + k0
 
 
 @njit(**ELEMENTWISE_FLAGS)
-def forward(x3, y3, off, off_lo, scale, shift, code, consts):
+def forward(x3, y3, off, scale, shift, code, consts):
     """y = act((x - off) * scale + shift), per channel. y3 may be x3 (in-place)."""
     N, C, _ = x3.shape
     p = consts[0]
@@ -140,7 +142,7 @@ def forward(x3, y3, off, off_lo, scale, shift, code, consts):
     for q in prange(N * C):
         n = q // C
         c = q - n * C
-        act.specialized(_forward_plane, code, (x3, y3, n, c, off[c], off_lo[c], scale[c], shift[c], p, one))
+        act.specialized(_forward_plane, code, (x3, y3, n, c, off[c], scale[c], shift[c], p, one))
 
 
 @njit(**REDUCE_FLAGS)
@@ -163,7 +165,7 @@ def partial_sums(t3, dy3, off, scale, shift, code, consts, from_output, threads)
 
 
 @njit(**ELEMENTWISE_FLAGS)
-def backward_elemt(t3, dy3, dx3, off, off_lo, scale, shift, code, consts, from_output, k_g, k_u, k_0):
+def backward_elemt(t3, dy3, dx3, off, scale, shift, code, consts, from_output, k_g, k_u, k_0):
     """dx = k_g * g + k_u * (u - off) + k_0, per channel."""
     N, C, _ = t3.shape
     p = consts[0]
@@ -173,10 +175,10 @@ def backward_elemt(t3, dy3, dx3, off, off_lo, scale, shift, code, consts, from_o
         n = q // C
         c = q - n * C
         if from_output:
-            args = (t3, dy3, dx3, n, c, off[c], off_lo[c], p, one, floor, k_g[c], k_u[c], k_0[c])
+            args = (t3, dy3, dx3, n, c, off[c], p, one, floor, k_g[c], k_u[c], k_0[c])
             act.specialized_invertible(_dx_plane_from_output, code, args)
         else:
-            act.specialized(_dx_plane, code, (t3, dy3, dx3, n, c, off[c], off_lo[c], scale[c], shift[c], p, one, k_g[c], k_u[c], k_0[c]))
+            act.specialized(_dx_plane, code, (t3, dy3, dx3, n, c, off[c], scale[c], shift[c], p, one, k_g[c], k_u[c], k_0[c]))
 
 
 # ------------------------------------------------------------------ residual form: y = act(z + r)
@@ -186,19 +188,19 @@ def backward_elemt(t3, dy3, dx3, off, off_lo, scale, shift, code, consts, from_o
 # identity activation's dy (see cpu.backward_train_residual_act for the pass count).
 @njit(inline="always")
 def _forward_residual_plane(code, args):
-    x3, r3, y3, n, c, o, ol, s, b, p, one = args
+    x3, r3, y3, n, c, o, s, b, p, one = args
     for i in range(x3.shape[2]):
-        y3[n, c, i] = act.forward((x3[n, c, i] - o - ol) * s + b + r3[n, c, i], code, p, one)
+        y3[n, c, i] = act.forward((x3[n, c, i] - o) * s + b + r3[n, c, i], code, p, one)
 
 
 @njit(inline="always")
 def _sums_residual_plane(code, args):
-    t3, r3, dy3, g3, n, c, o, ol, s, b, p, one = args
+    t3, r3, dy3, g3, n, c, o, s, b, p, one = args
     sg = 0.0
     sgu = 0.0
     for i in range(t3.shape[2]):
         t = t3[n, c, i]
-        g = dy3[n, c, i] * act.grad((t - o - ol) * s + b + r3[n, c, i], code, p, one)
+        g = dy3[n, c, i] * act.grad((t - o) * s + b + r3[n, c, i], code, p, one)
         g3[n, c, i] = g
         sg += g
         sgu += g * (t - o)
@@ -206,7 +208,7 @@ def _sums_residual_plane(code, args):
 
 
 @njit(**ELEMENTWISE_FLAGS)
-def forward_residual(x3, r3, y3, off, off_lo, scale, shift, code, consts):
+def forward_residual(x3, r3, y3, off, scale, shift, code, consts):
     """y = act((x - off) * scale + shift + r), per channel."""
     N, C, _ = x3.shape
     p = consts[0]
@@ -214,11 +216,11 @@ def forward_residual(x3, r3, y3, off, off_lo, scale, shift, code, consts):
     for q in prange(N * C):
         n = q // C
         c = q - n * C
-        act.specialized(_forward_residual_plane, code, (x3, r3, y3, n, c, off[c], off_lo[c], scale[c], shift[c], p, one))
+        act.specialized(_forward_residual_plane, code, (x3, r3, y3, n, c, off[c], scale[c], shift[c], p, one))
 
 
 @njit(**REDUCE_FLAGS)
-def partial_sums_residual(t3, r3, dy3, g3, off, off_lo, scale, shift, code, consts, threads):
+def partial_sums_residual(t3, r3, dy3, g3, off, scale, shift, code, consts, threads):
     """g = dy * act'((x - off) * scale + shift + r) written into g3 (z computed as the forward
     computed it, so act' takes the forward's branch), and per-plane sum(g), sum(g * (x - off)),
     float64: (N, C, L) -> (N, C), (N, C)."""
@@ -230,6 +232,6 @@ def partial_sums_residual(t3, r3, dy3, g3, off, off_lo, scale, shift, code, cons
     for q in prange(N * C):
         n = q // C
         c = q - n * C
-        args = (t3, r3, dy3, g3, n, c, off[c], off_lo[c], scale[c], shift[c], p, one)
+        args = (t3, r3, dy3, g3, n, c, off[c], scale[c], shift[c], p, one)
         psum[n, c], pdot[n, c] = act.specialized(_sums_residual_plane, code, args)
     return psum, pdot

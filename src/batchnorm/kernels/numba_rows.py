@@ -148,13 +148,13 @@ def _blocked_stats(x2, r0, r1, mean_out, m2_out):
 
 
 @njit(inline="always")
-def _forward_row(x2, y2, r, off, off_lo, scale, shift, code, p, one):
+def _forward_row(x2, y2, r, off, scale, shift, code, p, one):
     for c in range(x2.shape[1]):
-        y2[r, c] = act.forward((x2[r, c] - off[c] - off_lo[c]) * scale[c] + shift[c], code, p, one)
+        y2[r, c] = act.forward((x2[r, c] - off[c]) * scale[c] + shift[c], code, p, one)
 
 
 @njit(**ELEMENTWISE_FLAGS)
-def forward(x2, y2, off, off_lo, scale, shift, code, consts):
+def forward(x2, y2, off, scale, shift, code, consts):
     """y = act((x - off) * scale + shift), per channel. y2 may be x2 (in-place)."""
     R, C = x2.shape
     p = consts[0]
@@ -162,13 +162,13 @@ def forward(x2, y2, off, off_lo, scale, shift, code, consts):
     for r in prange(R):
         # The activation as a constant per loop (see numba_act): one vectorized loop each.
         if code == act.IDENTITY:
-            _forward_row(x2, y2, r, off, off_lo, scale, shift, act.IDENTITY, p, one)
+            _forward_row(x2, y2, r, off, scale, shift, act.IDENTITY, p, one)
         elif code == act.RELU:
-            _forward_row(x2, y2, r, off, off_lo, scale, shift, act.RELU, p, one)
+            _forward_row(x2, y2, r, off, scale, shift, act.RELU, p, one)
         elif code == act.LEAKY_RELU:
-            _forward_row(x2, y2, r, off, off_lo, scale, shift, act.LEAKY_RELU, p, one)
+            _forward_row(x2, y2, r, off, scale, shift, act.LEAKY_RELU, p, one)
         else:
-            _forward_row(x2, y2, r, off, off_lo, scale, shift, code, p, one)
+            _forward_row(x2, y2, r, off, scale, shift, code, p, one)
 
 
 @njit(inline="always")
@@ -269,25 +269,26 @@ def partial_sums(t2, dy2, off, scale, shift, code, consts, from_output, threads)
 
 
 @njit(inline="always")
-def _elemt_row(t2, dy2, dx2, r, off, off_lo, scale, shift, code, p, one, floor, from_output, k_g, k_u, k_0):
+def _elemt_row(t2, dy2, dx2, r, off, scale, shift, code, p, one, floor, from_output, k_g, k_u, k_0):
     C = t2.shape[1]
     if from_output:
         for c in range(C):
             t = t2[r, c]
             g = dy2[r, c] * act.grad_from_y(t, code, p, one)
-            dx2[r, c] = k_g[c] * g + k_u[c] * (act.inverse(t, code, p, one, floor) - off[c] - off_lo[c]) + k_0[c]
+            dx2[r, c] = k_g[c] * g + k_u[c] * (act.inverse(t, code, p, one, floor) - off[c]) + k_0[c]
     elif code == act.IDENTITY:
         for c in range(C):
-            dx2[r, c] = k_g[c] * dy2[r, c] + k_u[c] * (t2[r, c] - off[c] - off_lo[c]) + k_0[c]
+            dx2[r, c] = k_g[c] * dy2[r, c] + k_u[c] * (t2[r, c] - off[c]) + k_0[c]
     else:
         for c in range(C):
             t = t2[r, c]
-            g = dy2[r, c] * act.grad((t - off[c] - off_lo[c]) * scale[c] + shift[c], code, p, one)
-            dx2[r, c] = k_g[c] * g + k_u[c] * (t - off[c] - off_lo[c]) + k_0[c]
+            u = t - off[c]
+            g = dy2[r, c] * act.grad(u * scale[c] + shift[c], code, p, one)
+            dx2[r, c] = k_g[c] * g + k_u[c] * u + k_0[c]
 
 
 @njit(**ELEMENTWISE_FLAGS)
-def backward_elemt(t2, dy2, dx2, off, off_lo, scale, shift, code, consts, from_output, k_g, k_u, k_0):
+def backward_elemt(t2, dy2, dx2, off, scale, shift, code, consts, from_output, k_g, k_u, k_0):
     """dx = k_g * g + k_u * (u - off) + k_0, per channel."""
     R, C = t2.shape
     p = consts[0]
@@ -296,57 +297,57 @@ def backward_elemt(t2, dy2, dx2, off, off_lo, scale, shift, code, consts, from_o
     for r in prange(R):
         if from_output:
             if code == act.LEAKY_RELU:
-                _elemt_row(t2, dy2, dx2, r, off, off_lo, scale, shift, act.LEAKY_RELU, p, one, floor, True, k_g, k_u, k_0)
+                _elemt_row(t2, dy2, dx2, r, off, scale, shift, act.LEAKY_RELU, p, one, floor, True, k_g, k_u, k_0)
             else:
-                _elemt_row(t2, dy2, dx2, r, off, off_lo, scale, shift, code, p, one, floor, True, k_g, k_u, k_0)
+                _elemt_row(t2, dy2, dx2, r, off, scale, shift, code, p, one, floor, True, k_g, k_u, k_0)
         elif code == act.IDENTITY:
-            _elemt_row(t2, dy2, dx2, r, off, off_lo, scale, shift, act.IDENTITY, p, one, floor, False, k_g, k_u, k_0)
+            _elemt_row(t2, dy2, dx2, r, off, scale, shift, act.IDENTITY, p, one, floor, False, k_g, k_u, k_0)
         elif code == act.RELU:
-            _elemt_row(t2, dy2, dx2, r, off, off_lo, scale, shift, act.RELU, p, one, floor, False, k_g, k_u, k_0)
+            _elemt_row(t2, dy2, dx2, r, off, scale, shift, act.RELU, p, one, floor, False, k_g, k_u, k_0)
         elif code == act.LEAKY_RELU:
-            _elemt_row(t2, dy2, dx2, r, off, off_lo, scale, shift, act.LEAKY_RELU, p, one, floor, False, k_g, k_u, k_0)
+            _elemt_row(t2, dy2, dx2, r, off, scale, shift, act.LEAKY_RELU, p, one, floor, False, k_g, k_u, k_0)
         else:
-            _elemt_row(t2, dy2, dx2, r, off, off_lo, scale, shift, code, p, one, floor, False, k_g, k_u, k_0)
+            _elemt_row(t2, dy2, dx2, r, off, scale, shift, code, p, one, floor, False, k_g, k_u, k_0)
 
 
 # ------------------------------------------------------------------ residual form: y = act(z + r)
 # The same two kernels as numba_planar's residual form, over rows (see there and
 # cpu.backward_train_residual_act); the common activations as constants per loop, as above.
 @njit(inline="always")
-def _forward_residual_row(x2, r2, y2, r, off, off_lo, scale, shift, code, p, one):
+def _forward_residual_row(x2, r2, y2, r, off, scale, shift, code, p, one):
     for c in range(x2.shape[1]):
-        y2[r, c] = act.forward((x2[r, c] - off[c] - off_lo[c]) * scale[c] + shift[c] + r2[r, c], code, p, one)
+        y2[r, c] = act.forward((x2[r, c] - off[c]) * scale[c] + shift[c] + r2[r, c], code, p, one)
 
 
 @njit(**ELEMENTWISE_FLAGS)
-def forward_residual(x2, r2, y2, off, off_lo, scale, shift, code, consts):
+def forward_residual(x2, r2, y2, off, scale, shift, code, consts):
     """y = act((x - off) * scale + shift + r), per channel."""
     R, C = x2.shape
     p = consts[0]
     one = consts[1]
     for r in prange(R):
         if code == act.IDENTITY:
-            _forward_residual_row(x2, r2, y2, r, off, off_lo, scale, shift, act.IDENTITY, p, one)
+            _forward_residual_row(x2, r2, y2, r, off, scale, shift, act.IDENTITY, p, one)
         elif code == act.RELU:
-            _forward_residual_row(x2, r2, y2, r, off, off_lo, scale, shift, act.RELU, p, one)
+            _forward_residual_row(x2, r2, y2, r, off, scale, shift, act.RELU, p, one)
         else:
-            _forward_residual_row(x2, r2, y2, r, off, off_lo, scale, shift, code, p, one)
+            _forward_residual_row(x2, r2, y2, r, off, scale, shift, code, p, one)
 
 
 @njit(inline="always")
-def _reduce_residual_rows(t2, r2, dy2, g2, r0, r1, off, off_lo, scale, shift, code, p, one, sg, sgu):
+def _reduce_residual_rows(t2, r2, dy2, g2, r0, r1, off, scale, shift, code, p, one, sg, sgu):
     C = t2.shape[1]
     for r in range(r0, r1):
         for c in range(C):
             t = t2[r, c]
-            g = dy2[r, c] * act.grad((t - off[c] - off_lo[c]) * scale[c] + shift[c] + r2[r, c], code, p, one)
+            g = dy2[r, c] * act.grad((t - off[c]) * scale[c] + shift[c] + r2[r, c], code, p, one)
             g2[r, c] = g
             sg[c] += g
             sgu[c] += g * (t - off[c])
 
 
 @njit(**REDUCE_FLAGS)
-def partial_sums_residual(t2, r2, dy2, g2, off, off_lo, scale, shift, code, consts, threads):
+def partial_sums_residual(t2, r2, dy2, g2, off, scale, shift, code, consts, threads):
     """g = dy * act'((x - off) * scale + shift + r) written into g2, and per-chunk sum(g),
     sum(g * (x - off)), float64: (R, C) -> (nchunk, C), (nchunk, C)."""
     R, C = t2.shape
@@ -362,9 +363,9 @@ def partial_sums_residual(t2, r2, dy2, g2, off, off_lo, scale, shift, code, cons
         sg = np.zeros(C, np.float64)
         sgu = np.zeros(C, np.float64)
         if code == act.RELU:
-            _reduce_residual_rows(t2, r2, dy2, g2, r0, r1, off, off_lo, scale, shift, act.RELU, p, one, sg, sgu)
+            _reduce_residual_rows(t2, r2, dy2, g2, r0, r1, off, scale, shift, act.RELU, p, one, sg, sgu)
         else:
-            _reduce_residual_rows(t2, r2, dy2, g2, r0, r1, off, off_lo, scale, shift, code, p, one, sg, sgu)
+            _reduce_residual_rows(t2, r2, dy2, g2, r0, r1, off, scale, shift, code, p, one, sg, sgu)
         for c in range(C):
             psum[k, c] = sg[c]
             pdot[k, c] = sgu[c]
