@@ -4,6 +4,9 @@ Usage (from the repository root):
 
     PYTHONPATH=src python benchmarks/bn_in_model.py [--model resnet50] [--steps 3] [--rounds 7]
 
+(`--batch`, `--size` and `--width` shrink the run; the smoke test uses them, with the kernels
+forced on by BATCHNORM_KERNELS=cpu, since at its sizes every layer would otherwise run torch's.)
+
 One training step of the model (benchmarks/models.py, batch 32 x 3 x 112 x 112, the step of
 bench_models.py) is profiled with torch.profiler for torch's model and for ours
 (bench_models.ours: convert + fuse), `--steps` steps each after three warm-up steps. Per input
@@ -44,9 +47,9 @@ EVENTS = {
 }
 
 
-def in_model(model: nn.Module, events: tuple[str, str], steps: int) -> dict:
+def in_model(model: nn.Module, events: tuple[str, str], steps: int, batch: int = 32, size: int = 112) -> dict:
     """{(shape, "forward" | "backward"): (calls per step, ms per call)} from a profiled training step."""
-    step = bench_models.training_step(model, 32, 112)
+    step = bench_models.training_step(model, batch, size)
     for _ in range(3):
         step()
     with profile(record_shapes=True) as recorded:
@@ -79,16 +82,19 @@ def alone(shape: tuple, rounds: int) -> dict:
     return {name: statistics.median(v) for name, v in times.items()}
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet50", choices=sorted(bench_models.MODELS))
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=7)
-    args = parser.parse_args()
-    theirs, mine = bench_models.build(args.model, 1.0)
-    profiled = {"torch": in_model(theirs, EVENTS["torch"], args.steps), "ours": in_model(mine, EVENTS["ours"], args.steps)}
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--size", type=int, default=112, help="image height and width")
+    parser.add_argument("--width", type=float, default=1.0, help="channel multiplier (1.0: torchvision's models)")
+    args = parser.parse_args(argv)
+    theirs, mine = bench_models.build(args.model, args.width)
+    profiled = {who: in_model(model, EVENTS[who], args.steps, args.batch, args.size) for who, model in (("torch", theirs), ("ours", mine))}
     shapes = sorted({shape for found in profiled.values() for shape, _ in found}, key=lambda s: -torch.Size(s).numel())
-    print(f"{bench_models.MODELS[args.model][0]}, batch 32 x 3 x 112 x 112: ms per call (calls per step)")
+    print(f"{bench_models.MODELS[args.model][0]}, batch {args.batch} x 3 x {args.size} x {args.size}: ms per call (calls per step)")
     print("| shape | torch forward in model | torch forward alone | ours forward in model | ours forward alone | torch backward in model | ours backward in model |")
     print("|---|---|---|---|---|---|---|")
     totals = {"torch": 0.0, "ours": 0.0}

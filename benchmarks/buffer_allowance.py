@@ -5,6 +5,8 @@ Usage (from the repository root):
 
     PYTHONPATH=src python benchmarks/buffer_allowance.py [--models resnet18,resnet50] [--rounds 5]
 
+(`--batch`, `--size` and `--width` shrink the run, for the smoke test.)
+
 For each model of benchmarks/models.py, a training step of torch's model and of ours
 (bench_models.ours: convert + fuse) at batch 32 x 3 x 112 x 112, interleaved round by round in
 one process: torch eager, ours with the cache bounded by its high-water mark alone (no size is
@@ -52,9 +54,9 @@ def batch_norm_ms(step) -> float:
     return sum(e.self_cpu_time_total for e in recorded.key_averages() if e.key.startswith("BatchNormTrain")) / 1e3
 
 
-def run(name: str, rounds: int) -> None:
-    theirs, mine = bench_models.build(name, 1.0)
-    torch_step, our_step = bench_models.training_step(theirs, 32, 112), bench_models.training_step(mine, 32, 112)
+def run(name: str, rounds: int, batch: int = 32, size: int = 112, width: float = 1.0) -> None:
+    theirs, mine = bench_models.build(name, width)
+    torch_step, our_step = bench_models.training_step(theirs, batch, size), bench_models.training_step(mine, batch, size)
     for _ in range(3):
         torch_step(), our_step()
     times = {"torch eager": [], **{policy: [] for policy in POLICIES}}
@@ -84,13 +86,16 @@ def run(name: str, rounds: int) -> None:
         )
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="resnet18,resnet50")
     parser.add_argument("--rounds", type=int, default=5)
-    args = parser.parse_args()
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--size", type=int, default=112, help="image height and width")
+    parser.add_argument("--width", type=float, default=1.0, help="channel multiplier (1.0: torchvision's models)")
+    args = parser.parse_args(argv)
     for name in args.models.split(","):
-        run(name, args.rounds)
+        run(name, args.rounds, args.batch, args.size, args.width)
 
 
 if __name__ == "__main__":

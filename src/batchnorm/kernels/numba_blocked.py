@@ -50,27 +50,9 @@ CHANNEL_MATH = dict(cache=True, nogil=True)
 
 @njit(**PLANE_REDUCE)
 def _plane_stats(x3, n, c):
-    """One plane's mean and sum of squared deviations, as `numba_planar.partial_stats` computes them."""
-    L = x3.shape[2]
-    if x3.itemsize == 4:
-        shift = np.float64(x3[n, c, 0])
-        s1 = 0.0
-        s2 = 0.0
-        for i in range(L):
-            d = x3[n, c, i] - shift
-            s1 += d
-            s2 += d * d
-        m = s1 / L
-        return shift + m, s2 - s1 * m
-    s = 0.0
-    for i in range(L):
-        s += x3[n, c, i]
-    m = s / L
-    d2 = 0.0
-    for i in range(L):
-        d = x3[n, c, i] - m
-        d2 += d * d
-    return m, d2
+    """One plane's mean and sum of squared deviations: `numba_planar.plane_stats`, here compiled
+    with the reductions' flags (it runs inside the channel loop, one plane per call)."""
+    return planar.plane_stats(x3, n, c)
 
 
 @njit(**PLANE_REDUCE)

@@ -34,6 +34,32 @@ from . import numba_act as act
 from ._numba import ELEMENTWISE_FLAGS, REDUCE_FLAGS
 
 
+@njit(inline="always")
+def plane_stats(x3, n, c):
+    """One plane's mean and sum of squared deviations, float64 (see `partial_stats`); inlined into
+    `partial_stats` here and into `numba_blocked`'s per-channel loop, so both compute them alike."""
+    L = x3.shape[2]
+    if x3.itemsize == 4:  # a compile-time constant: one branch per compiled dtype
+        shift = np.float64(x3[n, c, 0])
+        s1 = 0.0
+        s2 = 0.0
+        for i in range(L):
+            d = x3[n, c, i] - shift
+            s1 += d
+            s2 += d * d
+        m = s1 / L
+        return shift + m, s2 - s1 * m
+    s = 0.0
+    for i in range(L):
+        s += x3[n, c, i]
+    m = s / L
+    d2 = 0.0
+    for i in range(L):  # second pass hits the cache: the plane was just read
+        d = x3[n, c, i] - m
+        d2 += d * d
+    return m, d2
+
+
 @njit(**REDUCE_FLAGS)
 def partial_stats(x3, threads):
     """Per-plane mean, sum of squared deviations and count, float64: (N, C, L) -> (N, C) x2, (N,).
@@ -54,28 +80,7 @@ def partial_stats(x3, threads):
     for q in prange(N * C):
         n = q // C
         c = q - n * C
-        if x3.itemsize == 4:  # a compile-time constant: one branch per compiled dtype
-            shift = np.float64(x3[n, c, 0])
-            s1 = 0.0
-            s2 = 0.0
-            for i in range(L):
-                d = x3[n, c, i] - shift
-                s1 += d
-                s2 += d * d
-            m = s1 / L
-            pmean[n, c] = shift + m
-            pm2[n, c] = s2 - s1 * m
-        else:
-            s = 0.0
-            for i in range(L):
-                s += x3[n, c, i]
-            m = s / L
-            d2 = 0.0
-            for i in range(L):  # second pass hits the cache: the plane was just read
-                d = x3[n, c, i] - m
-                d2 += d * d
-            pmean[n, c] = m
-            pm2[n, c] = d2
+        pmean[n, c], pm2[n, c] = plane_stats(x3, n, c)
     return pmean, pm2, np.full(N, float(L))
 
 
