@@ -44,9 +44,10 @@ def test_bn_in_model_lists_every_shape_for_both_layers():
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert len(cells) == 7, row
         # every shape has its forward and backward in the model, torch's and ours: "ms (calls)"
+        # (torch's backward of a 128-element tensor can take under 5 us: "0.00" is a real reading)
         for cell in (cells[1], cells[3], cells[5], cells[6]):
             match = re.fullmatch(r"(\d+\.\d+) \((\d+)\)", cell)
-            assert match and float(match[1]) > 0 and int(match[2]) >= 1, (cell, row)
+            assert match and math.isfinite(float(match[1])) and int(match[2]) >= 1, (cell, row)
         for cell in (cells[2], cells[4]):  # alone
             assert float(cell) > 0, row
     total = re.search(r"forward \+ backward: torch (\d+\.\d+) ms, ours (\d+\.\d+) ms", out)
