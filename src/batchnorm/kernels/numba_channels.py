@@ -52,6 +52,15 @@ def _affine(mean, scale64, b, like):
 
 
 @njit
+def _product64(a, b):
+    """a * b per channel, float64."""
+    out = np.empty(a.shape[0], np.float64)
+    for c in range(a.shape[0]):
+        out[c] = a[c] * b[c]
+    return out
+
+
+@njit
 def _product(a, b, like):
     """a * b per channel, in float64, rounded to like's dtype."""
     out = np.empty(a.shape[0], like.dtype)
@@ -98,9 +107,7 @@ def _merge(pmean, pm2, pcount, mean, var):
 def _elemt_constants(like, mean, invstd, w, b, from_output, mean_g, mean_g_xhat, n):
     off64, mul = _from_what(mean, invstd, w, b, from_output)
     C = w.shape[0]
-    scale64 = np.empty(C, np.float64)
-    for c in range(C):
-        scale64[c] = invstd[c] * w[c]
+    scale64 = _product64(invstd, w)
     if from_output:  # u = act^-1(y): scale and shift are not read
         off, scale, shift = _rounded(b, like), _rounded(scale64, like), _rounded(b, like)
     else:  # z = (x - off) * scale + shift for act'(z), as the forward computed it
@@ -131,9 +138,7 @@ def merge_stats(pmean, pm2, pcount, mean, var):
 @njit(**MATH_FLAGS)
 def normalize_constants(like, mean, invstd, w, b):
     """(off, scale, shift) in like's dtype for y = act((x - off) * scale + shift) (see `_affine`)."""
-    scale64 = np.empty(w.shape[0], np.float64)
-    for c in range(w.shape[0]):
-        scale64[c] = invstd[c] * w[c]
+    scale64 = _product64(invstd, w)
     return _affine(mean, scale64, b, like)
 
 
@@ -159,9 +164,7 @@ def train_constants(like, pmean, pm2, pcount, w, b, eps, mean, var, invstd):
     _merge(pmean, pm2, pcount, mean, var)
     for c in range(mean.shape[0]):
         invstd[c] = 1.0 / np.sqrt(var[c] + eps)
-    scale64 = np.empty(w.shape[0], np.float64)
-    for c in range(w.shape[0]):
-        scale64[c] = invstd[c] * w[c]
+    scale64 = _product64(invstd, w)
     return _affine(mean, scale64, b, like)
 
 
@@ -173,9 +176,7 @@ def reduce_constants(like, mean, invstd, w, b, from_output):
     recovered from y and scale and shift are not read)."""
     if from_output:
         return _rounded(b, like), _product(invstd, w, like), _rounded(b, like)
-    scale64 = np.empty(w.shape[0], np.float64)
-    for c in range(w.shape[0]):
-        scale64[c] = invstd[c] * w[c]
+    scale64 = _product64(invstd, w)
     return _affine(mean, scale64, b, like)
 
 
