@@ -96,16 +96,14 @@ def _stats_constants(pmean, pm2, L, w, b, eps, tmp):
 def _reduce_constants(mean, invstd, w, b, from_output, tmp):
     """`numba_channels.reduce_constants` for one channel: (off64, mul) float64, and the sums'
     off, scale, shift (x's dtype) in tmp[0:3]. xhat = (u - off64) * mul."""
-    scale64 = invstd * w
-    tmp[1] = scale64
-    if from_output:
+    if from_output:  # u = act^-1(y): the shift below is then not read
         off64, mul = b, 1.0 / w
-        tmp[0] = off64
-        tmp[2] = b
     else:
         off64, mul = mean, invstd
-        tmp[0] = off64
-        tmp[2] = b - (off64 - np.float64(tmp[0])) * scale64
+    scale64 = invstd * w
+    tmp[0] = off64
+    tmp[1] = scale64
+    tmp[2] = b - (off64 - np.float64(tmp[0])) * scale64
     return off64, mul
 
 

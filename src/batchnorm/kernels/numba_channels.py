@@ -61,15 +61,6 @@ def _product64(a, b):
 
 
 @njit
-def _product(a, b, like):
-    """a * b per channel, in float64, rounded to like's dtype."""
-    out = np.empty(a.shape[0], like.dtype)
-    for c in range(a.shape[0]):
-        out[c] = a[c] * b[c]
-    return out
-
-
-@njit
 def _from_what(mean, invstd, w, b, from_output):
     """(off, mul) with xhat = (u - off) * mul: u = x, or in the memory-saving mode u = act^-1(y) = z,
     where z = xhat * w + b gives xhat = (z - b) / w."""
@@ -108,10 +99,9 @@ def _elemt_constants(like, mean, invstd, w, b, from_output, mean_g, mean_g_xhat,
     off64, mul = _from_what(mean, invstd, w, b, from_output)
     C = w.shape[0]
     scale64 = _product64(invstd, w)
-    if from_output:  # u = act^-1(y): scale and shift are not read
-        off, scale, shift = _rounded(b, like), _rounded(scale64, like), _rounded(b, like)
-    else:  # z = (x - off) * scale + shift for act'(z), as the forward computed it
-        off, scale, shift = _affine(mean, scale64, b, like)
+    # from the input, z = (x - off) * scale + shift for act'(z), as the forward computed it; from
+    # the output (off64 = b), u = act^-1(y) and scale and shift are not read
+    off, scale, shift = _affine(off64, scale64, b, like)
     k_u = np.empty(C, like.dtype)
     k_0 = np.empty(C, like.dtype)
     for c in range(C):
@@ -174,10 +164,8 @@ def reduce_constants(like, mean, invstd, w, b, from_output):
     """(off, scale, shift) in like's dtype for the reduction pass: it sums g * (u - off), with
     act'(z) at z = (x - off) * scale + shift as the forward computed it (from the output, z is
     recovered from y and scale and shift are not read)."""
-    if from_output:
-        return _rounded(b, like), _product(invstd, w, like), _rounded(b, like)
-    scale64 = _product64(invstd, w)
-    return _affine(mean, scale64, b, like)
+    off64, _ = _from_what(mean, invstd, w, b, from_output)
+    return _affine(off64, _product64(invstd, w), b, like)
 
 
 @njit(**MATH_FLAGS)
